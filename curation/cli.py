@@ -1,0 +1,233 @@
+"""`curation` command line: run, stage, select, inspect, samples.
+
+Bad configuration exits 1 with a one-line message; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from curation.errors import CurationError
+
+log = logging.getLogger("curation")
+
+
+def _echo(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _progress_factory(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def make(name: str, total: int) -> Any:
+        return tqdm(total=total, desc=f"{name:>10}", unit="row", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    return make
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set scenecut.threshold=30 (repeatable)")
+    p.add_argument("--runner", choices=["local", "ray"], help="local: in-process; ray: Ray Data actor pools")
+    p.add_argument("--address", help="Ray cluster address (implies --runner ray); default starts a local cluster")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _apply_common(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    out = list(overrides) + list(args.overrides)
+    if args.runner:
+        out.append(f"runner={args.runner}")
+    if args.address:
+        out += ["runner=ray", f"ray.address={args.address}"]
+    if args.no_progress:
+        out.append("progress=false")
+    return out
+
+
+def _print_reports(reports: list[Any]) -> None:
+    for r in reports:
+        s = r.stats
+        _echo(f"{r.name:>10}: {r.inputs:5d} in  ok={int(s.get('ok', 0))} reject={int(s.get('reject', 0))} "
+              f"error={int(s.get('error', 0))}  {r.seconds:.1f}s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from curation.config import load_config
+    from curation.pipeline import Pipeline
+
+    extra = []
+    if args.input:
+        extra.append(f"input={args.input}")
+    if args.out:
+        extra.append(f"out={args.out}")
+    cfg = load_config(args.config, _apply_common(args, extra))
+    if not cfg.out:
+        raise CurationError("no output directory: pass --out RUN_DIR (or set `out:` in the config)")
+    pipe = Pipeline(cfg, cfg.out)
+    t0 = time.perf_counter()
+    reports = pipe.run(cfg.input, args.rerun, _progress_factory(cfg.progress))
+    _print_reports(reports)
+    summary = pipe.manifests.rows(
+        "SELECT (SELECT count(*) FROM videos) AS videos, (SELECT count(*) FROM clips) AS clips, "
+        "(SELECT count(*) FROM clips WHERE status = 'ok') AS kept, (SELECT count(DISTINCT shard) FROM shards) AS shards"
+    )[0]
+    _echo(f"run {cfg.out}: {summary['videos']} videos, {summary['clips']} clips, {summary['kept']} kept in "
+          f"{summary['shards']} shard(s), {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _run_config(run: str, config: str | None, overrides: list[str]) -> Any:
+    from curation.config import load_config
+
+    saved = Path(run) / "config.yaml"
+    path = config or (str(saved) if saved.is_file() else None)
+    if path is None:
+        raise CurationError(f"{run!r} has no config.yaml: is it a run directory? Pass --config to use another config")
+    return load_config(path, overrides)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from curation.pipeline import Pipeline
+    from curation.stage import get_stage
+
+    get_stage(args.name)
+    cfg = _run_config(args.run, args.config, _apply_common(args, []))
+    pipe = Pipeline(cfg, args.run)
+    selection = None
+    if args.selection:
+        selection = Path(args.run) / "selections" / f"{args.selection}.parquet"
+        if not selection.is_file():
+            raise CurationError(f"no selection {args.selection!r} in {args.run}: make it with `curation select`")
+    report = pipe.run_stage(args.name, pipe.runner(), args.rerun, selection, _progress_factory(cfg.progress))
+    _print_reports([report])
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from curation.manifest import Manifests, atomic_write_table
+
+    m = Manifests(args.run)
+    if not m.has("scenecut"):
+        raise CurationError(f"{args.run!r} has no clips yet: run `curation run` first")
+    try:
+        table = m.query(f"SELECT clip_id FROM clips WHERE scenecut_status = 'ok' AND ({args.where}) ORDER BY clip_id")
+        total = m.rows("SELECT count(*) AS n FROM clips WHERE scenecut_status = 'ok'")[0]["n"]
+    except duckdb.Error as exc:
+        raise CurationError(f"--where is not valid over the clips view: {str(exc).splitlines()[0]}") from None
+    path = Path(args.run) / "selections" / f"{args.name}.parquet"
+    atomic_write_table(table, path)
+    _echo(f"selection {args.name!r}: {table.num_rows} of {total} clips match ({path}); package them with "
+          f"`curation stage package --run {args.run} --selection {args.name}`")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from curation.manifest import Manifests
+
+    if not (Path(args.run) / "manifests").is_dir():
+        raise CurationError(f"{args.run!r} has no manifests: is it a run directory?")
+    try:
+        table = Manifests(args.run).query(args.sql)
+    except duckdb.Error as exc:
+        raise CurationError(f"query failed: {str(exc).splitlines()[0]}") from None
+    if args.format == "json":
+        for row in table.to_pylist():
+            _echo(json.dumps(row, default=str))
+    elif args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", args.limit, "display.max_columns", 50, "display.width", 200,
+                               "display.max_colwidth", 60):
+            _echo(table.to_pandas().to_string(max_rows=args.limit))
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from curation.samples import make_samples
+
+    paths = make_samples(Path(args.out), seconds=args.seconds)
+    for p in paths:
+        _echo(str(p))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from curation.pipeline import RERUN_CHOICES
+
+    p = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-v", "--verbose", action="store_true", help="info logs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="the whole pipeline: ingest, every stage, shards")
+    r.add_argument("config", help="YAML config, e.g. configs/local.yaml")
+    r.add_argument("--input", help="folder, glob, video file or list file (.csv/.jsonl/.txt)")
+    r.add_argument("--out", help="run directory (manifests, shards)")
+    r.add_argument("--rerun", choices=RERUN_CHOICES, default="missing", help="which rows each stage redoes")
+    _common(r)
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("stage", help="run one stage again over a run's manifests")
+    s.add_argument("name", help="stage name, e.g. scenecut")
+    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--rerun", choices=RERUN_CHOICES, default="missing")
+    s.add_argument("--config", help="config to use instead of the run's saved config.yaml")
+    s.add_argument("--selection", help="(package) use a selection made by `curation select` instead of statuses")
+    _common(s)
+    s.set_defaults(func=cmd_stage)
+
+    sel = sub.add_parser("select", help="re-threshold from recorded scores, without recomputing")
+    sel.add_argument("--run", required=True)
+    sel.add_argument("--where", required=True, help="SQL condition over the clips view, e.g. \"probe_fps >= 24\"")
+    sel.add_argument("--name", default="default", help="selection name")
+    sel.set_defaults(func=cmd_select)
+
+    i = sub.add_parser("inspect", help="DuckDB SQL over the manifests (views: videos, clips, ingest, <stage>, shards)")
+    i.add_argument("run")
+    i.add_argument("sql")
+    i.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    i.add_argument("--limit", type=int, default=200)
+    i.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser("samples", help="generate small sample videos (cuts, text, motion) to try the pipeline on")
+    g.add_argument("out", help="folder to write them to")
+    g.add_argument("--seconds", type=float, default=4.0)
+    g.set_defaults(func=cmd_samples)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CurationError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"curation: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("curation: interrupted; run the same command again to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

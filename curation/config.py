@@ -1,0 +1,136 @@
+"""Pipeline configuration: a YAML file validated by pydantic, with CLI overrides applied on top."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from curation.errors import ConfigError
+from curation.stage import StageConfig, registry
+
+DEFAULT_STAGES = ["probe", "scenecut", "package"]
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="Ray cluster address; null starts a local cluster")
+    num_cpus: float | None = Field(None, description="CPUs of the local cluster (null: all cores)")
+
+
+class PipelineConfig(BaseModel):
+    """Top level of a config file. Every other top-level key is a stage section named after the stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    runner: Literal["local", "ray"] = "ray"
+    ray: RayConfig = RayConfig()
+    stages: list[str] = Field(default_factory=lambda: list(DEFAULT_STAGES))
+    input: str | None = None
+    out: str | None = None
+    progress: bool = True
+    stage_configs: dict[str, StageConfig] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        known = registry()
+        for name in v:
+            if name not in known:
+                raise ValueError(f"unknown stage {name!r}{_did_you_mean(name, known)}; known: {', '.join(known)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a stage is listed twice in `stages`")
+        return v
+
+    def stage_config(self, name: str) -> StageConfig:
+        if name not in self.stage_configs:
+            self.stage_configs[name] = registry()[name].config_class()
+        return self.stage_configs[name]
+
+    def dump(self) -> dict[str, Any]:
+        """The full effective config, stage sections included (what `curation run` saves next to the manifests)."""
+        out = self.model_dump(mode="json")
+        for name in registry():
+            out[name] = self.stage_config(name).model_dump(mode="json")
+        return out
+
+
+def _did_you_mean(name: str, known: Any) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML: `30`, `true`, `[a, b]`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. scenecut.threshold=30")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_validation(section: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"{section}.{loc}: {err['msg']}" if loc else f"{section}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def build_config(data: dict[str, Any]) -> PipelineConfig:
+    """Validate a config dict; raises ConfigError with every problem and how to fix it."""
+    data = dict(data or {})
+    known = registry()
+    top_fields = set(PipelineConfig.model_fields) - {"stage_configs"}
+    sections: dict[str, Any] = {}
+    for key in list(data):
+        if key in top_fields:
+            continue
+        if key in known:
+            sections[key] = data.pop(key)
+            continue
+        raise ConfigError(
+            f"unknown config section {key!r}{_did_you_mean(key, list(known) + sorted(top_fields))}; "
+            f"top-level keys are {', '.join(sorted(top_fields))} and one section per stage ({', '.join(known)})"
+        )
+    try:
+        cfg = PipelineConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation("config", exc)) from None
+    for name, section in sections.items():
+        try:
+            cfg.stage_configs[name] = known[name].config_class(**(section or {}))
+        except ValidationError as exc:
+            raise ConfigError(_format_validation(name, exc)) from None
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass a YAML file such as configs/local.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return build_config(apply_overrides(data, list(overrides or [])))

@@ -1,0 +1,121 @@
+"""Turn `--input` (a folder, a glob, a video, or a CSV/JSONL/TXT list) into one row per input video."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from curation.errors import ConfigError
+from curation.stage import Row
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".y4m"}
+)
+LIST_EXTENSIONS = frozenset({".csv", ".jsonl", ".txt"})
+
+
+def _hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def video_id(uri: str) -> str:
+    """Stable id of an input: lowercase hex, no dots."""
+    return _hash(uri)
+
+
+def clip_id(uri: str, start_frame: int, end_frame: int) -> str:
+    """Stable id of a clip `[start_frame, end_frame)` of `uri`: identical across reruns with the same cuts."""
+    return _hash(f"{uri}#{start_frame}-{end_frame}")
+
+
+def _uri(path: str | Path, base: Path | None = None) -> str:
+    text = str(path)
+    if "://" in text:
+        return text
+    p = Path(text).expanduser()
+    if base is not None and not p.is_absolute():
+        p = base / p
+    return str(p.resolve())
+
+
+def _sidecar_caption(uri: str) -> str | None:
+    if "://" in uri:
+        return None
+    p = Path(uri)
+    for cand in (p.with_suffix(".txt"), p.with_name(p.name + ".txt")):
+        if cand.is_file() and cand.suffix == ".txt" and cand != p:
+            text = cand.read_text(encoding="utf-8", errors="replace").strip()
+            return text or None
+    return None
+
+
+def _from_list(path: Path) -> list[tuple[str, str | None]]:
+    base = path.parent
+    out: list[tuple[str, str | None]] = []
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise ConfigError(f"{path}: a CSV input list needs a header with a `path` column (and optional `caption`)")
+            for rec in reader:
+                if rec.get("path"):
+                    out.append((_uri(rec["path"], base), (rec.get("caption") or None)))
+    elif path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({exc}); each line must be an object with `path`") from None
+            if not isinstance(rec, dict) or "path" not in rec:
+                raise ConfigError(f"{path}:{n}: each JSONL line needs a `path` key (and optional `caption`)")
+            out.append((_uri(rec["path"], base), rec.get("caption") or None))
+    else:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                out.append((_uri(line.strip(), base), None))
+    return out
+
+
+def discover(spec: str | Path) -> list[Row]:
+    """Rows `{video_id, uri, caption, caption_source}`, deduplicated by uri, in a stable order.
+
+    Missing files named by a list are kept (they become probe `error` rows), so no input silently disappears.
+    """
+    text = str(spec)
+    p = Path(text).expanduser()
+    entries: list[tuple[str, str | None]]
+    source = "list"
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+        entries = [(_uri(f), None) for f in files]
+    elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
+        entries = _from_list(p)
+    elif p.is_file():
+        entries = [(_uri(p), None)]
+    elif any(ch in text for ch in "*?["):
+        entries = [(_uri(f), None) for f in sorted(glob.glob(text, recursive=True)) if Path(f).is_file()]
+    else:
+        raise ConfigError(f"input {text!r} is not a folder, a video, a glob or a list file (.csv/.jsonl/.txt)")
+    rows: list[Row] = []
+    seen: set[str] = set()
+    for uri, caption in entries:
+        if uri in seen:
+            log.info("input %s is listed more than once; keeping one row", uri)
+            continue
+        seen.add(uri)
+        cap_source = source if caption else None
+        if caption is None:
+            caption = _sidecar_caption(uri)
+            cap_source = "sidecar" if caption else None
+        rows.append({"video_id": video_id(uri), "uri": uri, "caption": caption, "caption_source": cap_source})
+    if not rows:
+        log.warning("input %s matched no video files (extensions: %s)", text, " ".join(sorted(VIDEO_EXTENSIONS)))
+    return rows

@@ -1,0 +1,186 @@
+"""Parquet manifests: one table per stage, written as atomic part files, read through DuckDB views.
+
+Layout: `<run>/manifests/<table>/part-*.parquet`. Part files are only ever added (temp file + rename), so a run that
+is killed leaves whole parts and a rerun resumes from them; the views in `manifests/*.sql` make the newest attempt per
+key win, and `compact` folds a table back into one part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.stage import Row, registry
+
+log = logging.getLogger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "manifests"
+BOOKKEEPING = ("status", "reason", "error", "backend", "version", "config_hash", "ts")
+# Tables that are not stages: (key their newest attempt is chosen by, timestamp column).
+SPECIAL_TABLES = {"ingest": ("video_id", "ingest_ts"), "shards": ("clip_id", "shards_ts")}
+
+
+def _sql(name: str) -> Template:
+    return Template((SQL_DIR / f"{name}.sql").read_text())
+
+
+def atomic_write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet file so that readers see all of it or none of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see all of it or none of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _table_key(name: str) -> tuple[str, str]:
+    if name in SPECIAL_TABLES:
+        return SPECIAL_TABLES[name]
+    cls = registry().get(name)
+    key = cls.input_key if cls is not None else "clip_id"
+    return key, f"{name}_ts"
+
+
+def _arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+    """Relation as a pyarrow Table (DuckDB 2 renamed `arrow()` to `to_arrow_table()`)."""
+    fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
+    return fetch()
+
+
+class Manifests:
+    """The manifests of one run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "manifests"
+
+    def table_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        d = self.table_dir(name)
+        return d.is_dir() and any(d.glob("part-*.parquet"))
+
+    def write(self, name: str, rows: list[Row]) -> Path | None:
+        """Append rows to a table as one new atomic part file."""
+        if not rows:
+            return None
+        table = pa.Table.from_pylist(rows)
+        path = self.table_dir(name) / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        atomic_write_table(table, path)
+        return path
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB with one view per table plus the `videos` and `clips` views."""
+        con = duckdb.connect()
+        names = set(registry()) | set(SPECIAL_TABLES)
+        if self.root.is_dir():
+            names |= {p.name for p in self.root.iterdir() if p.is_dir()}
+        for name in sorted(names):
+            con.execute(f'CREATE VIEW "{name}" AS {self._table_sql(name)}')
+        con.execute(f"CREATE VIEW videos AS {_sql('videos').substitute()}")
+        con.execute(f"CREATE VIEW clips AS {self._clips_sql(con)}")
+        return con
+
+    def _table_sql(self, name: str) -> str:
+        key, ts = _table_key(name)
+        if self.has(name):
+            glob = str(self.table_dir(name) / "part-*.parquet").replace("'", "''")
+            return _sql("stage_table").substitute(input_key=key, ts_col=ts, glob=glob)
+        # An empty, typed table so that views joining it work before the stage has run.
+        cls = registry().get(name)
+        if name == "ingest" or (cls is not None and cls.level == "video"):
+            keys = ["video_id"]
+        elif cls is not None and not cls.fan_out:
+            keys = ["clip_id"]
+        else:
+            keys = ["video_id", "clip_id"]
+        cols = [f"NULL::VARCHAR AS {k}" for k in keys]
+        if name == "ingest":
+            cols += ["NULL::VARCHAR AS uri", "NULL::VARCHAR AS caption", "NULL::VARCHAR AS caption_source"]
+        elif name == "shards":
+            cols += ["NULL::VARCHAR AS shard"]
+        else:
+            cols += [f"NULL::VARCHAR AS {name}_{c}" for c in BOOKKEEPING if c != "ts"]
+        cols.append(f"NULL::DOUBLE AS {ts}")
+        return f"SELECT {', '.join(cols)} WHERE false"
+
+    def _clip_stage_order(self) -> list[str]:
+        """Clip-level stages in pipeline order: the run's saved config order, then any other table present."""
+        order: list[str] = []
+        cfg = self.run_dir / "config.yaml"
+        if cfg.is_file():
+            import yaml
+
+            order = list((yaml.safe_load(cfg.read_text()) or {}).get("stages", []))
+        reg = registry()
+        present = [n for n in reg if self.has(n)]
+        names = [n for n in order if n in reg] + [n for n in present if n not in order]
+        return [n for n in names if reg[n].level == "clip" and not reg[n].fan_out]
+
+    def _clips_sql(self, con: duckdb.DuckDBPyConnection) -> str:
+        probe_cols = [r[0] for r in con.execute("DESCRIBE probe").fetchall()]
+        probe_sel = "".join(
+            f"p.{c},\n    " for c in probe_cols if c.startswith("probe_") and c[len("probe_") :] not in BOOKKEEPING
+        )
+        stage_cols, joins = "", ""
+        status_case = ["CASE WHEN sc.scenecut_status <> 'ok' THEN sc.scenecut_status"]
+        reason_case = ["CASE WHEN sc.scenecut_status <> 'ok' THEN 'scenecut:' || coalesce(sc.scenecut_reason, '')"]
+        for i, name in enumerate(self._clip_stage_order()):
+            alias = f"s{i}"
+            stage_cols += f"{alias}.* EXCLUDE (clip_id),\n    "
+            joins += f'LEFT JOIN "{name}" {alias} USING (clip_id)\n'
+            st = f"{alias}.{name}_status"
+            status_case.append(f"WHEN {st} IS NULL THEN 'pending' WHEN {st} <> 'ok' THEN {st}")
+            reason_case.append(f"WHEN {st} IS NOT NULL AND {st} <> 'ok' THEN '{name}:' || coalesce({alias}.{name}_reason, '')")
+        return _sql("clips").substitute(
+            probe_columns=probe_sel,
+            stage_columns=stage_cols,
+            joins=joins,
+            status_case=" ".join(status_case) + " ELSE 'ok' END",
+            reason_case=" ".join(reason_case) + " END",
+        )
+
+    def query(self, sql: str, params: Iterable[Any] | None = None) -> pa.Table:
+        con = self.connect()
+        try:
+            return _arrow(con.sql(sql, params=list(params or []) or None))
+        finally:
+            con.close()
+
+    def rows(self, sql: str, params: Iterable[Any] | None = None) -> list[Row]:
+        return self.query(sql, params).to_pylist()
+
+    def compact(self, name: str) -> None:
+        """Fold a table's parts into one part holding only the newest attempt per key (old parts removed after)."""
+        parts = sorted(self.table_dir(name).glob("part-*.parquet"))
+        if len(parts) <= 1:
+            return
+        table = self.query(f'SELECT * FROM "{name}"')
+        path = self.table_dir(name) / f"part-{time.time_ns():020d}-compact.parquet"
+        atomic_write_table(table, path)
+        for p in parts:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,151 @@
+"""Orchestration: ingest, then each configured stage over the rows its upstream stages kept.
+
+Which rows a stage gets is a query over the manifests (DESIGN: reruns are queries, not code paths): the rows every
+earlier stage said ok to, minus those this stage already has, unless `rerun` asks for failed, stale or all rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from curation.config import PipelineConfig
+from curation.errors import ConfigError
+from curation.ingest import discover
+from curation.manifest import Manifests, atomic_write_bytes
+from curation.runners import LocalRunner, Progress, RayRunner, make_runner
+from curation.stage import Row, Stage, registry
+
+log = logging.getLogger(__name__)
+
+Rerun = Literal["missing", "failed", "stale", "all"]
+RERUN_CHOICES = ("missing", "failed", "stale", "all")
+
+
+@dataclass
+class StageReport:
+    name: str
+    inputs: int
+    seconds: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.manifests = Manifests(self.run_dir)
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the run directory and save the effective config next to the manifests."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror or exc}") from None
+        atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False).encode())
+
+    def ingest(self, spec: str | None) -> int:
+        """Record new input videos; returns how many were new. Known videos keep their first row."""
+        if spec is None:
+            if not self.manifests.has("ingest"):
+                raise ConfigError("no input: pass --input FOLDER|GLOB|LIST (or set `input:` in the config)")
+            return 0
+        rows = discover(spec)
+        known = {r["video_id"] for r in self.manifests.rows("SELECT video_id FROM ingest")}
+        new = [r for r in rows if r["video_id"] not in known]
+        ts = time.time()
+        for r in new:
+            r["ingest_ts"] = ts
+        self.manifests.write("ingest", new)
+        return len(new)
+
+    # -- selection ------------------------------------------------------------------------------------------
+    def _upstream(self, name: str) -> list[str]:
+        stages = self.cfg.stages
+        return stages[: stages.index(name)] if name in stages else list(stages)
+
+    def inputs_sql(self, name: str, rerun: Rerun = "missing", selection: Path | None = None) -> tuple[str, list[Any]]:
+        cls = registry()[name]
+        reg = registry()
+        ups = self._upstream(name)
+        video_ups = [u for u in ups if reg[u].level == "video"]
+        if cls.level == "video" or cls.fan_out:
+            sql = "SELECT i.*" + "".join(f', t{k}.* EXCLUDE (video_id)' for k in range(len(video_ups)))
+            sql += " FROM ingest i" + "".join(f' JOIN "{u}" t{k} USING (video_id)' for k, u in enumerate(video_ups))
+            conds = [f"t{k}.{u}_status = 'ok'" for k, u in enumerate(video_ups)]
+        else:
+            sql = "SELECT * FROM clips"
+            conds = ["scenecut_status = 'ok'"]
+            if selection is not None:
+                path = str(selection).replace("'", "''")
+                conds.append(f"clip_id IN (SELECT clip_id FROM read_parquet('{path}'))")
+            else:
+                conds += [f"{u}_status = 'ok'" for u in ups if reg[u].level == "clip" and not reg[u].fan_out]
+        key = cls.input_key
+        params: list[Any] = []
+        mine = f'(SELECT {key} FROM "{name}"'
+        if rerun == "missing":
+            conds.append(f"{key} NOT IN {mine} WHERE {key} IS NOT NULL)")
+        elif rerun == "failed":
+            conds.append(f"({key} NOT IN {mine} WHERE {key} IS NOT NULL) OR {key} IN {mine} WHERE {name}_status = 'error'))")
+        elif rerun == "stale":
+            stage = cls(self.cfg.stage_config(name))
+            conds.append(
+                f"({key} NOT IN {mine} WHERE {key} IS NOT NULL) OR {key} IN {mine} "
+                f"WHERE {name}_version <> ? OR {name}_config_hash <> ?))"
+            )
+            params += [stage.version, stage.config_hash]
+        elif rerun != "all":
+            raise ConfigError(f"--rerun must be one of {', '.join(RERUN_CHOICES)}, got {rerun!r}")
+        where = " AND ".join(f"({c})" for c in conds)
+        return f"SELECT * FROM ({sql}{' WHERE ' + where if where else ''}) ORDER BY {key}", params
+
+    def inputs(self, name: str, rerun: Rerun = "missing", selection: Path | None = None) -> list[Row]:
+        sql, params = self.inputs_sql(name, rerun, selection)
+        return self.manifests.rows(sql, params)
+
+    # -- running --------------------------------------------------------------------------------------------
+    def runner(self) -> LocalRunner | RayRunner:
+        return make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
+
+    def run_stage(self, name: str, runner: LocalRunner | RayRunner, rerun: Rerun = "missing",
+                  selection: Path | None = None, progress_factory: Any = None) -> StageReport:
+        cls: type[Stage[Any]] = registry()[name]
+        cfg = self.cfg.stage_config(name)
+        rows = self.inputs(name, rerun, selection)
+        t0 = time.perf_counter()
+        stats: dict[str, float] = {}
+        if rows:
+            bar = progress_factory(name, len(rows)) if progress_factory else None
+            progress: Progress | None = bar.update if bar is not None else None
+            try:
+                stats = runner.run(cls, cfg, rows, self.run_dir, progress)
+            finally:
+                if bar is not None:
+                    bar.close()
+            self.manifests.compact(name)
+        stage = cls(cfg)
+        stage.finalize(self.run_dir)
+        report = StageReport(name, len(rows), time.perf_counter() - t0, stats)
+        log.info("stage %s: %d inputs, %s in %.1fs", name, len(rows), _fmt(stats), report.seconds)
+        return report
+
+    def run(self, input_spec: str | None = None, rerun: Rerun = "missing", progress_factory: Any = None) -> list[StageReport]:
+        self.prepare()
+        n_new = self.ingest(input_spec)
+        log.info("ingest: %d new input video(s)", n_new)
+        runner = self.runner()
+        return [self.run_stage(name, runner, rerun, None, progress_factory) for name in self.cfg.stages]
+
+
+def _fmt(stats: dict[str, float]) -> str:
+    return ", ".join(f"{k}={int(stats.get(k, 0))}" for k in ("ok", "reject", "error"))

@@ -1,0 +1,96 @@
+"""`package`: cut and encode only the clips that survived every filter, then write WebDataset shards.
+
+Cuts are frame-exact: ffmpeg seeks to just before the clip's first frame and stops after its frame count, and the
+encoded frame count is checked against the manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import av
+from pydantic import Field
+
+from curation.errors import ConfigError
+from curation.stage import Resources, Row, Stage, StageConfig, register
+
+
+class PackageConfig(StageConfig):
+    codec: Literal["libx264"] = "libx264"
+    crf: int = Field(18, ge=0, le=51)
+    preset: str = "veryfast"
+    max_long_side: int | None = Field(None, ge=16, description="downscale so the long side is at most this")
+    shard_size: int = Field(100, ge=1, description="samples per shard")
+    shard_max_bytes: int = Field(2 * 1024**3, ge=1024, description="a shard is closed before it would exceed this")
+    keep_clips: bool = Field(False, description="keep the encoded mp4s under <run>/clips after sharding")
+    ffmpeg: str = "ffmpeg"
+
+
+def ffmpeg_cut_cmd(cfg: PackageConfig, uri: str, start: int, n: int, fps: float, out: Path) -> list[str]:
+    """The ffmpeg command that encodes frames [start, start + n) of `uri` (display orientation, even size)."""
+    limit = cfg.max_long_side or 1_000_000
+    scale = f"scale=w='trunc(min(1,{limit}/max(iw,ih))*iw/2)*2':h='trunc(min(1,{limit}/max(iw,ih))*ih/2)*2'"
+    cmd = [cfg.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+    if start > 0:  # half a frame early: frame `start` is the first at or after this time
+        cmd += ["-ss", f"{(start - 0.5) / fps:.6f}"]
+    cmd += ["-i", uri, "-map", "0:v:0", "-frames:v", str(n), "-fps_mode", "passthrough", "-an", "-sn", "-dn"]
+    cmd += ["-vf", scale]
+    cmd += ["-c:v", cfg.codec, "-preset", cfg.preset, "-crf", str(cfg.crf), "-pix_fmt", "yuv420p"]
+    cmd += ["-movflags", "+faststart", "-f", "mp4", str(out)]
+    return cmd
+
+
+@register
+class Package(Stage[PackageConfig]):
+    name = "package"
+    version = "1"
+    config_class = PackageConfig
+    resources = Resources(cpus=0.5, batch_size=2, pool_max=2)
+    input_key = "clip_id"
+    output_key = "clip_id"
+    level = "clip"
+
+    def setup(self) -> None:
+        if shutil.which(self.config.ffmpeg) is None:
+            raise ConfigError(
+                f"package needs ffmpeg ({self.config.ffmpeg!r} is not on PATH): install it (apt-get install ffmpeg) "
+                "or set package.ffmpeg to its path"
+            )
+
+    def process_batch(self, batch: list[Row]) -> list[Row]:
+        out_dir = (Path(self.workdir) if self.workdir else Path(".")) / "clips"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [self._one(r, out_dir) for r in batch]
+
+    def _one(self, r: Row, out_dir: Path) -> Row:
+        start, n = int(r["scenecut_start_frame"]), int(r["scenecut_num_frames"])
+        fps = float(r["scenecut_fps"])
+        final = out_dir / f"{r['clip_id']}.mp4"
+        tmp = out_dir / f".{r['clip_id']}.{uuid.uuid4().hex[:8]}.mp4"
+        cmd = ffmpeg_cut_cmd(self.config, r["uri"], start, n, fps, tmp)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, n))
+            if proc.returncode != 0:
+                return self.row(r, "error", "ffmpeg", proc.stderr.strip()[-2000:] or f"ffmpeg exit {proc.returncode}")
+            with av.open(str(tmp)) as c:
+                s = c.streams.video[0]
+                frames, width, height = int(s.frames), s.codec_context.width, s.codec_context.height
+            if frames != n:
+                return self.row(r, "error", "frame_count", f"encoded {frames} frames, expected {n}", frames=frames)
+            tmp.replace(final)
+        except Exception as exc:  # recorded as data
+            return self.error_row(r, exc)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self.row(
+            r, "ok", path=str(final), frames=frames, width=width, height=height, bytes=final.stat().st_size
+        )
+
+    def finalize(self, run_dir: Path) -> None:
+        from curation.shards import write_shards
+
+        write_shards(run_dir, self.config)

@@ -1,0 +1,145 @@
+"""`scenecut`: split each video into clips with PySceneDetect detectors, in the one decode pass per video.
+
+The same pass stores each clip's frame samples (`<run>/frames/<video_id>/<clip_id>.npy`, uint8 [n, h, w, 3] RGB),
+which every frame-based filter reads instead of reopening the video.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from curation.ingest import clip_id
+from curation.manifest import atomic_write_bytes
+from curation.stage import Resources, Row, Stage, StageConfig, register
+from curation.video import Segment, scan_video, seconds
+
+DETECTORS = {
+    "content": "ContentDetector",
+    "adaptive": "AdaptiveDetector",
+    "threshold": "ThresholdDetector",
+    "histogram": "HistogramDetector",
+    "hash": "HashDetector",
+}
+
+
+class ScenecutConfig(StageConfig):
+    detector: Literal["content", "adaptive", "threshold", "histogram", "hash"] = "content"
+    threshold: float | None = Field(27.0, description="detector threshold (null: the detector's default)")
+    min_scene_len: int = Field(15, ge=0, description="frames; PySceneDetect's own minimum scene length")
+    detector_args: dict[str, Any] = Field(default_factory=dict, description="extra detector keyword arguments")
+    min_clip_s: float = Field(1.0, ge=0, description="shorter clips are rejected (too_short)")
+    max_clip_s: float | None = Field(15.0, gt=0, description="longer scenes are split (or rejected if not split_long)")
+    split_long: bool = True
+    samples_per_clip: int = Field(8, ge=1, le=64)
+    sample_long_side: int = Field(512, ge=32)
+    decode_threads: int = Field(0, ge=0, description="codec threads; 0 lets FFmpeg choose")
+
+
+def make_detector(cfg: ScenecutConfig) -> Any:
+    import scenedetect
+
+    cls = getattr(scenedetect, DETECTORS[cfg.detector])
+    kwargs: dict[str, Any] = {"min_scene_len": cfg.min_scene_len}
+    if cfg.threshold is not None:
+        kwargs["threshold"] = cfg.threshold
+    kwargs.update(cfg.detector_args)
+    if cfg.detector == "adaptive" and "threshold" in kwargs:
+        kwargs["adaptive_threshold"] = kwargs.pop("threshold")
+    return cls(**kwargs)
+
+
+@register
+class Scenecut(Stage[ScenecutConfig]):
+    """Fan-out: one video row in, one row per clip out (or one video-level error row, `clip_id` null)."""
+
+    name = "scenecut"
+    version = "1"
+    config_class = ScenecutConfig
+    resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
+    input_key = "video_id"
+    output_key = "clip_id"
+    fan_out = True
+    level = "clip"
+
+    def process_batch(self, batch: list[Row]) -> list[Row]:
+        out: list[Row] = []
+        for r in batch:
+            try:
+                out.extend(self._one(r))
+            except Exception as exc:  # undecodable video: one error row keyed by the video
+                out.append(self.row({"video_id": r["video_id"], "clip_id": None}, "error", "exception", f"{type(exc).__name__}: {exc}"))
+        return out
+
+    def _one(self, r: Row) -> list[Row]:
+        cfg = self.config
+        rows: list[Row] = []
+        uri = r["uri"]
+        frames_dir = (Path(self.workdir) if self.workdir else Path(".")) / "frames" / r["video_id"]
+        fps_hint = float(r.get("probe_fps") or 0) or 25.0
+        max_len = round(cfg.max_clip_s * fps_hint) if cfg.max_clip_s and cfg.split_long else None
+
+        def on_segment(seg: Segment) -> None:
+            rows.append(self._clip_row(r, uri, seg, frames_dir, fps_hint))
+
+        res = scan_video(
+            uri,
+            make_detector(cfg),
+            on_segment,
+            samples_per_clip=cfg.samples_per_clip,
+            sample_long_side=cfg.sample_long_side,
+            max_len_frames=max_len,
+            threads=cfg.decode_threads,
+        )
+        for row in rows:  # per-video facts known only at the end of the pass
+            row[self.col("fps")] = res.fps
+            row[self.col("start_s")] = seconds(row[self.col("start_frame")], res.fps)
+            row[self.col("end_s")] = seconds(row[self.col("end_frame")], res.fps)
+            row[self.col("duration_s")] = row[self.col("end_s")] - row[self.col("start_s")]
+            row[self.col("video_frames")] = res.frames
+            row[self.col("decode_errors")] = res.decode_errors
+            row[self.col("rotation")] = res.rotation
+            self._decide(row)
+        return rows
+
+    def _clip_row(self, r: Row, uri: str, seg: Segment, frames_dir: Path, fps_hint: float) -> Row:
+        cid = clip_id(uri, seg.start, seg.end)
+        path = None
+        if len(seg.samples) and seg.num_frames / fps_hint >= self.config.min_clip_s:
+            path = frames_dir / f"{cid}.npy"
+            _save_npy(path, seg.samples)
+        return self.row(
+            {"video_id": r["video_id"], "clip_id": cid},
+            "ok",
+            start_frame=seg.start,
+            end_frame=seg.end,
+            num_frames=seg.num_frames,
+            start_reason=seg.start_reason,
+            sample_frames=seg.sample_frames,
+            samples_path=str(path) if path else None,
+        )
+
+    def _decide(self, row: Row) -> None:
+        cfg, dur = self.config, row[self.col("duration_s")]
+        if dur < cfg.min_clip_s:
+            row[self.col("status")], row[self.col("reason")] = "reject", "too_short"
+        elif cfg.max_clip_s is not None and dur > cfg.max_clip_s + 1e-6:
+            row[self.col("status")], row[self.col("reason")] = "reject", "too_long"
+        elif not row[self.col("samples_path")]:
+            row[self.col("status")], row[self.col("reason")] = "error", "no_samples"
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_samples(row: Row) -> np.ndarray:
+    """The frame samples of a clip row (what filters read instead of the video)."""
+    return np.load(row["scenecut_samples_path"], allow_pickle=False)
