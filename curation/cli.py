@@ -35,8 +35,14 @@ def _progress_factory(enabled: bool) -> Any:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set scenecut.threshold=30 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set scenecut.threshold=30 (repeatable)",
+    )
     p.add_argument("--runner", choices=["local", "ray"], help="local: in-process; ray: Ray Data actor pools")
     p.add_argument("--address", help="Ray cluster address (implies --runner ray); default starts a local cluster")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -56,8 +62,10 @@ def _apply_common(args: argparse.Namespace, overrides: list[str]) -> list[str]:
 def _print_reports(reports: list[Any]) -> None:
     for r in reports:
         s = r.stats
-        _echo(f"{r.name:>10}: {r.inputs:5d} in  ok={int(s.get('ok', 0))} reject={int(s.get('reject', 0))} "
-              f"error={int(s.get('error', 0))}  {r.seconds:.1f}s")
+        _echo(
+            f"{r.name:>10}: {r.inputs:5d} in  ok={int(s.get('ok', 0))} reject={int(s.get('reject', 0))} "
+            f"error={int(s.get('error', 0))}  {r.seconds:.1f}s"
+        )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,8 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         "SELECT (SELECT count(*) FROM videos) AS videos, (SELECT count(*) FROM clips) AS clips, "
         "(SELECT count(*) FROM clips WHERE status = 'ok') AS kept, (SELECT count(DISTINCT shard) FROM shards) AS shards"
     )[0]
-    _echo(f"run {cfg.out}: {summary['videos']} videos, {summary['clips']} clips, {summary['kept']} kept in "
-          f"{summary['shards']} shard(s), {time.perf_counter() - t0:.1f}s")
+    _echo(
+        f"run {cfg.out}: {summary['videos']} videos, {summary['clips']} clips, {summary['kept']} kept in "
+        f"{summary['shards']} shard(s), {time.perf_counter() - t0:.1f}s"
+    )
     return 0
 
 
@@ -127,8 +137,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise CurationError(f"--where is not valid over the clips view: {str(exc).splitlines()[0]}") from None
     path = Path(args.run) / "selections" / f"{args.name}.parquet"
     atomic_write_table(table, path)
-    _echo(f"selection {args.name!r}: {table.num_rows} of {total} clips match ({path}); package them with "
-          f"`curation stage package --run {args.run} --selection {args.name}`")
+    _echo(
+        f"selection {args.name!r}: {table.num_rows} of {total} clips match ({path}); package them with "
+        f"`curation stage package --run {args.run} --selection {args.name}`"
+    )
     return 0
 
 
@@ -153,8 +165,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         import pandas as pd
 
-        with pd.option_context("display.max_rows", args.limit, "display.max_columns", 50, "display.width", 200,
-                               "display.max_colwidth", 60):
+        with pd.option_context(
+            "display.max_rows", args.limit, "display.max_columns", 50, "display.width", 200, "display.max_colwidth", 60
+        ):
             _echo(table.to_pandas().to_string(max_rows=args.limit))
     return 0
 
@@ -195,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sel = sub.add_parser("select", help="re-threshold from recorded scores, without recomputing")
     sel.add_argument("--run", required=True)
-    sel.add_argument("--where", required=True, help="SQL condition over the clips view, e.g. \"probe_fps >= 24\"")
+    sel.add_argument("--where", required=True, help='SQL condition over the clips view, e.g. "probe_fps >= 24"')
     sel.add_argument("--name", default="default", help="selection name")
     sel.set_defaults(func=cmd_select)
 

@@ -62,7 +62,9 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise ConfigError(f"{path}: a CSV input list needs a header with a `path` column (and optional `caption`)")
+                raise ConfigError(
+                    f"{path}: a CSV input list needs a header with a `path` column (and optional `caption`)"
+                )
             for rec in reader:
                 if rec.get("path"):
                     out.append((_uri(rec["path"], base), (rec.get("caption") or None)))
@@ -73,7 +75,9 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({exc}); each line must be an object with `path`") from None
+                raise ConfigError(
+                    f"{path}:{n}: not valid JSON ({exc}); each line must be an object with `path`"
+                ) from None
             if not isinstance(rec, dict) or "path" not in rec:
                 raise ConfigError(f"{path}:{n}: each JSONL line needs a `path` key (and optional `caption`)")
             out.append((_uri(rec["path"], base), rec.get("caption") or None))

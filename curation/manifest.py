@@ -143,9 +143,7 @@ class Manifests:
 
     def _clips_sql(self, con: duckdb.DuckDBPyConnection) -> str:
         probe_cols = [r[0] for r in con.execute("DESCRIBE probe").fetchall()]
-        probe_sel = "".join(
-            f"p.{c},\n    " for c in probe_cols if c.startswith("probe_") and c[len("probe_") :] not in BOOKKEEPING
-        )
+        probe_sel = "".join(f"p.{c},\n    " for c in probe_cols if c.startswith("probe_") and c != "probe_ts")
         stage_cols, joins = "", ""
         status_case = ["CASE WHEN sc.scenecut_status <> 'ok' THEN sc.scenecut_status"]
         reason_case = ["CASE WHEN sc.scenecut_status <> 'ok' THEN 'scenecut:' || coalesce(sc.scenecut_reason, '')"]
@@ -155,7 +153,9 @@ class Manifests:
             joins += f'LEFT JOIN "{name}" {alias} USING (clip_id)\n'
             st = f"{alias}.{name}_status"
             status_case.append(f"WHEN {st} IS NULL THEN 'pending' WHEN {st} <> 'ok' THEN {st}")
-            reason_case.append(f"WHEN {st} IS NOT NULL AND {st} <> 'ok' THEN '{name}:' || coalesce({alias}.{name}_reason, '')")
+            reason_case.append(
+                f"WHEN {st} IS NOT NULL AND {st} <> 'ok' THEN '{name}:' || coalesce({alias}.{name}_reason, '')"
+            )
         return _sql("clips").substitute(
             probe_columns=probe_sel,
             stage_columns=stage_cols,

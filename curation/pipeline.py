@@ -79,7 +79,7 @@ class Pipeline:
         ups = self._upstream(name)
         video_ups = [u for u in ups if reg[u].level == "video"]
         if cls.level == "video" or cls.fan_out:
-            sql = "SELECT i.*" + "".join(f', t{k}.* EXCLUDE (video_id)' for k in range(len(video_ups)))
+            sql = "SELECT i.*" + "".join(f", t{k}.* EXCLUDE (video_id)" for k in range(len(video_ups)))
             sql += " FROM ingest i" + "".join(f' JOIN "{u}" t{k} USING (video_id)' for k, u in enumerate(video_ups))
             conds = [f"t{k}.{u}_status = 'ok'" for k, u in enumerate(video_ups)]
         else:
@@ -96,7 +96,9 @@ class Pipeline:
         if rerun == "missing":
             conds.append(f"{key} NOT IN {mine} WHERE {key} IS NOT NULL)")
         elif rerun == "failed":
-            conds.append(f"({key} NOT IN {mine} WHERE {key} IS NOT NULL) OR {key} IN {mine} WHERE {name}_status = 'error'))")
+            conds.append(
+                f"({key} NOT IN {mine} WHERE {key} IS NOT NULL) OR {key} IN {mine} WHERE {name}_status = 'error'))"
+            )
         elif rerun == "stale":
             stage = cls(self.cfg.stage_config(name))
             conds.append(
@@ -117,8 +119,14 @@ class Pipeline:
     def runner(self) -> LocalRunner | RayRunner:
         return make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
 
-    def run_stage(self, name: str, runner: LocalRunner | RayRunner, rerun: Rerun = "missing",
-                  selection: Path | None = None, progress_factory: Any = None) -> StageReport:
+    def run_stage(
+        self,
+        name: str,
+        runner: LocalRunner | RayRunner,
+        rerun: Rerun = "missing",
+        selection: Path | None = None,
+        progress_factory: Any = None,
+    ) -> StageReport:
         cls: type[Stage[Any]] = registry()[name]
         cfg = self.cfg.stage_config(name)
         rows = self.inputs(name, rerun, selection)
@@ -139,7 +147,9 @@ class Pipeline:
         log.info("stage %s: %d inputs, %s in %.1fs", name, len(rows), _fmt(stats), report.seconds)
         return report
 
-    def run(self, input_spec: str | None = None, rerun: Rerun = "missing", progress_factory: Any = None) -> list[StageReport]:
+    def run(
+        self, input_spec: str | None = None, rerun: Rerun = "missing", progress_factory: Any = None
+    ) -> list[StageReport]:
         self.prepare()
         n_new = self.ingest(input_spec)
         log.info("ingest: %d new input video(s)", n_new)

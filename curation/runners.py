@@ -38,8 +38,14 @@ class LocalRunner:
 
     name = "local"
 
-    def run(self, stage_cls: type[Stage[Any]], cfg: StageConfig, rows: list[Row], run_dir: Path,
-            progress: Progress | None = None) -> dict[str, float]:
+    def run(
+        self,
+        stage_cls: type[Stage[Any]],
+        cfg: StageConfig,
+        rows: list[Row],
+        run_dir: Path,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
         stage = stage_cls(cfg)
         stage.workdir = run_dir
         manifests = Manifests(run_dir)
@@ -93,8 +99,14 @@ class RayRunner:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
 
-    def run(self, stage_cls: type[Stage[Any]], cfg: StageConfig, rows: list[Row], run_dir: Path,
-            progress: Progress | None = None) -> dict[str, float]:
+    def run(
+        self,
+        stage_cls: type[Stage[Any]],
+        cfg: StageConfig,
+        rows: list[Row],
+        run_dir: Path,
+        progress: Progress | None = None,
+    ) -> dict[str, float]:
         import ray
         from ray.data import ActorPoolStrategy
 
@@ -102,7 +114,9 @@ class RayRunner:
         res = resources_for(stage_cls, cfg)
         total_cpus = float(ray.cluster_resources().get("CPU", 1))
         # Leave Ray Data's own tasks a CPU: a pool that holds every CPU deadlocks a 2-core machine.
-        pool_max = max(1, min(res.pool_max, int((total_cpus - 0.5) / max(res.cpus, 0.01)) if res.cpus else res.pool_max))
+        pool_max = max(
+            1, min(res.pool_max, int((total_cpus - 0.5) / max(res.cpus, 0.01)) if res.cpus else res.pool_max)
+        )
         pool_min = min(res.pool_min, pool_max)
         payload = [{"payload": json.dumps(r, default=str)} for r in rows]
         ds = ray.data.from_items(payload, override_num_blocks=max(1, min(len(payload), 64)))

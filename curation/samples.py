@@ -40,8 +40,26 @@ def make_samples(out: Path, seconds: float = 4.0, ffmpeg: str = "ffmpeg") -> lis
         n = len(sources)
         graph = "".join(f"[{i}:v]format=yuv420p,setsar=1[v{i}];" for i in range(n))
         graph += "".join(f"[v{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0[out]"
-        cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *inputs, "-filter_complex", graph,
-               "-map", "[out]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path)]
+        cmd = [
+            ffmpeg,
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            *inputs,
+            "-filter_complex",
+            graph,
+            "-map",
+            "[out]",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            str(path),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CurationError(f"ffmpeg failed making {path}: {proc.stderr.strip()[-500:]}")

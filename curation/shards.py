@@ -48,7 +48,7 @@ def sample_json(row: Row) -> dict[str, Any]:
         if row.get(f"{name}_status") is None:
             continue
         provenance[name] = {k: row.get(prefix + k) for k in ("backend", "version", "config_hash")}
-        if name in ("scenecut", "package"):
+        if name in ("probe", "scenecut", "package"):  # metadata and geometry, not scores
             continue
         for k, v in row.items():
             if k.startswith(prefix) and k[len(prefix) :] not in BOOKKEEPING:
@@ -61,8 +61,12 @@ def sample_json(row: Row) -> dict[str, Any]:
             "caption": row.get("caption"),
             "caption_source": row.get("caption_source"),
             "clip": {k: row.get(f"scenecut_{k}") for k in _CLIP_FIELDS},
-            "video": {"width": row.get("package_width"), "height": row.get("package_height"),
-                      "frames": row.get("package_frames")},
+            "video": {
+                "width": row.get("package_width"),
+                "height": row.get("package_height"),
+                "frames": row.get("package_frames"),
+            },
+            "source_video": {k: row.get(f"probe_{k}") for k in ("codec", "width", "height", "fps", "rotation")},
             "subjects": row.get("subjects") or [],
             "relations": row.get("relations") or [],
             "scores": scores,
@@ -117,8 +121,10 @@ def write_shards(run_dir: str | Path, cfg: Any) -> list[Path]:
         final = out_dir / name
         os.replace(tmp, final)
         ts = time.time()
-        m.write("shards", [{"clip_id": r["clip_id"], "video_id": r["video_id"], "shard": name, "shards_ts": ts}
-                           for r in members])
+        m.write(
+            "shards",
+            [{"clip_id": r["clip_id"], "video_id": r["video_id"], "shard": name, "shards_ts": ts} for r in members],
+        )
         written.append(final)
         number += 1
         if not cfg.keep_clips:

@@ -106,7 +106,9 @@ class Stage(Generic[C]):
     def col(self, field: str) -> str:
         return f"{self.name}_{field}"
 
-    def row(self, key_row: Row, status: Status, reason: str | None = None, error: str | None = None, **scores: Any) -> Row:
+    def row(
+        self, key_row: Row, status: Status, reason: str | None = None, error: str | None = None, **scores: Any
+    ) -> Row:
         """Build an output row: the keys of `key_row`, the status columns and the `<name>_`-prefixed scores."""
         keys = ("video_id", "clip_id") if self.fan_out else (self.output_key,)
         out: Row = {k: key_row.get(k) for k in keys}

