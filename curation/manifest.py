@@ -55,6 +55,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def rows_to_table(rows: list[Row]) -> pa.Table:
+    """Rows to Arrow with the union of every row's keys (pyarrow's `from_pylist` takes the first row's keys only, so
+    an error row first in a batch would silently drop every score column)."""
+    names: dict[str, None] = {}
+    for r in rows:
+        names.update(dict.fromkeys(r))
+    return pa.Table.from_pydict({n: [r.get(n) for r in rows] for n in names})
+
+
 def _table_key(name: str) -> tuple[str, str]:
     if name in SPECIAL_TABLES:
         return SPECIAL_TABLES[name]
@@ -87,7 +96,7 @@ class Manifests:
         """Append rows to a table as one new atomic part file."""
         if not rows:
             return None
-        table = pa.Table.from_pylist(rows)
+        table = rows_to_table(rows)
         path = self.table_dir(name) / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         atomic_write_table(table, path)
         return path

@@ -45,7 +45,7 @@ def probe_file(path: str) -> dict[str, Any]:
             duration = c.duration / 1_000_000
         else:
             duration = 0.0
-        frames = int(s.frames or 0) or int(round(duration * fps))
+        frames = int(s.frames or 0) or round(duration * fps)
         pix_fmt = cc.pix_fmt if isinstance(cc.pix_fmt, str) else getattr(cc.format, "name", None)
         first = next(c.decode(s), None)
         if first is None:

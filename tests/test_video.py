@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_cuts_agree_with_pyscenedetect(name: str) -> None:
     assert all(abs(a - b) <= 1 for a, b in zip(res.cuts, ref, strict=True)), (res.cuts, ref)
     # segments tile the video exactly
     assert segs[0].start == 0 and segs[-1].end == res.frames
-    assert all(a.end == b.start for a, b in zip(segs, segs[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(segs))
 
 
 def test_known_cuts_in_hamilton_and_bikes() -> None:

