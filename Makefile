@@ -1,0 +1,31 @@
+# Two commands on a fresh machine (see README): `make demo` runs the pipeline, `make test` runs the tests.
+# Both install everything first: Debian's ffmpeg (apt-get), a virtualenv, the package with its dev extra.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v ffmpeg >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg; }
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/curation samples samples
+	$(VENV)/bin/curation run configs/local.yaml --input samples --out runs/demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/scenecut.py
+
+clean:
+	rm -rf runs samples bench/out
