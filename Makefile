@@ -26,6 +26,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/scenecut.py
+	$(PY) bench/filters.py
 
 clean:
 	rm -rf runs samples bench/out

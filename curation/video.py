@@ -37,6 +37,8 @@ class Segment:
     start_reason: str  # "start" (first frame), "cut" (detected), "split" (max length reached)
     sample_frames: list[int]
     samples: np.ndarray  # uint8 [n, h, w, 3] RGB, display orientation
+    pairs: np.ndarray | None = None  # uint8 [n, 2, dh, dw] grey (frame before, sample frame) at detection size
+    pair_valid: np.ndarray | None = None  # bool [n]: False where the frame before lies in another scene
 
     @property
     def num_frames(self) -> int:
@@ -80,18 +82,18 @@ class _CandidateBuffer:
         self.n = max(1, n)
         self.base_stride = max(1, base_stride)
         self.stride = self.base_stride
-        self.items: list[tuple[int, np.ndarray]] = []
+        self.items: list[tuple[int, Any]] = []
 
     def wants(self, idx: int) -> bool:
         return not self.items or idx - self.items[-1][0] >= self.stride
 
-    def add(self, idx: int, frame: np.ndarray) -> None:
+    def add(self, idx: int, frame: Any) -> None:
         self.items.append((idx, frame))
         if len(self.items) > 3 * self.n:
             self.items = self.items[::2]
             self.stride *= 2
 
-    def take_before(self, end: int) -> list[tuple[int, np.ndarray]]:
+    def take_before(self, end: int) -> list[tuple[int, Any]]:
         """Remove and return the candidates of frames < end; the rest start the next scene."""
         taken = [it for it in self.items if it[0] < end]
         self.items = [it for it in self.items if it[0] >= end]
@@ -99,7 +101,7 @@ class _CandidateBuffer:
         return taken
 
 
-def pick_evenly(cands: list[tuple[int, np.ndarray]], n: int) -> list[tuple[int, np.ndarray]]:
+def pick_evenly(cands: list[tuple[int, Any]], n: int) -> list[tuple[int, Any]]:
     if len(cands) <= n:
         return cands
     pos = np.linspace(0, len(cands) - 1, n).round().astype(int)
@@ -223,14 +225,20 @@ def scan_video(
         idx = -1
         t0: float | None = None
         half_frame = 0.5 / res.fps
+        prev_small: np.ndarray | None = None
 
         def close(end: int, next_reason: str) -> None:
             nonlocal seg_start, seg_reason
             if end <= seg_start:
                 return
             picked = pick_evenly(buf.take_before(end), samples_per_clip)
-            frames = np.stack([f for _, f in picked]) if picked else np.zeros((0, 2, 2, 3), np.uint8)
-            on_segment(Segment(seg_start, end, seg_reason, [i for i, _ in picked], frames))
+            if picked:
+                frames = np.stack([rgb for _, (rgb, _) in picked])
+                pairs = np.stack([pair for _, (_, pair) in picked])
+            else:
+                frames, pairs = np.zeros((0, 2, 2, 3), np.uint8), np.zeros((0, 2, 2, 2), np.uint8)
+            valid = np.array([i > seg_start for i, _ in picked], dtype=bool)  # the frame before is in this scene
+            on_segment(Segment(seg_start, end, seg_reason, [i for i, _ in picked], frames, pairs, valid))
             seg_start, seg_reason = end, next_reason
 
         decoder = _Decoder(container, stream)
@@ -255,7 +263,11 @@ def scan_video(
                 rgb = sample_rf.reformat(
                     frame, width=ssize[0], height=ssize[1], format="rgb24", interpolation=Interpolation.BILINEAR
                 )
-                buf.add(idx, _rotate(rgb.to_ndarray(), res.rotation))
+                grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+                before = cv2.cvtColor(prev_small, cv2.COLOR_BGR2GRAY) if prev_small is not None else grey
+                pair = np.stack([_rotate(before, res.rotation), _rotate(grey, res.rotation)])
+                buf.add(idx, (_rotate(rgb.to_ndarray(), res.rotation), pair))
+            prev_small = small
             # Force a split only once no detected cut can still land before it (the detector's lag).
             if max_len_frames and idx - lag >= seg_start + max_len_frames:
                 close(seg_start + max_len_frames, "split")

@@ -1,5 +1,5 @@
 """Built-in stages. Importing this package registers them; one module per stage, named like the stage."""
 
-from stages import package, probe, scenecut
+from stages import aesthetics, motion, ocr, package, probe, scenecut, watermark
 
-__all__ = ["package", "probe", "scenecut"]
+__all__ = ["aesthetics", "motion", "ocr", "package", "probe", "scenecut", "watermark"]

@@ -1,7 +1,10 @@
 """`scenecut`: split each video into clips with PySceneDetect detectors, in the one decode pass per video.
 
-The same pass stores each clip's frame samples (`<run>/frames/<video_id>/<clip_id>.npy`, uint8 [n, h, w, 3] RGB),
-which every frame-based filter reads instead of reopening the video.
+The same pass stores each clip's frame samples, which every frame-based filter reads instead of reopening the video:
+`<run>/frames/<video_id>/<clip_id>.npz` with `frames` (uint8 [n, h, w, 3] RGB, display orientation, long side
+<= sample_long_side), `indices` (their frame numbers), `pairs` (uint8 [n, 2, dh, dw]: grey frame before + sample
+frame at detection size, for optical flow), `pair_valid` (bool [n]) and `fps`. Samples are kept for every clip, even
+rejected ones, so a filter can compare a clip with the rest of its video (watermarks persist across cuts).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class Scenecut(Stage[ScenecutConfig]):
     """Fan-out: one video row in, one row per clip out (or one video-level error row, `clip_id` null)."""
 
     name = "scenecut"
-    version = "1"
+    version = "2"
     config_class = ScenecutConfig
     resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
     input_key = "video_id"
@@ -92,7 +95,7 @@ class Scenecut(Stage[ScenecutConfig]):
         max_len = round(cfg.max_clip_s * fps_hint) if cfg.max_clip_s and cfg.split_long else None
 
         def on_segment(seg: Segment) -> None:
-            rows.append(self._clip_row(r, uri, seg, frames_dir, fps_hint))
+            rows.append(self._clip_row(r, uri, seg, frames_dir))
 
         res = scan_video(
             uri,
@@ -115,12 +118,12 @@ class Scenecut(Stage[ScenecutConfig]):
             self._decide(row)
         return rows
 
-    def _clip_row(self, r: Row, uri: str, seg: Segment, frames_dir: Path, fps_hint: float) -> Row:
+    def _clip_row(self, r: Row, uri: str, seg: Segment, frames_dir: Path) -> Row:
         cid = clip_id(uri, seg.start, seg.end)
         path = None
-        if len(seg.samples) and seg.num_frames / fps_hint >= self.config.min_clip_s:
-            path = frames_dir / f"{cid}.npy"
-            _save_npy(path, seg.samples)
+        if len(seg.samples):
+            path = frames_dir / f"{cid}.npz"
+            _save_samples(path, seg)
         return self.row(
             {"video_id": r["video_id"], "clip_id": cid},
             "ok",
@@ -142,14 +145,24 @@ class Scenecut(Stage[ScenecutConfig]):
             row[self.col("status")], row[self.col("reason")] = "error", "no_samples"
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def _save_samples(path: Path, seg: Segment) -> None:
     import io
 
     buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
+    np.savez(
+        buf,
+        frames=seg.samples,
+        indices=np.asarray(seg.sample_frames, np.int64),
+        pairs=seg.pairs,
+        pair_valid=seg.pair_valid,
+    )
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_samples(row: Row) -> np.ndarray:
-    """The frame samples of a clip row (what filters read instead of the video)."""
-    return np.load(row["scenecut_samples_path"], allow_pickle=False)
+def load_samples(row: Row) -> dict[str, np.ndarray]:
+    """A clip's frame samples (what filters read instead of the video): frames, indices, pairs, pair_valid."""
+    path = row.get("scenecut_samples_path")
+    if not path:
+        raise FileNotFoundError("clip has no frame samples (scenecut_samples_path is empty)")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -15,7 +15,8 @@ from tests.conftest import REPO, VIDEOS
 
 def test_shipped_configs_load() -> None:
     cfg = load_config(REPO / "configs" / "local.yaml")
-    assert cfg.runner == "ray" and cfg.stages == ["probe", "scenecut", "package"]
+    assert cfg.runner == "ray"
+    assert cfg.stages == ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "package"]
     assert cfg.stage_config("scenecut").threshold == 27.0
     cluster = load_config(REPO / "configs" / "cluster.yaml")
     assert cluster.ray.address == "auto" and cluster.stage_config("scenecut").resources.pool_max == 64

@@ -21,7 +21,7 @@ def ray_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None, ffmpeg:
     run = tmp_path_factory.mktemp("ray_run")
     cfg = build_config({"runner": "ray", "progress": False, "package": {"shard_size": 8}})
     reports = Pipeline(cfg, run).run(str(VIDEOS))
-    assert [r.name for r in reports] == ["probe", "scenecut", "package"]
+    assert [r.name for r in reports] == ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "package"]
     return run
 
 
@@ -59,6 +59,13 @@ def test_clip_statuses_and_cuts(ray_run: Path) -> None:
     assert first["scenecut_duration_s"] == pytest.approx(20 / 29.97, rel=1e-3)
     kept = [r for r in rows if r["status"] == "ok"]
     assert kept and all(r["package_status"] == "ok" and r["shard"] for r in kept)
+    # filters reject with their stage and reason, scores recorded
+    subs = [r for r in rows if r["uri"].endswith("subtitles_rapidvideocr_1.mp4") and r["scenecut_status"] == "ok"]
+    assert subs and all(r["status"] == "reject" for r in subs)
+    assert {r["reason"].split(":")[0] for r in subs} <= {"motion", "watermark", "ocr"}
+    static = [r for r in rows if "S001C001" in r["uri"]]
+    assert [(r["status"], r["reason"]) for r in static] == [("reject", "motion:static")]
+    assert static[0]["motion_score"] < 0.01
     assert all(r["status"] in ("ok", "reject", "error") for r in rows)
     # long static scenes are split at max_clip_s (15 s): the 23 s traffic camera gives two clips
     traffic = sorted(
@@ -87,4 +94,6 @@ def test_shards_read_back_with_webdataset(ray_run: Path) -> None:
     row = kept[some["clip_id"]]
     assert some["clip"]["start_frame"] == row["scenecut_start_frame"]
     assert some["video"]["frames"] == row["scenecut_num_frames"]
-    assert set(some["provenance"]) >= {"probe", "scenecut", "package"}
+    assert set(some["provenance"]) >= {"probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "package"}
+    assert some["provenance"]["aesthetics"]["backend"] == "embedded:quality-proxy"
+    assert {"motion_score", "aesthetics_score", "watermark_score", "ocr_text_area"} <= set(some["scores"])

@@ -1,0 +1,184 @@
+"""Quality filters: fused (decode once) vs each filter decoding the video itself, and vs a bare ffmpeg decode.
+
+    python bench/filters.py [--media DIR] [--filters motion,aesthetics,watermark,ocr]
+
+(a) fused: the `scenecut` pass (one decode per video, frame samples kept) then every filter on the samples;
+    separate: the same `scenecut` pass (cuts are needed either way), then each filter decodes every video again
+    itself to get the same frames. Scores must be identical (the run fails otherwise). Ratio: separate / fused.
+(b) fused total wall vs `ffmpeg -i X -f null -` over the same inputs (the decode floor). Ratio: fused / floor.
+Both are also reported without OCR, whose CPU model dominates scoring on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+from av.video.reformatter import Interpolation, VideoReformatter
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from curation.config import build_config  # noqa: E402
+from curation.pipeline import Pipeline  # noqa: E402
+from curation.stage import Row, registry  # noqa: E402
+from curation.video import _rotate, detect_size, sample_size  # noqa: E402
+
+
+def decode_samples(uri: str, clips: list[Row], sample_long_side: int) -> dict[str, dict[str, np.ndarray]]:
+    """What a filter that reads the video itself has to do: decode it and pull out its clips' frames."""
+    want: dict[int, list[tuple[str, int]]] = {}
+    for c in clips:
+        for k, i in enumerate(c["scenecut_sample_frames"]):
+            want.setdefault(i, []).append((c["clip_id"], k))
+    out = {
+        c["clip_id"]: {
+            "frames": [None] * len(c["scenecut_sample_frames"]),
+            "pairs": [None] * len(c["scenecut_sample_frames"]),
+        }
+        for c in clips
+    }
+    det_rf, rf = VideoReformatter(), VideoReformatter()
+    prev_grey = None
+    with av.open(uri) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        idx = -1
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            for frame in frames:
+                idx += 1
+                if idx == 0:
+                    rot = int(frame.rotation or 0)
+                    dsize = detect_size(frame.width, frame.height)
+                    ssize = sample_size(frame.width, frame.height, sample_long_side)
+                small = det_rf.reformat(
+                    frame, width=dsize[0], height=dsize[1], format="bgr24", interpolation=Interpolation.FAST_BILINEAR
+                ).to_ndarray()
+                grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+                if idx in want:
+                    rgb = rf.reformat(
+                        frame, width=ssize[0], height=ssize[1], format="rgb24", interpolation=Interpolation.BILINEAR
+                    ).to_ndarray()
+                    pair = np.stack([_rotate(prev_grey if prev_grey is not None else grey, rot), _rotate(grey, rot)])
+                    for cid, k in want[idx]:
+                        out[cid]["frames"][k] = _rotate(rgb, rot)
+                        out[cid]["pairs"][k] = pair
+                prev_grey = grey
+    result = {}
+    for c in clips:
+        o = out[c["clip_id"]]
+        result[c["clip_id"]] = {
+            "frames": np.stack(o["frames"]),
+            "pairs": np.stack(o["pairs"]),
+            "indices": np.asarray(c["scenecut_sample_frames"]),
+            "pair_valid": np.array([i > c["scenecut_start_frame"] for i in c["scenecut_sample_frames"]]),
+        }
+    return result
+
+
+def _scores(stage: Any, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+    return stage.score(row, samples)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--media", type=Path, default=REPO.parent / "shared" / "media" / "video")
+    ap.add_argument("--filters", default="motion,aesthetics,watermark,ocr")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "filters.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    names = args.filters.split(",")
+    videos = sorted(p for p in args.media.iterdir() if p.is_file() and "truncated" not in p.name and p.suffix != ".md")
+    with tempfile.TemporaryDirectory() as tmpd:
+        run = Path(tmpd) / "run"
+        pipe = Pipeline(build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut"]}), run)
+        pipe.prepare()
+        lst = Path(tmpd) / "inputs.txt"
+        lst.write_text("\n".join(str(v) for v in videos))
+        pipe.ingest(str(lst))
+        runner = pipe.runner()
+        pipe.run_stage("probe", runner)
+        t0 = time.perf_counter()
+        pipe.run_stage("scenecut", runner)
+        t_scan = time.perf_counter() - t0
+        clips = pipe.manifests.rows("SELECT * FROM clips WHERE scenecut_status = 'ok' ORDER BY uri, clip_id")
+        by_video: dict[str, list[Row]] = {}
+        for c in clips:
+            by_video.setdefault(c["uri"], []).append(c)
+        sample_side = pipe.cfg.stage_config("scenecut").sample_long_side
+
+        fused: dict[str, float] = {}
+        fused_scores: dict[tuple[str, str], Any] = {}
+        separate: dict[str, float] = {}
+        mismatches: list[str] = []
+        for name in names:
+            stage = registry()[name]()
+            stage.workdir = run
+            stage.setup()
+            from stages.scenecut import load_samples
+
+            t0 = time.perf_counter()
+            for c in clips:
+                fused_scores[(name, c["clip_id"])] = _scores(stage, c, load_samples(c))
+            fused[name] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for uri, vclips in by_video.items():
+                decoded = decode_samples(uri, vclips, sample_side)
+                for c in vclips:
+                    s = _scores(stage, c, decoded[c["clip_id"]])
+                    if json.dumps(s, sort_keys=True, default=str) != json.dumps(
+                        fused_scores[(name, c["clip_id"])], sort_keys=True, default=str
+                    ):
+                        mismatches.append(f"{name}:{Path(uri).name}:{c['scenecut_start_frame']}")
+            separate[name] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for v in videos:
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(v), "-map", "0:v:0", "-f", "null", "-"], check=False
+        )
+    t_floor = time.perf_counter() - t0
+
+    def totals(keep: list[str]) -> tuple[float, float]:
+        return t_scan + sum(fused[n] for n in keep), t_scan + sum(separate[n] for n in keep)
+
+    report: dict[str, Any] = {
+        "videos": len(videos),
+        "clips": len(clips),
+        "scenecut_pass_s": round(t_scan, 2),
+        "ffmpeg_null_decode_s": round(t_floor, 2),
+        "fused_filter_s": {k: round(v, 2) for k, v in fused.items()},
+        "separate_filter_s": {k: round(v, 2) for k, v in separate.items()},
+        "identical_scores": not mismatches,
+        "mismatches": mismatches,
+    }
+    for label, keep in (("all", names), ("without_ocr", [n for n in names if n != "ocr"])):
+        f, s = totals(keep)
+        report[label] = {
+            "fused_s": round(f, 2),
+            "separate_s": round(s, 2),
+            "speedup_fused_vs_separate": round(s / f, 2),
+            "fused_vs_ffmpeg_floor": round(f / t_floor, 2),
+        }
+    print(json.dumps(report, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if not mismatches else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

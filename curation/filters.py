@@ -1,0 +1,89 @@
+"""What the four frame-sample filters share: read the clip's samples (never the video), score, threshold.
+
+Each filter has two backends behind one interface: `embedded` (CPU, no downloads, the default) and `reference`
+(the real model library from the `gpu` extra, weights read from `models_dir`). The backend that produced a score is
+recorded in `<stage>_backend` on every row.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from curation.errors import ConfigError
+from curation.stage import Row, Stage, StageConfig
+from stages.scenecut import load_samples
+
+
+def models_dir_default() -> str:
+    return os.environ.get("CURATION_MODELS", "models")
+
+
+class FilterConfig(StageConfig):
+    backend: Literal["embedded", "reference"] = "embedded"
+    models_dir: str = Field(default_factory=models_dir_default, description="where reference weights are read from")
+    max_frames: int = Field(8, ge=1, le=64, description="at most this many of the clip's samples are scored")
+
+    # (file name inside models_dir, where to get it) for the reference backend; set by each filter's config
+    reference_weights: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @model_validator(mode="after")
+    def _reference_weights_present(self) -> FilterConfig:
+        if self.backend == "reference":
+            missing = [
+                f"{Path(self.models_dir) / name} (get it from {source})"
+                for name, source in self.reference_weights
+                if not (Path(self.models_dir) / name).exists()
+            ]
+            if missing:
+                raise ValueError(
+                    f"reference backend needs {'; '.join(missing)}. Set models_dir or the CURATION_MODELS "
+                    "environment variable to the folder holding them, or use backend: embedded"
+                )
+        return self
+
+
+def pick(n_total: int, n: int) -> np.ndarray:
+    """Evenly spaced indices of at most n out of n_total."""
+    if n_total <= n:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(int))
+
+
+class SampleFilter(Stage[Any]):
+    """Base of the frame-sample filters: `score` measures, `decide` thresholds; both per clip."""
+
+    level = "clip"
+    input_key = "clip_id"
+    output_key = "clip_id"
+
+    @property
+    def backend(self) -> str:
+        return f"{self.config.backend}:{self.backend_names[self.config.backend]}"
+
+    backend_names: ClassVar[dict[str, str]] = {"embedded": "embedded", "reference": "reference"}
+
+    def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def decide(self, scores: dict[str, Any]) -> tuple[str, str | None]:
+        raise NotImplementedError
+
+    def process_batch(self, batch: list[Row]) -> list[Row]:
+        out = []
+        for r in batch:
+            try:
+                samples = load_samples(r)
+                scores = self.score(r, samples)
+            except ConfigError:
+                raise
+            except Exception as exc:  # one unreadable clip is a row, not a crashed batch
+                out.append(self.error_row(r, exc))
+                continue
+            status, reason = self.decide(scores)
+            out.append(self.row(r, status, reason, **scores))  # scores recorded even when rejected
+        return out

