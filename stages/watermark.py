@@ -40,12 +40,15 @@ class WatermarkConfig(FilterConfig):
 
 
 def _video_frames(row: Row, own: np.ndarray, limit: int) -> np.ndarray:
-    """This clip's samples plus those of the video's other clips, resized to a common working size."""
-    frames = list(own)
+    """The samples of every clip of the video (this clip's from memory), in clip-id order, at a common size: the
+    same frames whichever clip asks, so the score is a property of the video."""
+    frames: list[np.ndarray] = []
     path = Path(row["scenecut_samples_path"])
-    for other in sorted(path.parent.glob("*.npz")):
-        if other != path:
-            with np.load(other, allow_pickle=False) as z:
+    for f in sorted(set(path.parent.glob("*.npz")) | {path}):  # one order for every clip of the video
+        if f == path:
+            frames.extend(own)
+        else:
+            with np.load(f, allow_pickle=False) as z:
                 frames.extend(z["frames"])
     h, w = own.shape[1:3]
     size = (WORK_WIDTH, max(2, round(h * WORK_WIDTH / w)))
@@ -138,12 +141,19 @@ class Watermark(SampleFilter):
 
     def setup(self) -> None:
         self._ref = _LaionWatermark(self.config) if self.config.backend == "reference" else None
+        self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         if self._ref is not None:
             return self._ref(samples["frames"][pick(len(samples["frames"]), self.config.max_frames)])
-        greys = _video_frames(row, samples["frames"], self.config.video_frames)
-        return persistence_score(greys, self.config.persistence, self.config.corner, self.config.min_change)
+        # The score is a property of the whole video's samples: computed once per video, not once per clip.
+        key = tuple(sorted(str(p) for p in Path(row["scenecut_samples_path"]).parent.glob("*.npz")))
+        if key not in self._cache:
+            greys = _video_frames(row, samples["frames"], self.config.video_frames)
+            self._cache = {
+                key: persistence_score(greys, self.config.persistence, self.config.corner, self.config.min_change)
+            }
+        return dict(self._cache[key])
 
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
         if "probability" in s:
