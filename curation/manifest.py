@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 SQL_DIR = Path(__file__).resolve().parent.parent / "manifests"
 BOOKKEEPING = ("status", "reason", "error", "backend", "version", "config_hash", "ts")
 # Tables that are not stages: (key their newest attempt is chosen by, timestamp column).
-SPECIAL_TABLES = {"ingest": ("video_id", "ingest_ts"), "shards": ("clip_id", "shards_ts")}
+SPECIAL_TABLES = {
+    "ingest": ("video_id", "ingest_ts"),
+    "shards": ("clip_id", "shards_ts"),
+    "stage_runs": ("run_id", "stage_runs_ts"),  # one row per stage run: counts and time (history, never deduped)
+}
 
 
 def _sql(name: str) -> Template:
@@ -132,6 +136,8 @@ class Manifests:
             cols += ["NULL::VARCHAR AS uri", "NULL::VARCHAR AS caption", "NULL::VARCHAR AS caption_source"]
         elif name == "shards":
             cols += ["NULL::VARCHAR AS shard"]
+        elif name == "stage_runs":
+            cols = ["NULL::VARCHAR AS run_id", "NULL::VARCHAR AS stage"]
         else:
             cols += [f"NULL::VARCHAR AS {name}_{c}" for c in BOOKKEEPING if c != "ts"]
         cols.append(f"NULL::DOUBLE AS {ts}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -144,6 +145,23 @@ class Pipeline:
         stage = cls(cfg)
         stage.finalize(self.run_dir)
         report = StageReport(name, len(rows), time.perf_counter() - t0, stats)
+        self.manifests.write(
+            "stage_runs",
+            [
+                {
+                    "run_id": uuid.uuid4().hex,
+                    "stage": name,
+                    "runner": getattr(runner, "name", "?"),
+                    "rerun": rerun,
+                    "inputs": len(rows),
+                    **{k: int(stats.get(k, 0)) for k in ("ok", "reject", "error")},
+                    "seconds": round(report.seconds, 3),
+                    "version": cls.version,
+                    "config_hash": stage.config_hash,
+                    "stage_runs_ts": time.time(),
+                }
+            ],
+        )
         log.info("stage %s: %d inputs, %s in %.1fs", name, len(rows), _fmt(stats), report.seconds)
         return report
 

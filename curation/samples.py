@@ -10,11 +10,6 @@ from curation.errors import CurationError
 
 W, H, FPS = 640, 360, 25
 
-
-def _scene(src: str) -> str:
-    return f"{src}=size={W}x{H}:rate={FPS}"
-
-
 SAMPLES: dict[str, list[str]] = {
     # three hard cuts between unrelated moving scenes
     "three_scenes": ["testsrc2", "mandelbrot", "rgbtestsrc"],
@@ -25,44 +20,33 @@ SAMPLES: dict[str, list[str]] = {
 }
 
 
+def concat_sources(
+    path: Path, sources: list[str], seconds: float, size: str = f"{W}x{H}", fps: int = FPS, ffmpeg: str = "ffmpeg"
+) -> Path:
+    """Encode `seconds` of each ffmpeg test source one after the other: hard cuts at multiples of seconds * fps."""
+    inputs: list[str] = []
+    for src in sources:
+        inputs += ["-t", f"{seconds:.3f}", "-f", "lavfi", "-i", f"{src}=size={size}:rate={fps}"]
+    n = len(sources)
+    graph = "".join(f"[{i}:v]format=yuv420p,setsar=1[v{i}];" for i in range(n))
+    graph += "".join(f"[v{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0[out]"
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *inputs, "-filter_complex", graph]
+    cmd += ["-map", "[out]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CurationError(f"ffmpeg failed making {path}: {proc.stderr.strip()[-500:]}")
+    return path
+
+
 def make_samples(out: Path, seconds: float = 4.0, ffmpeg: str = "ffmpeg") -> list[Path]:
-    """Write the sample videos into `out`; returns their paths."""
+    """Write the sample videos into `out`, each with a sidecar caption; returns their paths."""
     if shutil.which(ffmpeg) is None:
         raise CurationError("making samples needs ffmpeg on PATH: apt-get install ffmpeg")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, sources in SAMPLES.items():
-        path = out / f"{name}.mp4"
-        inputs: list[str] = []
-        for src in sources:
-            dur = seconds if len(sources) == 1 else max(1.2, seconds / len(sources) * 1.5)
-            inputs += ["-t", f"{dur:.2f}", "-f", "lavfi", "-i", _scene(src)]
-        n = len(sources)
-        graph = "".join(f"[{i}:v]format=yuv420p,setsar=1[v{i}];" for i in range(n))
-        graph += "".join(f"[v{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0[out]"
-        cmd = [
-            ffmpeg,
-            "-nostdin",
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            *inputs,
-            "-filter_complex",
-            graph,
-            "-map",
-            "[out]",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-pix_fmt",
-            "yuv420p",
-            str(path),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CurationError(f"ffmpeg failed making {path}: {proc.stderr.strip()[-500:]}")
+        each = seconds if len(sources) == 1 else max(1.2, seconds / len(sources) * 1.5)
+        path = concat_sources(out / f"{name}.mp4", sources, each, ffmpeg=ffmpeg)
         (out / f"{name}.txt").write_text(f"A synthetic test pattern video named {name.replace('_', ' ')}.\n")
         paths.append(path)
     return paths

@@ -93,30 +93,6 @@ def make_video(
 
 def make_cut_video(path: Path, sources: list[str], seconds: float = 1.6, size: str = "320x240", fps: int = 25) -> Path:
     """Hard cuts between unrelated test sources, at known frames (multiples of seconds * fps)."""
-    inputs: list[str] = []
-    for s in sources:
-        inputs += ["-t", str(seconds), "-f", "lavfi", "-i", f"{s}=size={size}:rate={fps}"]
-    n = len(sources)
-    graph = "".join(f"[{i}:v]format=yuv420p,setsar=1[v{i}];" for i in range(n))
-    graph += "".join(f"[v{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0[o]"
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            *inputs,
-            "-filter_complex",
-            graph,
-            "-map",
-            "[o]",
-            "-c:v",
-            "libx264",
-            "-pix_fmt",
-            "yuv420p",
-            str(path),
-        ],
-        check=True,
-    )
-    return path
+    from curation.samples import concat_sources
+
+    return concat_sources(path, sources, seconds, size=size, fps=fps)
