@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".y4m"}
 )
-LIST_EXTENSIONS = frozenset({".csv", ".jsonl", ".txt"})
+LIST_EXTENSIONS = frozenset({".csv", ".jsonl", ".txt", ".json"})
+# Caption keys of OpenS2V-style metadata ({key: {"metadata": {"path": ..., "face_cap_qwen": ...}}}), in order.
+OPENS2V_CAPTION_KEYS = ("cap", "caption", "face_cap_qwen", "cap_qwen", "caption_qwen")
 
 
 def _hash(text: str) -> str:
@@ -68,6 +70,22 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
             for rec in reader:
                 if rec.get("path"):
                     out.append((_uri(rec["path"], base), (rec.get("caption") or None)))
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        entries = data.values() if isinstance(data, dict) else data if isinstance(data, list) else None
+        if entries is None:
+            raise ConfigError(f"{path}: expected OpenS2V-style metadata: an object of entries with metadata.path")
+        for n, entry in enumerate(entries):
+            meta = entry.get("metadata", entry) if isinstance(entry, dict) else None
+            if not isinstance(meta, dict) or "path" not in meta:
+                raise ConfigError(f"{path}: entry {n} has no metadata.path (OpenS2V-style metadata expected)")
+            cap = next(
+                (meta[k] for k in OPENS2V_CAPTION_KEYS if isinstance(meta.get(k), str) and meta[k].strip()), None
+            )
+            out.append((_uri(meta["path"], base), cap.strip() if cap else None))
     elif path.suffix == ".jsonl":
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
@@ -89,7 +107,12 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
 
 
 def discover(spec: str | Path) -> list[Row]:
-    """Rows `{video_id, uri, caption, caption_source}`, deduplicated by uri, in a stable order.
+    """Inputs: a folder, a glob, a video, or a list (.csv / .jsonl with `path` and optional `caption`, .txt with one
+    path a line, or OpenS2V-style .json metadata whose caption is taken from cap / face_cap_qwen / ...).
+
+    Rows `{video_id, uri, given_caption, given_caption_source}`, deduplicated by uri, in a stable order.
+
+    (`given_`: the `caption_` prefix belongs to the caption stage.)
 
     Missing files named by a list are kept (they become probe `error` rows), so no input silently disappears.
     """
@@ -119,7 +142,9 @@ def discover(spec: str | Path) -> list[Row]:
         if caption is None:
             caption = _sidecar_caption(uri)
             cap_source = "sidecar" if caption else None
-        rows.append({"video_id": video_id(uri), "uri": uri, "caption": caption, "caption_source": cap_source})
+        rows.append(
+            {"video_id": video_id(uri), "uri": uri, "given_caption": caption, "given_caption_source": cap_source}
+        )
     if not rows:
         log.warning("input %s matched no video files (extensions: %s)", text, " ".join(sorted(VIDEO_EXTENSIONS)))
     return rows

@@ -133,7 +133,7 @@ class Manifests:
             keys = ["video_id", "clip_id"]
         cols = [f"NULL::VARCHAR AS {k}" for k in keys]
         if name == "ingest":
-            cols += ["NULL::VARCHAR AS uri", "NULL::VARCHAR AS caption", "NULL::VARCHAR AS caption_source"]
+            cols += ["NULL::VARCHAR AS uri", "NULL::VARCHAR AS given_caption", "NULL::VARCHAR AS given_caption_source"]
         elif name == "shards":
             cols += ["NULL::VARCHAR AS shard"]
         elif name == "stage_runs":

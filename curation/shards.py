@@ -48,7 +48,7 @@ def sample_json(row: Row) -> dict[str, Any]:
         if row.get(f"{name}_status") is None:
             continue
         provenance[name] = {k: row.get(prefix + k) for k in ("backend", "version", "config_hash")}
-        if name in ("probe", "scenecut", "package"):  # metadata and geometry, not scores
+        if name in ("probe", "scenecut", "package", "caption"):  # metadata, geometry and text, not scores
             continue
         for k, v in row.items():
             if k.startswith(prefix) and k[len(prefix) :] not in BOOKKEEPING:
@@ -58,8 +58,8 @@ def sample_json(row: Row) -> dict[str, Any]:
             "clip_id": row["clip_id"],
             "video_id": row["video_id"],
             "source": row.get("uri"),
-            "caption": row.get("caption"),
-            "caption_source": row.get("caption_source"),
+            "caption": row.get("caption_text") or row.get("given_caption"),
+            "caption_origin": row.get("caption_origin") or ("supplied" if row.get("given_caption") else None),
             "clip": {k: row.get(f"scenecut_{k}") for k in _CLIP_FIELDS},
             "video": {
                 "width": row.get("package_width"),
@@ -67,8 +67,8 @@ def sample_json(row: Row) -> dict[str, Any]:
                 "frames": row.get("package_frames"),
             },
             "source_video": {k: row.get(f"probe_{k}") for k in ("codec", "width", "height", "fps", "rotation")},
-            "subjects": row.get("subjects") or [],
-            "relations": row.get("relations") or [],
+            "subjects": json.loads(row["caption_subjects"]) if row.get("caption_subjects") else [],
+            "relations": json.loads(row["caption_relations"]) if row.get("caption_relations") else [],
             "scores": scores,
             "provenance": provenance,
         }

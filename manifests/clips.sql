@@ -4,8 +4,8 @@
 SELECT
     sc.*,
     i.uri,
-    i.caption,
-    i.caption_source,
+    i.given_caption,
+    i.given_caption_source,
     $probe_columns
     $stage_columns
     sh.shard,

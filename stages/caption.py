@@ -1,0 +1,204 @@
+"""`caption`: a dense caption per clip and its subjects, attributes and relations bound to caption spans.
+
+- `embedded` (default): the caption supplied with the input (list-file column, sidecar .txt) parsed by the
+  deterministic English parser. A clip without one gets a template caption marked `[template]` that states only
+  what is known, never an invented description (`caption_origin = template`).
+- `openai`: any OpenAI-compatible endpoint (`vllm serve`, or another server): the caption prompt with the clip's
+  frames, then the extraction prompt with JSON-schema output. `vllm`: the same two prompts on vLLM's offline engine
+  inside the worker (GPU). Answers are validated against the schema; an invalid one is repaired or asked again once;
+  what still fails is an `error` row that keeps the raw answer in `caption_raw`.
+Subjects and relations are stored as JSON (`caption_subjects`, `caption_relations`), which DuckDB queries directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from curation.caption_parser import parse_caption
+from curation.filters import pick
+from curation.mllm import MLLMError, OpenAIClient, VLLMEngine, extraction_schema, image_part, parse_record
+from curation.prompts import load_prompt
+from curation.stage import Resources, Row, Stage, StageConfig, register
+from curation.subjects import CaptionRecord
+from stages.scenecut import load_samples
+
+
+class CaptionConfig(StageConfig):
+    backend: Literal["embedded", "openai", "vllm"] = "embedded"
+    use_supplied: bool = Field(True, description="MLLM backends: keep a supplied caption, only extract from it")
+    caption_prompt: str = "caption_v1"
+    extract_prompt: str = "extract_v1"
+    frames: int = Field(6, ge=1, le=32, description="frames sent to the MLLM per clip")
+    endpoint: str | None = Field(None, description="openai: base URL, e.g. http://localhost:8000/v1")
+    model: str | None = Field(None, description="openai: served model name; vllm: model path or name")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(2, ge=0)
+    max_tokens: int = Field(768, ge=16)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> CaptionConfig:
+        if self.backend == "openai" and not (self.endpoint and self.model):
+            raise ValueError("backend openai needs caption.endpoint (e.g. http://localhost:8000/v1) and caption.model")
+        if self.backend == "vllm" and not self.model:
+            raise ValueError("backend vllm needs caption.model (a Qwen2.5-VL-class model path or name)")
+        load_prompt(self.caption_prompt)
+        load_prompt(self.extract_prompt)
+        return self
+
+
+def template_caption(row: Row) -> str:
+    """What is known without a caption: marked as a template, never a description of the content."""
+    facts = []
+    dur = row.get("scenecut_duration_s")
+    if dur:
+        facts.append(f"{float(dur):.1f} s clip")
+    texts = row.get("ocr_texts") or []
+    if texts:
+        facts.append("on-screen text: " + "; ".join(texts[:3]))
+    return "[template] no caption supplied" + (f" ({', '.join(facts)})" if facts else "")
+
+
+@register
+class Caption(Stage[CaptionConfig]):
+    name = "caption"
+    version = "1"
+    config_class = CaptionConfig
+    resources = Resources(cpus=0.25, batch_size=16, pool_max=2)
+
+    @property
+    def backend(self) -> str:
+        c = self.config
+        return {"embedded": "embedded:caption-parser", "openai": f"openai:{c.model}", "vllm": f"vllm:{c.model}"}[
+            c.backend
+        ]
+
+    @property
+    def prompt_hash(self) -> str:
+        return "+".join(load_prompt(p)[1] for p in (self.config.caption_prompt, self.config.extract_prompt))
+
+    @property
+    def config_hash(self) -> str:
+        payload = json.dumps(self.config.model_dump(mode="json"), sort_keys=True) + self.prompt_hash
+        return hashlib.blake2b(payload.encode(), digest_size=6).hexdigest()
+
+    def setup(self) -> None:
+        c = self.config
+        self._client: OpenAIClient | VLLMEngine | None = None
+        if c.backend == "openai":
+            self._client = OpenAIClient(
+                c.endpoint or "",
+                c.model or "",
+                os.environ.get(c.api_key_env),
+                c.timeout_s,
+                c.retries,
+                c.concurrency,
+                c.max_tokens,
+            )
+        elif c.backend == "vllm":
+            self._client = VLLMEngine(c.model or "", images_per_prompt=c.frames, max_tokens=c.max_tokens)
+
+    def _out(self, r: Row, rec: CaptionRecord, origin: str, raw: str | None = None) -> Row:
+        return self.row(
+            r,
+            "ok",
+            text=rec.caption,
+            origin=origin,
+            n_subjects=len(rec.subjects),
+            subjects=json.dumps([s.model_dump() for s in rec.subjects], ensure_ascii=False),
+            relations=json.dumps([x.model_dump() for x in rec.relations], ensure_ascii=False),
+            prompt_hash=self.prompt_hash if self.config.backend != "embedded" else None,
+            raw=raw,
+        )
+
+    def process_batch(self, batch: list[Row]) -> list[Row]:
+        if self._client is None:
+            out = []
+            for r in batch:
+                text = (r.get("given_caption") or "").strip()
+                origin = "supplied" if text else "template"
+                rec = parse_caption(text) if text else CaptionRecord(caption=template_caption(r))
+                out.append(self._out(r, rec, origin))
+            return out
+        return self._mllm(batch)
+
+    def _mllm(self, batch: list[Row]) -> list[Row]:
+        assert self._client is not None
+        c = self.config
+        cap_prompt, _ = load_prompt(c.caption_prompt)
+        ext_prompt, _ = load_prompt(c.extract_prompt)
+        captions: dict[int, str] = {}
+        origin: dict[int, str] = {}
+        errors: dict[int, Row] = {}
+        to_caption = []
+        for i, r in enumerate(batch):
+            supplied = (r.get("given_caption") or "").strip()
+            if supplied and c.use_supplied:
+                captions[i], origin[i] = supplied, "supplied"
+                continue
+            try:
+                frames = load_samples(r)["frames"]
+            except Exception as exc:  # no samples: an error row
+                errors[i] = self.error_row(r, exc)
+                continue
+            parts: list[dict[str, Any]] = [image_part(f) for f in frames[pick(len(frames), c.frames)]]
+            to_caption.append((i, [{"role": "user", "content": [*parts, {"type": "text", "text": cap_prompt}]}]))
+        answers = self._client.chat_many([(m, None) for _, m in to_caption])
+        for (i, _), ans in zip(to_caption, answers, strict=True):
+            if isinstance(ans, MLLMError) or not ans.strip():
+                errors[i] = self.row(
+                    batch[i],
+                    "error",
+                    "mllm",
+                    str(ans) if isinstance(ans, MLLMError) else "empty caption",
+                    raw=getattr(ans, "raw", None),
+                )
+            else:
+                captions[i], origin[i] = ans.strip(), "mllm"
+        schema = extraction_schema()
+
+        def ask(idx: list[int], hint: str = "") -> dict[int, str | MLLMError]:
+            reqs = [
+                ([{"role": "user", "content": ext_prompt.replace("{caption}", captions[i]) + hint}], schema)
+                for i in idx
+            ]
+            return dict(zip(idx, self._client.chat_many(reqs), strict=True))  # type: ignore[union-attr]
+
+        pending = sorted(captions)
+        results: dict[int, Row] = {}
+        first = ask(pending)
+        retry = []
+        for i, ans in first.items():
+            try:
+                if isinstance(ans, MLLMError):
+                    raise ans
+                results[i] = self._out(batch[i], parse_record(captions[i], ans), origin[i])
+            except MLLMError as exc:
+                retry.append((i, exc))
+        if retry:  # one re-ask, telling the model what was wrong
+            second = ask([i for i, _ in retry], "\n\nYour previous answer was rejected: return only the JSON object.")
+            for i, exc in retry:
+                ans = second[i]
+                try:
+                    if isinstance(ans, MLLMError):
+                        raise ans
+                    results[i] = self._out(batch[i], parse_record(captions[i], ans), origin[i])
+                except MLLMError as exc2:
+                    raw = exc2.raw or exc.raw
+                    results[i] = self.row(
+                        batch[i],
+                        "error",
+                        "invalid_answer",
+                        str(exc2),
+                        text=captions[i],
+                        origin=origin[i],
+                        raw=raw,
+                        prompt_hash=self.prompt_hash,
+                    )
+        return [errors.get(i) or results[i] for i in range(len(batch))]
