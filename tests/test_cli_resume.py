@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from curation.cli import main
+from curation.config import DEFAULT_STAGES
 from curation.manifest import Manifests
 from tests.conftest import REPO, make_cut_video, media
 
@@ -76,16 +77,7 @@ def test_inspect_and_counts(local_run: Path, capsys: pytest.CaptureFixture[str])
     assert '"error",1' in out and '"ok",3' in out
     m = Manifests(local_run)
     runs = m.rows("SELECT stage, inputs, ok + reject + error AS n FROM stage_runs ORDER BY stage_runs_ts")
-    assert [r["stage"] for r in runs] == [
-        "probe",
-        "scenecut",
-        "motion",
-        "aesthetics",
-        "watermark",
-        "ocr",
-        "caption",
-        "package",
-    ]
+    assert [r["stage"] for r in runs] == DEFAULT_STAGES
     assert runs[0] == {"stage": "probe", "inputs": 4, "n": 4}
     cuts = m.rows("SELECT scenecut_start_frame AS s FROM clips WHERE uri LIKE '%cuts.mp4' ORDER BY s")
     assert [r["s"] for r in cuts] == [0, 40, 80]

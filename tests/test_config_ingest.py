@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from curation.config import build_config, load_config
+from curation.config import DEFAULT_STAGES, build_config, load_config
 from curation.errors import ConfigError
 from curation.ingest import clip_id, discover, video_id
 from tests.conftest import REPO, VIDEOS
@@ -16,7 +16,7 @@ from tests.conftest import REPO, VIDEOS
 def test_shipped_configs_load() -> None:
     cfg = load_config(REPO / "configs" / "local.yaml")
     assert cfg.runner == "ray"
-    assert cfg.stages == ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "caption", "package"]
+    assert cfg.stages == DEFAULT_STAGES
     assert cfg.stage_config("scenecut").threshold == 27.0
     cluster = load_config(REPO / "configs" / "cluster.yaml")
     assert cluster.ray.address == "auto" and cluster.stage_config("scenecut").resources.pool_max == 64

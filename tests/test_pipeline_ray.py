@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from curation.config import build_config
+from curation.config import DEFAULT_STAGES, build_config
 from curation.manifest import Manifests
 from curation.pipeline import Pipeline
 from tests.conftest import VIDEOS
@@ -21,16 +21,7 @@ def ray_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None, ffmpeg:
     run = tmp_path_factory.mktemp("ray_run")
     cfg = build_config({"runner": "ray", "progress": False, "package": {"shard_size": 8}})
     reports = Pipeline(cfg, run).run(str(VIDEOS))
-    assert [r.name for r in reports] == [
-        "probe",
-        "scenecut",
-        "motion",
-        "aesthetics",
-        "watermark",
-        "ocr",
-        "caption",
-        "package",
-    ]
+    assert [r.name for r in reports] == DEFAULT_STAGES
     return run
 
 
@@ -103,15 +94,6 @@ def test_shards_read_back_with_webdataset(ray_run: Path) -> None:
     row = kept[some["clip_id"]]
     assert some["clip"]["start_frame"] == row["scenecut_start_frame"]
     assert some["video"]["frames"] == row["scenecut_num_frames"]
-    assert set(some["provenance"]) >= {
-        "probe",
-        "scenecut",
-        "motion",
-        "aesthetics",
-        "watermark",
-        "ocr",
-        "caption",
-        "package",
-    }
+    assert set(some["provenance"]) >= set(DEFAULT_STAGES)
     assert some["provenance"]["aesthetics"]["backend"] == "embedded:quality-proxy"
     assert {"motion_score", "aesthetics_score", "watermark_score", "ocr_text_area"} <= set(some["scores"])
