@@ -28,8 +28,12 @@ def _bit_depth(pix_fmt: str | None) -> int | None:
     return int(m.group(1)) if m else 8
 
 
-def probe_file(path: str) -> dict[str, Any]:
-    """Read metadata with PyAV and decode the first frame (which also proves the file is decodable)."""
+def probe_file(path: str, max_pixels: int | None = None) -> dict[str, Any]:
+    """Read metadata with PyAV and decode the first frame (which also proves the file is decodable).
+
+    A declared size above `max_pixels` is returned without decoding anything (`decoded: False`): a corrupt or
+    hostile header must not make us allocate a gigantic frame.
+    """
     if "://" not in path and not Path(path).exists():
         raise FileNotFoundError(f"no such file: {path}")
     with av.open(path) as c:
@@ -47,6 +51,24 @@ def probe_file(path: str) -> dict[str, Any]:
             duration = 0.0
         frames = int(s.frames or 0) or round(duration * fps)
         pix_fmt = cc.pix_fmt if isinstance(cc.pix_fmt, str) else getattr(cc.format, "name", None)
+        if max_pixels is not None and cc.width * cc.height > max_pixels:
+            return {
+                "container": c.format.name,
+                "codec": cc.name,
+                "pix_fmt": pix_fmt,
+                "bit_depth": _bit_depth(pix_fmt),
+                "width": cc.width,
+                "height": cc.height,
+                "display_width": cc.width,
+                "display_height": cc.height,
+                "rotation": 0,
+                "fps": fps,
+                "frames": frames,
+                "duration_s": duration,
+                "audio_streams": len(c.streams.audio),
+                "size_bytes": _size(path),
+                "decoded": False,
+            }
         first = next(c.decode(s), None)
         if first is None:
             raise ValueError("no decodable video frame")
@@ -67,8 +89,13 @@ def probe_file(path: str) -> dict[str, Any]:
             "frames": frames,
             "duration_s": duration,
             "audio_streams": len(c.streams.audio),
-            "size_bytes": Path(path).stat().st_size if "://" not in path else None,
+            "size_bytes": _size(path),
+            "decoded": True,
         }
+
+
+def _size(path: str) -> int | None:
+    return Path(path).stat().st_size if "://" not in path else None
 
 
 @register
@@ -87,7 +114,7 @@ class Probe(Stage[ProbeConfig]):
         out = []
         for r in batch:
             try:
-                meta = probe_file(r["uri"])
+                meta = probe_file(r["uri"], self.config.max_pixels)
             except Exception as exc:  # undecodable input is data: an error row with the message
                 out.append(self.error_row(r, exc))
                 continue
