@@ -172,6 +172,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """Which weights each reference backend needs, where it looks, which are present, where to get them."""
+    from curation.config import load_config
+    from curation.stage import registry
+
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides) if args.config else None
+    rows = []
+    for name, cls in registry().items():
+        needs = getattr(cls.config_class, "reference_weights", ())
+        if not needs:
+            continue
+        stage_cfg = cfg.stage_config(name) if cfg else cls.config_class()
+        root = Path(args.models_dir or getattr(stage_cfg, "models_dir", "models")).expanduser()
+        for file, source in needs:
+            present = (root / file).exists()
+            rows.append((name, file, str(root / file), "yes" if present else "MISSING", source))
+    width = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
+    _echo(f"{'stage':<{width[0]}}  {'file':<{width[1]}}  {'looked for at':<{width[2]}}  {'present':<7}  source")
+    for r in rows:
+        _echo(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]:<7}  {r[4]}")
+    _echo(
+        "caption: backend openai/vllm takes a served model name or a model path (caption.model), e.g. "
+        "Qwen/Qwen2.5-VL-7B-Instruct; fetch it with `huggingface-cli download` where a network exists."
+    )
+    _echo('Reference backends also need `pip install -e ".[gpu]"`. Embedded backends need no weights.')
+    missing = sum(r[3] == "MISSING" for r in rows)
+    return 0 if not args.check or not missing else 1
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     from curation.samples import make_samples
 
@@ -218,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=["table", "csv", "json"], default="table")
     i.add_argument("--limit", type=int, default=200)
     i.set_defaults(func=cmd_inspect)
+
+    mo = sub.add_parser("models", help="weights the reference backends need: where looked for, present or not")
+    mo.add_argument("--config", help="config whose models_dir settings to use")
+    mo.add_argument("--models-dir", help="look in this folder (default: each stage's models_dir / $CURATION_MODELS)")
+    mo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    mo.add_argument("--check", action="store_true", help="exit 1 if any file is missing")
+    mo.set_defaults(func=cmd_models)
 
     g = sub.add_parser("samples", help="generate small sample videos (cuts, text, motion) to try the pipeline on")
     g.add_argument("out", help="folder to write them to")

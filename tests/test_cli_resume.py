@@ -60,6 +60,21 @@ def test_bad_config_is_one_line_exit_1(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 
+def test_models_lists_reference_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "watermark_model_v1.pt").write_bytes(b"x")
+    assert main(["models", "--models-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = {
+        line.split()[1]: line
+        for line in out.splitlines()[1:]
+        if line.split() and line.split()[0] in ("aesthetics", "ocr", "watermark")
+    }
+    assert " yes " in lines["watermark_model_v1.pt"] and "MISSING" in lines["sac+logos+ava1-l14-linearMSE.pth"]
+    assert "improved-aesthetic-predictor" in lines["sac+logos+ava1-l14-linearMSE.pth"]
+    assert str(tmp_path / "ViT-L-14.pt") in lines["ViT-L-14.pt"]
+    assert main(["models", "--models-dir", str(tmp_path), "--check"]) == 1
+
+
 def test_inspect_and_counts(local_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(

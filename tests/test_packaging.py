@@ -1,0 +1,52 @@
+"""Docker images and the cluster example stay consistent with the project's own files (Docker cannot run here)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from tests.conftest import REPO
+
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _dockerfile(name: str) -> str:
+    return (REPO / "docker" / name).read_text()
+
+
+def test_default_install_never_pulls_torchvision() -> None:
+    deps = " ".join(PYPROJECT["project"]["dependencies"]).lower()
+    assert "torch" not in deps and "vllm" not in deps and "sam2" not in deps
+    gpu = " ".join(PYPROJECT["project"]["optional-dependencies"]["gpu"]).lower()
+    for lib in ("vllm", "sam2", "open_clip_torch", "insightface", "paddleocr", "torchvision"):
+        assert lib in gpu
+
+
+def test_images_copy_what_the_package_reads_at_run_time() -> None:
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = _dockerfile(name)
+        for folder in ("curation", "stages", "manifests", "prompts", "configs"):
+            assert re.search(rf"^COPY {folder} \./{folder}$", text, flags=re.M), (name, folder)
+        assert re.search(r"^RUN .*apt-get install .*ffmpeg", text, flags=re.M | re.S), name
+        assert 'ENTRYPOINT ["curation"]' in text
+        base = re.search(r"^FROM (\S+)", text, flags=re.M).group(1)
+        assert ":" in base and not base.endswith(":latest"), f"{name}: pin the base image"
+    assert re.search(r'pip install -e "\.\[gpu\]"', _dockerfile("Dockerfile.gpu"))
+    assert "[gpu]" not in _dockerfile("Dockerfile.cpu")
+    assert PYPROJECT["project"]["scripts"]["curation"] == "curation.cli:main"
+
+
+def test_raycluster_example_matches_the_images_and_ray() -> None:
+    rc = yaml.safe_load((REPO / "docker" / "kuberay-raycluster.yaml").read_text())
+    assert rc["kind"] == "RayCluster" and rc["apiVersion"].startswith("ray.io/")
+    import ray
+
+    assert rc["spec"]["rayVersion"] == ray.__version__
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    gpu = groups["gpu"]["template"]["spec"]["containers"][0]
+    assert gpu["image"] == "musa-curation:gpu" and gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert groups["cpu"]["template"]["spec"]["containers"][0]["image"] == "musa-curation:cpu"
+    cluster = yaml.safe_load((REPO / "configs" / "cluster.yaml").read_text())
+    assert cluster["ray"]["address"] == "auto"
