@@ -27,6 +27,7 @@ test: setup
 bench: setup
 	$(PY) bench/scenecut.py
 	$(PY) bench/filters.py
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf runs samples bench/out

@@ -156,6 +156,8 @@ class Pipeline:
                     "inputs": len(rows),
                     **{k: int(stats.get(k, 0)) for k in ("ok", "reject", "error")},
                     "seconds": round(report.seconds, 3),
+                    "workers": int(stats.get("workers", 0)),
+                    "peak_worker_rss_mb": round(float(stats.get("peak_worker_rss_mb", 0.0)), 1),
                     "version": cls.version,
                     "config_hash": stage.config_hash,
                     "stage_runs_ts": time.time(),

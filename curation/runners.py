@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,10 @@ class LocalRunner:
             manifests.write(stage.name, stage.run_batch(batch))
             if progress:
                 progress(len(batch))
-        return stage.stats
+        stats = dict(stage.stats)
+        stats["workers"] = 1
+        stats["peak_worker_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the driver itself
+        return stats
 
 
 class _RayStageWorker:
@@ -70,7 +74,10 @@ class _RayStageWorker:
         out = self.stage.run_batch(rows)
         self.manifests.write(self.stage.name, out)
         counts = {s: sum(1 for r in out if r.get(f"{self.stage.name}_status") == s) for s in ("ok", "reject", "error")}
-        return pa.table({"n_in": [len(rows)], "pid": [os.getpid()], **{k: [v] for k, v in counts.items()}})
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak, MiB
+        return pa.table(
+            {"n_in": [len(rows)], "pid": [os.getpid()], "rss_mb": [rss], **{k: [v] for k, v in counts.items()}}
+        )
 
 
 class RayRunner:
@@ -130,12 +137,16 @@ class RayRunner:
             num_gpus=res.gpus or None,
         )
         stats: dict[str, float] = {"rows": 0, "ok": 0, "reject": 0, "error": 0}
+        peak: dict[int, float] = {}
         for summary in ds.iter_rows():
             for k in ("ok", "reject", "error"):
                 stats[k] += summary[k]
             stats["rows"] += summary["ok"] + summary["reject"] + summary["error"]
+            peak[summary["pid"]] = max(peak.get(summary["pid"], 0.0), summary["rss_mb"])
             if progress:
                 progress(int(summary["n_in"]))
+        stats["workers"] = len(peak)
+        stats["peak_worker_rss_mb"] = max(peak.values(), default=0.0)
         return stats
 
 

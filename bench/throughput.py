@@ -1,0 +1,85 @@
+"""End-to-end throughput on the embedded profile: a generated corpus through every default stage on Ray.
+
+    python bench/throughput.py [--videos 20 40]
+
+Each video is 5 scenes x 2 s (320x240, 25 fps) from different ffmpeg test sources, so scene cut yields ~5 clips a
+video. For each corpus size it reports clips/s end to end and the peak RSS of each stage's workers (measured in the
+workers, from `stage_runs`); the largest corpus must not need more memory per worker than the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from curation.config import build_config  # noqa: E402
+from curation.pipeline import Pipeline  # noqa: E402
+from curation.samples import concat_sources  # noqa: E402
+
+SOURCES = ["mandelbrot", "life", "cellauto", "gradients", "rgbtestsrc"]
+
+
+def corpus(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        order = SOURCES[i % 5 :] + SOURCES[: i % 5]
+        concat_sources(folder / f"v{i:04d}.mp4", order, 2.0, size="320x240", fps=25)
+
+
+def run_once(inputs: Path, out: Path) -> dict[str, object]:
+    cfg = build_config({"runner": "ray", "progress": False})
+    pipe = Pipeline(cfg, out)
+    t0 = time.perf_counter()
+    pipe.run(str(inputs))
+    wall = time.perf_counter() - t0
+    clips = pipe.manifests.rows("SELECT count(*) AS n, count(*) FILTER (WHERE status = 'ok') AS kept FROM clips")[0]
+    stages = pipe.manifests.rows(
+        "SELECT stage, inputs, seconds, workers, peak_worker_rss_mb FROM stage_runs ORDER BY stage_runs_ts"
+    )
+    return {
+        "clips": clips["n"],
+        "kept": clips["kept"],
+        "wall_s": round(wall, 1),
+        "clips_per_s": round(clips["n"] / wall, 2),
+        "stages": stages,
+        "peak_worker_rss_mb": max(s["peak_worker_rss_mb"] for s in stages),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, nargs="+", default=[25, 50])
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "throughput.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmpd:
+        for n in args.videos:
+            inputs = Path(tmpd) / f"in{n}"
+            corpus(inputs, n)
+            results[n] = run_once(inputs, Path(tmpd) / f"run{n}")
+            print(f"{n} videos: {json.dumps({k: v for k, v in results[n].items() if k != 'stages'})}", flush=True)
+    small, big = results[min(results)], results[max(results)]
+    report = {
+        "runs": results,
+        "memory_ratio_largest_vs_smallest": round(big["peak_worker_rss_mb"] / small["peak_worker_rss_mb"], 3),
+    }
+    print(json.dumps(report, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
