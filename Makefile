@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (see README): `make demo` runs the pipeline, `make test` runs the tests.
-# Both install everything first: Debian's ffmpeg (apt-get), a virtualenv, the package with its dev extra.
+# Both install everything first: Debian's ffmpeg and chromium (apt-get; chromium renders the report in the tests),
+# a virtualenv, the package with its dev extra.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -9,8 +10,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@command -v ffmpeg >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg; }
+	@command -v ffmpeg >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg chromium; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"

@@ -202,6 +202,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0 if not args.check or not missing else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from curation.report import build_report
+
+    if not (Path(args.run) / "manifests").is_dir():
+        raise CurationError(f"{args.run!r} has no manifests: is it a run directory?")
+    _echo(str(build_report(args.run, args.out, args.samples)))
+    return 0
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     from curation.samples import make_samples
 
@@ -248,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=["table", "csv", "json"], default="table")
     i.add_argument("--limit", type=int, default=200)
     i.set_defaults(func=cmd_inspect)
+
+    rp = sub.add_parser("report", help="a self-contained HTML page: counts, score histograms, sample clips")
+    rp.add_argument("run")
+    rp.add_argument("--out", help="where to write it (default RUN/report.html)")
+    rp.add_argument("--samples", type=int, default=12, help="sample clips shown")
+    rp.set_defaults(func=cmd_report)
 
     mo = sub.add_parser("models", help="weights the reference backends need: where looked for, present or not")
     mo.add_argument("--config", help="config whose models_dir settings to use")
