@@ -289,6 +289,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"curation: error: {exc}\n")
         return 1
+    except OSError as exc:
+        from curation.stage import STORAGE_ERRNOS
+
+        if exc.errno not in STORAGE_ERRNOS or args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        sys.stderr.write(
+            f"curation: error: cannot write{where}: {exc.strerror}; free space or fix permissions and "
+            "run the same command again: finished work is kept\n"
+        )
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("curation: interrupted; run the same command again to resume\n")
         return 130

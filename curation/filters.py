@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from curation.errors import ConfigError
-from curation.stage import Row, Stage, StageConfig
+from curation.stage import Row, Stage, StageConfig, is_storage_error
 from stages.scenecut import load_samples
 
 
@@ -82,6 +82,8 @@ class SampleFilter(Stage[Any]):
             except ConfigError:
                 raise
             except Exception as exc:  # one unreadable clip is a row, not a crashed batch
+                if is_storage_error(exc):
+                    raise
                 out.append(self.error_row(r, exc))
                 continue
             status, reason = self.decide(scores)

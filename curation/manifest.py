@@ -112,8 +112,16 @@ class Manifests:
         names = set(registry()) | set(SPECIAL_TABLES)
         if self.root.is_dir():
             names |= {p.name for p in self.root.iterdir() if p.is_dir()}
+        reg = registry()
         for name in sorted(names):
-            con.execute(f'CREATE VIEW "{name}" AS {self._table_sql(name)}')
+            sql = self._table_sql(name)
+            declared = reg[name].columns if name in reg else {}
+            if declared:
+                have = {r[0] for r in con.execute(f"DESCRIBE {sql}").fetchall()}
+                extra = [f"NULL::{t} AS {c}" for c, t in declared.items() if c not in have]
+                if extra:
+                    sql = f"SELECT *, {', '.join(extra)} FROM ({sql})"
+            con.execute(f'CREATE VIEW "{name}" AS {sql}')
         con.execute(f"CREATE VIEW videos AS {_sql('videos').substitute()}")
         con.execute(f"CREATE VIEW clips AS {self._clips_sql(con)}")
         return con

@@ -85,6 +85,8 @@ def write_shards(run_dir: str | Path, cfg: Any) -> list[Path]:
     """Shard every packaged clip not yet in the shard index; returns the shard files written."""
     run_dir = Path(run_dir)
     m = Manifests(run_dir)
+    if not m.has("package"):  # nothing was packaged (e.g. every clip was rejected upstream)
+        return []
     rows = m.rows(
         "SELECT * FROM clips WHERE package_status = 'ok' AND clip_id NOT IN (SELECT clip_id FROM shards) "
         "ORDER BY video_id, scenecut_start_frame, clip_id"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -19,6 +20,15 @@ from curation.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+# Errors of the storage, not of an item: every later write would fail too, so they end the run instead of
+# becoming error rows (the CLI reports them in one line; finished work is kept for the rerun).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
 Status = Literal["ok", "reject", "error"]
 STATUSES: tuple[str, ...] = ("ok", "reject", "error")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9]*$")
@@ -75,6 +85,9 @@ class Stage(Generic[C]):
     output_key: ClassVar[str] = "clip_id"  # key of the rows it writes (differs only for fan-out stages)
     fan_out: ClassVar[bool] = False
     level: ClassVar[Literal["video", "clip"]] = "clip"
+    # Columns other SQL relies on ({name: DuckDB type}); a table whose parts lack one (every row an error) gets it
+    # as NULLs, so the views still bind.
+    columns: ClassVar[dict[str, str]] = {}
     workdir: Path | None = None  # the run directory, set by the runner before `setup`; artifacts go under it
 
     def __init__(self, config: C | None = None) -> None:
@@ -133,12 +146,16 @@ class Stage(Generic[C]):
         try:
             out = self.process_batch(batch)
         except Exception as exc:  # a bug or an unexpected input: retry row by row to isolate it
+            if is_storage_error(exc):
+                raise
             log.warning("stage %s: batch failed (%s), retrying %d rows one by one", self.name, exc, len(batch))
             out = []
             for r in batch:
                 try:
                     out.extend(self.process_batch([r]))
                 except Exception as row_exc:  # recorded as data, never raised
+                    if is_storage_error(row_exc):
+                        raise
                     out.append(self.error_row(r, row_exc))
         if not self.fan_out and len(out) != len(batch):
             raise RuntimeError(f"stage {self.name} returned {len(out)} rows for {len(batch)} inputs")

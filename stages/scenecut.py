@@ -10,14 +10,14 @@ rejected ones, so a filter can compare a clip with the rest of its video (waterm
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
 from curation.ingest import clip_id
 from curation.manifest import atomic_write_bytes
-from curation.stage import Resources, Row, Stage, StageConfig, register
+from curation.stage import Resources, Row, Stage, StageConfig, is_storage_error, register
 from curation.video import Segment, scan_video, seconds
 
 DETECTORS = {
@@ -69,6 +69,17 @@ class Scenecut(Stage[ScenecutConfig]):
     output_key = "clip_id"
     fan_out = True
     level = "clip"
+    columns: ClassVar[dict[str, str]] = {
+        "scenecut_start_frame": "BIGINT",
+        "scenecut_end_frame": "BIGINT",
+        "scenecut_num_frames": "BIGINT",
+        "scenecut_fps": "DOUBLE",
+        "scenecut_duration_s": "DOUBLE",
+        "scenecut_start_reason": "VARCHAR",
+        "scenecut_samples_path": "VARCHAR",
+        "scenecut_sample_frames": "BIGINT[]",
+        "scenecut_ts_regular": "BOOLEAN",
+    }
 
     def process_batch(self, batch: list[Row]) -> list[Row]:
         out: list[Row] = []
@@ -76,6 +87,8 @@ class Scenecut(Stage[ScenecutConfig]):
             try:
                 out.extend(self._one(r))
             except Exception as exc:  # undecodable video: one error row keyed by the video
+                if is_storage_error(exc):
+                    raise
                 out.append(
                     self.row(
                         {"video_id": r["video_id"], "clip_id": None},

@@ -128,3 +128,28 @@ def test_manifest_rows_keep_every_column_when_the_first_row_is_an_error(tmp_path
     )
     rows = m.rows("SELECT video_id, probe_fps FROM probe ORDER BY video_id")
     assert rows == [{"video_id": "a", "probe_fps": None}, {"video_id": "b", "probe_fps": 25.0}]
+
+
+def test_views_bind_when_every_scenecut_row_is_an_error(tmp_path: Path) -> None:
+    """A table whose parts lack a stage's declared columns (all rows errors) still feeds the clips view."""
+    from curation.manifest import Manifests
+    from curation.shards import write_shards
+    from stages.package import PackageConfig
+
+    m = Manifests(tmp_path)
+    m.write(
+        "scenecut",
+        [
+            {
+                "video_id": "v",
+                "clip_id": None,
+                "scenecut_status": "error",
+                "scenecut_reason": "exception",
+                "scenecut_error": "OSError: boom",
+                "scenecut_ts": 1.0,
+            }
+        ],
+    )
+    assert m.rows("SELECT count(*) AS n FROM clips")[0]["n"] == 0
+    assert m.rows("SELECT scenecut_video_status AS s FROM videos") == []  # no ingest row: nothing joined
+    assert write_shards(tmp_path, PackageConfig()) == []

