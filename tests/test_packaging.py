@@ -38,6 +38,28 @@ def test_images_copy_what_the_package_reads_at_run_time() -> None:
     assert PYPROJECT["project"]["scripts"]["curation"] == "curation.cli:main"
 
 
+def test_dockerfiles_pass_hadolint() -> None:
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    proc = subprocess.run(
+        [
+            exe,
+            "--no-color",
+            "--config",
+            str(REPO / ".hadolint.yaml"),
+            str(REPO / "docker" / "Dockerfile.cpu"),
+            str(REPO / "docker" / "Dockerfile.gpu"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_raycluster_example_matches_the_images_and_ray() -> None:
     rc = yaml.safe_load((REPO / "docker" / "kuberay-raycluster.yaml").read_text())
     assert rc["kind"] == "RayCluster" and rc["apiVersion"].startswith("ray.io/")
