@@ -25,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from curation.samples import concat_sources  # noqa: E402
 from curation.stage import registry  # noqa: E402
 from stages.scenecut import Scenecut, ScenecutConfig  # noqa: E402
 
@@ -109,28 +110,13 @@ def memory(tmp: Path) -> dict[str, float]:
     res: dict[str, float] = {}
     for minutes in (1, 10):
         path = tmp / f"gen_{minutes}min.mp4"
-        subprocess.run(
-            [
-                "ffmpeg",
-                "-nostdin",
-                "-loglevel",
-                "error",
-                "-y",
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc2=size=640x360:rate=25",
-                "-t",
-                str(60 * minutes),
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-                "-pix_fmt",
-                "yuv420p",
-                str(path),
-            ],
-            check=True,
+        concat_sources(
+            path,
+            ["testsrc2"],
+            60.0 * minutes,
+            size="640x360",
+            fps=25,
+            codec_args=["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"],
         )
         rss, secs = _peak_rss_child(path)
         res[f"peak_rss_mib_{minutes}min"], res[f"scan_s_{minutes}min"] = rss, secs

@@ -22,12 +22,6 @@ from curation.stage import Row, registry
 
 log = logging.getLogger(__name__)
 
-SCORES = {
-    "motion": "motion_score",
-    "aesthetics": "aesthetics_score",
-    "watermark": "watermark_score",
-    "ocr": "ocr_text_area",
-}
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
@@ -49,8 +43,9 @@ def _histograms(m: Manifests) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     out = []
-    for stage, col in SCORES.items():
-        if not m.has(stage):
+    for stage, cls in registry().items():
+        col = cls.score_column
+        if col is None or not m.has(stage):
             continue
         rows = m.rows(f'SELECT {col} AS v, {stage}_status AS s FROM "{stage}" WHERE {col} IS NOT NULL')
         if not rows:
@@ -136,7 +131,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, samples: in
             f"{s['name']} ({', '.join(a['text'] for a in s['attributes'])})" if s["attributes"] else s["name"]
             for s in subjects
         )
-        scores = ", ".join(f"{k}={r[k]:.3g}" for k in SCORES.values() if isinstance(r.get(k), float))
+        cols = [c.score_column for c in registry().values() if c.score_column]
+        scores = ", ".join(f"{k}={r[k]:.3g}" for k in cols if isinstance(r.get(k), float))
         status = r.get("status") or "pending"
         cards.append(
             f'<div class="card">{f"<img alt=clip src={src}>" if src else ""}'

@@ -21,9 +21,18 @@ SAMPLES: dict[str, list[str]] = {
 
 
 def concat_sources(
-    path: Path, sources: list[str], seconds: float, size: str = f"{W}x{H}", fps: int = FPS, ffmpeg: str = "ffmpeg"
+    path: Path,
+    sources: list[str],
+    seconds: float,
+    size: str = f"{W}x{H}",
+    fps: int = FPS,
+    ffmpeg: str = "ffmpeg",
+    codec_args: list[str] | None = None,
 ) -> Path:
-    """Encode `seconds` of each ffmpeg test source one after the other: hard cuts at multiples of seconds * fps."""
+    """Encode `seconds` of each ffmpeg test source one after the other: hard cuts at multiples of seconds * fps.
+
+    `codec_args` replaces the default H.264 settings (e.g. a 10-bit pixel format, a faster preset).
+    """
     inputs: list[str] = []
     for src in sources:
         inputs += ["-t", f"{seconds:.3f}", "-f", "lavfi", "-i", f"{src}=size={size}:rate={fps}"]
@@ -31,7 +40,8 @@ def concat_sources(
     graph = "".join(f"[{i}:v]format=yuv420p,setsar=1[v{i}];" for i in range(n))
     graph += "".join(f"[v{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0[out]"
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *inputs, "-filter_complex", graph]
-    cmd += ["-map", "[out]", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", str(path)]
+    codec = codec_args or ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
+    cmd += ["-map", "[out]", *codec, str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CurationError(f"ffmpeg failed making {path}: {proc.stderr.strip()[-500:]}")

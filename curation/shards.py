@@ -43,12 +43,12 @@ def sample_json(row: Row) -> dict[str, Any]:
     """The per-sample json: caption, clip geometry, every stage's scores and its provenance."""
     scores: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
-    for name in registry():
+    for name, cls in registry().items():
         prefix = f"{name}_"
         if row.get(f"{name}_status") is None:
             continue
         provenance[name] = {k: row.get(prefix + k) for k in ("backend", "version", "config_hash")}
-        if name in ("probe", "scenecut", "package", "caption"):  # metadata, geometry and text, not scores
+        if cls.score_column is None:  # metadata, geometry and text, not scores
             continue
         for k, v in row.items():
             if k.startswith(prefix) and k[len(prefix) :] not in BOOKKEEPING:

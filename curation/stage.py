@@ -88,6 +88,9 @@ class Stage(Generic[C]):
     # Columns other SQL relies on ({name: DuckDB type}); a table whose parts lack one (every row an error) gets it
     # as NULLs, so the views still bind.
     columns: ClassVar[dict[str, str]] = {}
+    # A filter's headline score column: its `<name>_` columns go to the shard json's scores, and the report draws
+    # a histogram of this one. None for stages that produce metadata, geometry or text.
+    score_column: ClassVar[str | None] = None
     workdir: Path | None = None  # the run directory, set by the runner before `setup`; artifacts go under it
 
     def __init__(self, config: C | None = None) -> None:

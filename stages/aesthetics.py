@@ -152,6 +152,7 @@ class Aesthetics(SampleFilter):
     config_class = AestheticsConfig
     resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
     backend_names: ClassVar[dict[str, str]] = {"embedded": "quality-proxy", "reference": "laion-aesthetic-v2"}
+    score_column = "aesthetics_score"
 
     def setup(self) -> None:
         self._ref = _LaionAesthetic(self.config) if self.config.backend == "reference" else None

@@ -8,7 +8,7 @@ the flow (RANSAC) separates camera motion (`motion_camera`) from what moves in t
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -78,7 +78,7 @@ class Motion(SampleFilter):
     version = "1"
     config_class = MotionConfig
     resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
-    backend_names: ClassVar[dict[str, str]] = {"embedded": "opencv-flow"}
+    score_column = "motion_score"
 
     @property
     def backend(self) -> str:

@@ -92,6 +92,7 @@ class Ocr(SampleFilter):
     config_class = OcrConfig
     resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
     backend_names: ClassVar[dict[str, str]] = {"embedded": "rapidocr-ppocr-onnx", "reference": "paddleocr"}
+    score_column = "ocr_text_area"
 
     def setup(self) -> None:
         self._engine = _PaddleOcr(self.config) if self.config.backend == "reference" else _RapidOcr(self.config)

@@ -138,6 +138,7 @@ class Watermark(SampleFilter):
     config_class = WatermarkConfig
     resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
     backend_names: ClassVar[dict[str, str]] = {"embedded": "edge-persistence", "reference": "laion-watermark-v1"}
+    score_column = "watermark_score"
 
     def setup(self) -> None:
         self._ref = _LaionWatermark(self.config) if self.config.backend == "reference" else None

@@ -72,23 +72,9 @@ def make_video(
     extra: list[str] | None = None,
 ) -> Path:
     """A synthetic clip from an ffmpeg test source (in addition to, never instead of, the real media)."""
-    cmd = [
-        "ffmpeg",
-        "-nostdin",
-        "-loglevel",
-        "error",
-        "-y",
-        "-f",
-        "lavfi",
-        "-i",
-        f"{src}=size={size}:rate={fps}",
-        "-t",
-        str(seconds),
-        *(extra or ["-c:v", "libx264", "-pix_fmt", "yuv420p"]),
-        str(path),
-    ]
-    subprocess.run(cmd, check=True)
-    return path
+    from curation.samples import concat_sources
+
+    return concat_sources(path, [src], seconds, size=size, fps=fps, codec_args=extra)
 
 
 def make_audio(path: Path, seconds: float = 1.0) -> Path:

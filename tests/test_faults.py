@@ -110,6 +110,11 @@ def test_driver_killed_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -
     subprocess.run([*base, *args, "--out", str(broken)], cwd=REPO, check=True, capture_output=True)
     q = "SELECT clip_id, status, reason, shard FROM clips ORDER BY clip_id"
     assert Manifests(broken).rows(q) == Manifests(clean).rows(q)
+    m = Manifests(broken)
+    for table, key in (("probe", "video_id"), ("motion", "clip_id"), ("package", "clip_id"), ("shards", "clip_id")):
+        n = m.rows(f"SELECT count(*) AS n, count(DISTINCT {key}) AS d FROM {table}")[0]
+        assert n["n"] == n["d"] > 0, table  # no duplicate rows
+    assert not list(broken.rglob(".*.tmp"))  # no half-written file left behind
     assert _members(broken) == _members(clean)
     assert [p.read_bytes() for p in sorted((broken / "shards").glob("*.tar"))] == [
         p.read_bytes() for p in sorted((clean / "shards").glob("*.tar"))

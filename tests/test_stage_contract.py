@@ -36,6 +36,8 @@ def test_declarations(name: str) -> None:
     assert cls.resources.cpus > 0 and cls.resources.batch_size >= 1 and cls.resources.pool_max >= 1
     assert cls.level in ("video", "clip") and cls.input_key in ("video_id", "clip_id")
     assert cls.__module__ == f"stages.{name}"  # one module per stage, named like it
+    assert cls.score_column is None or cls.score_column.startswith(f"{name}_")
+    assert all(c.startswith(f"{name}_") for c in cls.columns)
     stage = cls()  # constructs cheaply from defaults, and ships to Ray workers
     clone = pickle.loads(pickle.dumps(stage))
     assert clone.config == stage.config and clone.config_hash == stage.config_hash
