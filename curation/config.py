@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from curation.errors import ConfigError
 from curation.stage import StageConfig, registry
 
-DEFAULT_STAGES = ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "caption", "package"]
+DEFAULT_STAGES = ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "caption", "subjects", "package"]
 
 
 class RayConfig(BaseModel):

@@ -1,7 +1,8 @@
 """`curation report RUN`: one self-contained HTML page (no scripts, images inlined) about a run.
 
 Counts per stage and reason, a histogram of every filter score (kept vs rejected at that stage), and a grid of
-sample clips (a frame from the scene-cut samples, with OCR boxes drawn) with their caption, subjects and status.
+sample clips (a frame from the scene-cut samples, with OCR boxes and subject masks drawn) with their caption,
+subjects and status.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import cv2
 import numpy as np
 
 from curation.manifest import Manifests, atomic_write_bytes
+from curation.masks import rle_decode
 from curation.stage import Row, registry
 
 log = logging.getLogger(__name__)
@@ -61,15 +63,40 @@ def _histograms(m: Manifests) -> list[tuple[str, str]]:
     return out
 
 
+_COLOURS = [(60, 180, 75), (230, 50, 240), (255, 225, 25), (0, 130, 200), (245, 130, 48), (70, 240, 240)]
+
+
+def _mask_doc(row: Row) -> dict[str, Any] | None:
+    d = row.get("subjects_dir")
+    path = Path(d) / "masks.json" if d else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
 def _thumb(row: Row) -> str | None:
     path = row.get("scenecut_samples_path")
     if not path or not Path(path).is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
         frames, indices = z["frames"], z["indices"]
-    k = len(frames) // 2
+    doc = _mask_doc(row)
+    start = int(row.get("scenecut_start_frame") or 0)
+    if doc and doc["frames"]:  # the sample nearest to a masked frame, so the overlay matches what is shown
+        k = min(range(len(indices)), key=lambda i: min(abs(int(indices[i]) - start - p) for p in doc["frames"]))
+    else:
+        k = len(frames) // 2
     img = np.ascontiguousarray(frames[k][..., ::-1])  # RGB -> BGR for OpenCV
     h, w = img.shape[:2]
+    if doc and doc["frames"]:
+        t = min(range(len(doc["frames"])), key=lambda i: abs(doc["frames"][i] - (int(indices[k]) - start)))
+        for n, (key, rles) in enumerate(sorted(doc["tracks"].items())):
+            m = cv2.resize(rle_decode(rles[t]), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+            colour = np.array(_COLOURS[n % len(_COLOURS)], np.float32)
+            img[m] = (0.5 * img[m] + 0.5 * colour).astype(np.uint8)
+            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(img, contours, -1, _COLOURS[n % len(_COLOURS)], 1)
+            ys, xs = np.nonzero(m)
+            if len(xs):
+                cv2.putText(img, key, (int(xs.min()), max(10, int(ys.min()) - 2)), 0, 0.4, (255, 255, 255), 1)
     for box in json.loads(row.get("ocr_boxes") or "[]"):
         if box.get("frame") == int(indices[k]):
             pts = np.array([[x * w, y * h] for x, y in box["box"]], np.int32)

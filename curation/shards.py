@@ -1,4 +1,6 @@
-"""WebDataset shards of the packaged clips: `shards/shard-%06d.tar`, one `<clip_id>.mp4` + `<clip_id>.json` each.
+"""WebDataset shards of the packaged clips: `shards/shard-%06d.tar`, per clip `<clip_id>.mp4`, `<clip_id>.json`
+and, when the subjects stage ran, `<clip_id>.masks.json` (COCO RLE tracks), `<clip_id>.ref_<k>_face.jpg` and
+`<clip_id>.ref_<k>_subject.png`.
 
 Shards are numbered from the shard index (the `shards` manifest table), written to a temp name and renamed, and
 indexed right after: a shard file that exists but is not indexed (the writer was killed in between) is simply
@@ -51,7 +53,7 @@ def sample_json(row: Row) -> dict[str, Any]:
         if cls.score_column is None:  # metadata, geometry and text, not scores
             continue
         for k, v in row.items():
-            if k.startswith(prefix) and k[len(prefix) :] not in BOOKKEEPING:
+            if k.startswith(prefix) and k[len(prefix) :] not in BOOKKEEPING and k[len(prefix) :] not in cls.not_scores:
                 scores[k] = v
     return _clean(
         {
@@ -68,11 +70,39 @@ def sample_json(row: Row) -> dict[str, Any]:
             },
             "source_video": {k: row.get(f"probe_{k}") for k in ("codec", "width", "height", "fps", "rotation")},
             "subjects": json.loads(row["caption_subjects"]) if row.get("caption_subjects") else [],
+            "tracks": _tracks(row),
             "relations": json.loads(row["caption_relations"]) if row.get("caption_relations") else [],
             "scores": scores,
             "provenance": provenance,
         }
     )
+
+
+def _tracks(row: Row) -> list[dict[str, Any]]:
+    """The subjects stage's tracks, with the shard member names of their masks and references."""
+    tracks = json.loads(row["subjects_tracks"]) if row.get("subjects_tracks") else []
+    cid = row["clip_id"]
+    for t in tracks:
+        k = t["k"]
+        t["masks"] = f"{cid}.masks.json"
+        t["face_ref"] = f"{cid}.ref_{k}_face.jpg" if t.get("face_ref") else None
+        t["ref"] = f"{cid}.ref_{k}_subject.png" if t.get("ref") else None
+    return tracks
+
+
+def subject_members(row: Row) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of a clip's masks and reference crops; none when the subjects stage did not run."""
+    d = row.get("subjects_dir")
+    if not d or row.get("subjects_status") != "ok":
+        return []
+    d = Path(d)
+    cid = row["clip_id"]
+    out = [(f"{cid}.masks.json", (d / "masks.json").read_bytes())]
+    for t in json.loads(row.get("subjects_tracks") or "[]"):
+        for key, suffix in (("face_ref", "face.jpg"), ("ref", "subject.png")):
+            if t.get(key):
+                out.append((f"{cid}.ref_{t['k']}_{suffix}", (d / t[key]).read_bytes()))
+    return out
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -116,6 +146,9 @@ def write_shards(run_dir: str | Path, cfg: Any) -> list[Path]:
                 _add(tar, f"{r['clip_id']}.mp4", mp4)
                 _add(tar, f"{r['clip_id']}.json", meta)
                 size += len(mp4) + len(meta)
+                for member, data in subject_members(r):
+                    _add(tar, member, data)
+                    size += len(data)
                 members.append(r)
                 i += 1
         with open(tmp, "rb") as fh:

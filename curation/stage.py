@@ -91,6 +91,8 @@ class Stage(Generic[C]):
     # A filter's headline score column: its `<name>_` columns go to the shard json's scores, and the report draws
     # a histogram of this one. None for stages that produce metadata, geometry or text.
     score_column: ClassVar[str | None] = None
+    # Fields of a scoring stage that are payload, not scores (JSON, paths): kept out of the shard json's scores.
+    not_scores: ClassVar[tuple[str, ...]] = ()
     workdir: Path | None = None  # the run directory, set by the runner before `setup`; artifacts go under it
 
     def __init__(self, config: C | None = None) -> None:

@@ -39,7 +39,17 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def local_run(inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("local") / "run"
     proc = _cli(
-        "run", "configs/local.yaml", "--input", str(inputs), "--out", str(run), "--runner", "local", "--no-progress"
+        "run",
+        "configs/local.yaml",
+        "--input",
+        str(inputs),
+        "--out",
+        str(run),
+        "--runner",
+        "local",
+        "--no-progress",
+        "--set",
+        "subjects.track_frames=4",
     )
     assert proc.returncode == 0, proc.stderr
     assert "4 videos" in proc.stdout

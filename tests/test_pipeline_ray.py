@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None, ffmpeg: str) -> Path:
     run = tmp_path_factory.mktemp("ray_run")
-    cfg = build_config({"runner": "ray", "progress": False, "package": {"shard_size": 8}})
+    cfg = build_config(
+        {"runner": "ray", "progress": False, "package": {"shard_size": 8}, "subjects": {"track_frames": 4}}
+    )
     reports = Pipeline(cfg, run).run(str(VIDEOS))
     assert [r.name for r in reports] == DEFAULT_STAGES
     return run

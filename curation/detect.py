@@ -1,0 +1,396 @@
+"""Embedded subject detection and mask tracks: classical vision only (OpenCV < 5), no model downloads.
+
+What it does, honestly: Haar cascades find faces (frontal, and profile both ways), the HOG people detector finds
+upright people, and a camera-compensated median background over the clip's frames finds what moves. Those cues are
+merged into person / object candidates per frame, associated across frames by box overlap into tracks, and each
+candidate's mask is cut out by GrabCut seeded with the moving pixels. It works on footage where subjects move or
+face the camera; a still subject seen from behind is missed. The reference backend (insightface + SAM2) is the one
+to use for production-quality masks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from curation.masks import box_iou, mask_iou
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the grid they belong to
+
+
+@dataclass
+class Candidate:
+    box: Box
+    kind: str  # "person" | "object"
+    mask: np.ndarray | None = None
+    faces: list[Box] = field(default_factory=list)
+    score: float = 0.0
+
+
+@dataclass
+class Track:
+    k: int
+    boxes: dict[int, Box] = field(default_factory=dict)  # frame position -> box (mask grid)
+    masks: dict[int, np.ndarray] = field(default_factory=dict)
+    faces: dict[int, Box] = field(default_factory=dict)  # frame position -> largest face (mask grid)
+    person_votes: int = 0
+
+    @property
+    def last(self) -> tuple[int, Box]:
+        i = max(self.boxes)
+        return i, self.boxes[i]
+
+
+def _nms(boxes: list[Box], scores: list[float], iou: float = 0.3) -> list[int]:
+    order = sorted(range(len(boxes)), key=lambda i: -scores[i])
+    keep: list[int] = []
+    for i in order:
+        if all(box_iou(boxes[i], boxes[j]) < iou and not _inside(boxes[i], boxes[j]) for j in keep):
+            keep.append(i)
+    return keep
+
+
+def _inside(a: Box, b: Box, frac: float = 0.8) -> bool:
+    """Most of a lies within b (or b within a)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return small > 0 and ix * iy / small >= frac
+
+
+class EmbeddedDetector:
+    """Per-clip detection + tracking on a list of BGR frames (all the same size)."""
+
+    def __init__(
+        self,
+        detect_long_side: int = 640,
+        mask_long_side: int = 320,
+        min_face_px: int = 16,
+        profile_faces: bool = True,
+        hog_min_weight: float = 0.5,
+        motion_threshold: int = 25,
+        min_blob_area: float = 0.004,
+        grabcut_iters: int = 2,
+    ) -> None:
+        self.detect_long_side, self.mask_long_side = detect_long_side, mask_long_side
+        self.min_face_px, self.profile_faces, self.hog_min_weight = min_face_px, profile_faces, hog_min_weight
+        self.motion_threshold, self.min_blob_area, self.grabcut_iters = motion_threshold, min_blob_area, grabcut_iters
+        root = cv2.data.haarcascades
+        self._frontal = cv2.CascadeClassifier(root + "haarcascade_frontalface_default.xml")
+        self._profile = cv2.CascadeClassifier(root + "haarcascade_profileface.xml")
+        if self._frontal.empty() or self._profile.empty():
+            raise RuntimeError(f"OpenCV's Haar cascades are missing under {root}: install opencv-python-headless<5")
+        self._hog = cv2.HOGDescriptor()
+        self._hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+
+    # -- cues ------------------------------------------------------------------------------------------------
+    def faces(self, bgr: np.ndarray) -> list[Box]:
+        grey = cv2.equalizeHist(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+        w = grey.shape[1]
+        ms = (self.min_face_px, self.min_face_px)
+        found: list[Box] = [
+            tuple(map(float, (x, y, x + s, y + t)))
+            for x, y, s, t in self._frontal.detectMultiScale(grey, 1.15, 5, minSize=ms)
+        ]  # type: ignore[misc]
+        if self.profile_faces:
+            for x, y, s, t in self._profile.detectMultiScale(grey, 1.15, 5, minSize=ms):
+                found.append((float(x), float(y), float(x + s), float(y + t)))
+            for x, y, s, t in self._profile.detectMultiScale(cv2.flip(grey, 1), 1.15, 5, minSize=ms):
+                found.append((float(w - x - s), float(y), float(w - x), float(y + t)))
+        keep = _nms(found, [(b[2] - b[0]) for b in found])
+        return [found[i] for i in keep]
+
+    def people(self, bgr: np.ndarray) -> list[tuple[Box, float]]:
+        rects, weights = self._hog.detectMultiScale(bgr, winStride=(8, 8), padding=(8, 8), scale=1.05)
+        cands = [
+            ((float(x), float(y), float(x + w), float(y + h)), float(s))
+            for (x, y, w, h), s in zip(rects, np.ravel(weights), strict=True)
+            if s >= self.hog_min_weight
+        ]
+        keep = _nms([c[0] for c in cands], [c[1] for c in cands])
+        return [cands[i] for i in keep]
+
+    def foreground(self, small: list[np.ndarray]) -> list[np.ndarray]:
+        """Moving pixels of each frame: difference to the median of the other frames warped onto it."""
+        blurred = [cv2.GaussianBlur(f, (5, 5), 0) for f in small]
+        greys = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in blurred]
+        orb = cv2.ORB_create(800)
+        feats = [orb.detectAndCompute(g, None) for g in greys]
+        matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True)
+        h, w = greys[0].shape
+        out = []
+        for i in range(len(small)):
+            warped = []
+            for j in range(len(small)):
+                if j == i:
+                    continue
+                m = _align(feats[j], feats[i], matcher)
+                warped.append(
+                    blurred[j] if m is None else cv2.warpAffine(blurred[j], m, (w, h), borderMode=cv2.BORDER_REFLECT)
+                )
+            if not warped:
+                out.append(np.zeros((h, w), np.uint8))
+                continue
+            bg = np.median(np.stack(warped), axis=0)
+            diff = np.abs(blurred[i].astype(np.int16) - bg).max(axis=2).astype(np.uint8)
+            otsu, _ = cv2.threshold(diff, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+            fg = (diff > max(self.motion_threshold, otsu)).astype(np.uint8)
+            fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+            out.append(cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)))
+        return out
+
+    def blobs(self, fg: np.ndarray) -> list[Box]:
+        h, w = fg.shape
+        n, lab, st, _ = cv2.connectedComponentsWithStats(fg)
+        boxes: list[Box] = []
+        for k in range(1, n):
+            x, y, bw, bh, area = st[k]
+            if area < self.min_blob_area * h * w or area > 0.6 * h * w:
+                continue
+            blob = (lab[y : y + bh, x : x + bw] == k).astype(np.uint8)
+            parts = _split_cores(blob)
+            if len(parts) > 1:
+                boxes.extend((x + b[0], y + b[1], x + b[2], y + b[3]) for b in parts)
+            else:
+                boxes.extend(_split_columns(fg, (float(x), float(y), float(x + bw), float(y + bh))))
+        return boxes
+
+    # -- per frame -------------------------------------------------------------------------------------------
+    def candidates(self, frame: np.ndarray, small: np.ndarray, fg: np.ndarray) -> list[Candidate]:
+        """Merge faces, HOG people and moving blobs of one frame into candidates on the mask grid."""
+        sh, sw = small.shape[:2]
+        s = self.detect_long_side / max(frame.shape[:2])
+        det = cv2.resize(frame, None, fx=s, fy=s, interpolation=cv2.INTER_AREA) if s < 1 else frame
+        to_grid = sw / det.shape[1]
+
+        def grid(b: Box) -> Box:
+            return (b[0] * to_grid, b[1] * to_grid, b[2] * to_grid, b[3] * to_grid)
+
+        faces = [grid(b) for b in self.faces(det)]
+        people = [(grid(b), sc) for b, sc in self.people(det)]
+        cands: list[Candidate] = [Candidate(b, "object", score=0.5) for b in self.blobs(fg)]
+        for b, sc in people:
+            match = [c for c in cands if box_iou(c.box, b) > 0.3 or _inside(c.box, b)]
+            if match:
+                for c in match:
+                    c.kind, c.score = "person", max(c.score, sc)
+            else:
+                cands.append(Candidate(b, "person", score=sc))
+        for f in faces:
+            cx, cy = (f[0] + f[2]) / 2, (f[1] + f[3]) / 2
+            host = [c for c in cands if c.box[0] <= cx <= c.box[2] and c.box[1] <= cy <= c.box[3]]
+            if host:
+                host[0].faces.append(f)
+                host[0].kind = "person"
+                continue
+            fw, fh = f[2] - f[0], f[3] - f[1]  # a face without a body cue: a body box from head proportions
+            body = (max(0.0, cx - 1.6 * fw), max(0.0, f[1] - 0.3 * fh), min(sw, cx + 1.6 * fw), min(sh, f[1] + 6 * fh))
+            cands.append(Candidate(body, "person", faces=[f], score=0.6))
+        out: list[Candidate] = []
+        for c in cands:  # one candidate holding several faces side by side is several people
+            out.extend(_split_by_faces(c) if len(c.faces) > 1 else [c])
+        out = _absorb_fragments(out)
+        for c in out:
+            c.mask = self._grabcut(small, fg, c.box)
+        min_area = self.min_blob_area * sh * sw
+        return [c for c in out if c.mask is not None and c.mask.sum() >= min_area]
+
+    def _grabcut(self, small: np.ndarray, fg: np.ndarray, box: Box) -> np.ndarray | None:
+        h, w = fg.shape
+        x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
+        x2, y2 = min(w, int(np.ceil(box[2]))), min(h, int(np.ceil(box[3])))
+        if x2 - x1 < 4 or y2 - y1 < 4:
+            return None
+        init = np.full((h, w), cv2.GC_BGD, np.uint8)
+        init[y1:y2, x1:x2] = cv2.GC_PR_BGD
+        inner = fg[y1:y2, x1:x2] > 0
+        seed = np.zeros((h, w), np.uint8)
+        if inner.mean() > 0.05:
+            init[y1:y2, x1:x2][inner] = cv2.GC_PR_FGD
+            seed[y1:y2, x1:x2][inner] = 1
+        else:  # nothing moves here: the box's core is probably the subject
+            cy1, cy2 = y1 + (y2 - y1) // 6, y2 - (y2 - y1) // 6
+            cx1, cx2 = x1 + (x2 - x1) // 4, x2 - (x2 - x1) // 4
+            init[cy1:cy2, cx1:cx2] = cv2.GC_PR_FGD
+        if not seed.any():
+            seed = (init == cv2.GC_PR_FGD).astype(np.uint8)
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        try:
+            cv2.grabCut(small, init, None, bgd, fgd, self.grabcut_iters, cv2.GC_INIT_WITH_MASK)
+        except cv2.error:  # degenerate colour model (flat box): fall back to the seed
+            return seed
+        mask = ((init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)).astype(np.uint8)
+        if seed.any() and mask_iou(mask, seed) < 0.4:  # GrabCut lost the mover (blur, colours like the ground)
+            mask = seed
+        n, lab, st, _ = cv2.connectedComponentsWithStats(mask)
+        if n > 2:  # drop specks of similar colour elsewhere in the box; keep the big pieces (a shirt splits a body)
+            areas = st[1:, cv2.CC_STAT_AREA]
+            big = 1 + np.nonzero(areas >= 0.1 * areas.max())[0]
+            mask = np.isin(lab, big).astype(np.uint8)
+        return mask
+
+    # -- per clip --------------------------------------------------------------------------------------------
+    def track(self, frames: list[np.ndarray], min_presence: float = 0.3) -> tuple[list[Track], tuple[int, int]]:
+        """Tracks over the frames (mask-grid coordinates) and the grid's (width, height)."""
+        h, w = frames[0].shape[:2]
+        s = self.mask_long_side / max(h, w)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        small = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames]
+        fgs = self.foreground(small)
+        tracks: list[Track] = []
+        for i, (frame, sm, fg) in enumerate(zip(frames, small, fgs, strict=True)):
+            cands = self.candidates(frame, sm, fg)
+            pairs = sorted(
+                ((_affinity(t, c.box, i), ti, ci) for ti, t in enumerate(tracks) for ci, c in enumerate(cands)),
+                reverse=True,
+            )
+            used_t: set[int] = set()
+            used_c: set[int] = set()
+            for a, ti, ci in pairs:
+                if a <= 0 or ti in used_t or ci in used_c:
+                    continue
+                used_t.add(ti)
+                used_c.add(ci)
+                _extend(tracks[ti], i, cands[ci])
+            for ci, c in enumerate(cands):
+                if ci not in used_c:
+                    t = Track(k=len(tracks))
+                    _extend(t, i, c)
+                    tracks.append(t)
+        n = len(frames)
+        kept = [t for t in tracks if len(t.boxes) >= max(1, min_presence * n)]
+        for k, t in enumerate(kept):
+            t.k = k
+        return kept, size
+
+
+def _extend(t: Track, i: int, c: Candidate) -> None:
+    t.boxes[i] = c.box
+    assert c.mask is not None
+    t.masks[i] = c.mask
+    if c.faces:
+        t.faces[i] = max(c.faces, key=lambda f: f[2] - f[0])
+    t.person_votes += c.kind == "person"
+
+
+def _affinity(t: Track, box: Box, i: int) -> float:
+    """Overlap with the track's last box; a nearby centre also counts across gaps (fast motion between samples)."""
+    j, last = t.last
+    if j == i:
+        return 0.0
+    iou = box_iou(last, box)
+    if iou > 0.1:
+        return iou
+    diag = float(np.hypot(last[2] - last[0], last[3] - last[1]))
+    dist = float(np.hypot((last[0] + last[2] - box[0] - box[2]) / 2, (last[1] + last[3] - box[1] - box[3]) / 2))
+    return 0.1 * (1 - dist / diag) if dist < diag / 2 else 0.0
+
+
+def _align(src: Any, dst: Any, matcher: Any) -> np.ndarray | None:
+    (ks, ds), (kd, dd) = src, dst
+    if ds is None or dd is None or len(ks) < 8 or len(kd) < 8:
+        return None
+    matches = matcher.match(ds, dd)
+    if len(matches) < 8:
+        return None
+    a = np.float32([ks[m.queryIdx].pt for m in matches])
+    b = np.float32([kd[m.trainIdx].pt for m in matches])
+    m, _ = cv2.estimateAffinePartial2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=2.0)
+    return m
+
+
+def _split_cores(blob: np.ndarray) -> list[Box]:
+    """Split a blob whose body erodes into two or more comparable cores (two people joined by a limb); each pixel
+    goes to its nearest core. A lone person's head is far smaller than its body, so it does not split off."""
+    size = max(blob.shape)
+    for r in (0.03, 0.05, 0.07, 0.09):
+        k = max(3, int(r * size) | 1)
+        core = cv2.erode(blob, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+        n, lab, st, _ = cv2.connectedComponentsWithStats(core)
+        if n < 3:
+            continue
+        areas = st[1:, cv2.CC_STAT_AREA]
+        big = [i + 1 for i in np.argsort(-areas) if areas[i] >= 0.35 * areas.max()]
+        if len(big) < 2:
+            continue
+        dists = np.stack([cv2.distanceTransform((lab != i).astype(np.uint8), cv2.DIST_L2, 3) for i in big])
+        owner = np.argmin(dists, axis=0)
+        out: list[Box] = []
+        for j in range(len(big)):
+            b = mask_box_np((owner == j) & (blob > 0))
+            if b is not None:
+                out.append(b)
+        return out
+    return []
+
+
+def mask_box_np(m: np.ndarray) -> Box | None:
+    ys, xs = np.nonzero(m)
+    if len(xs) == 0:
+        return None
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def _split_columns(fg: np.ndarray, box: Box, depth: int = 0) -> list[Box]:
+    """Split a blob where its column profile falls to a narrow bridge (two people touching by an arm)."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    prof = fg[y1:y2, x1:x2].sum(axis=0).astype(np.float32)
+    if depth > 2 or len(prof) < 20:
+        return [box]
+    prof = np.convolve(prof, np.ones(5) / 5, mode="same")
+    lo, hi = len(prof) // 5, len(prof) - len(prof) // 5
+    cut = lo + int(np.argmin(prof[lo:hi]))
+    left, right = prof[:cut].max(), prof[cut:].max()
+    if prof[cut] > 0.5 * min(left, right) or min(cut, len(prof) - cut) < len(prof) // 4:
+        return [box]
+    out: list[Box] = []
+    for a, b in ((x1, x1 + cut), (x1 + cut, x2)):
+        ys = np.nonzero(fg[y1:y2, a:b].any(axis=1))[0]
+        if len(ys) == 0:
+            continue
+        out.extend(_split_columns(fg, (float(a), float(y1 + ys[0]), float(b), float(y1 + ys[-1] + 1)), depth + 1))
+    return out
+
+
+def _absorb_fragments(cands: list[Candidate]) -> list[Candidate]:
+    """A small moving piece touching a much larger candidate (a limb, a shadow) joins it instead of being a subject."""
+    area = [(c.box[2] - c.box[0]) * (c.box[3] - c.box[1]) for c in cands]
+    order = sorted(range(len(cands)), key=lambda i: -area[i])
+    kept: list[int] = []
+    for i in order:
+        c = cands[i]
+        host = None
+        for j in kept:
+            b = cands[j].box
+            pad = 0.1 * max(b[2] - b[0], b[3] - b[1])
+            grown = (b[0] - pad, b[1] - pad, b[2] + pad, b[3] + pad)
+            if area[i] < 0.25 * area[j] and box_iou(grown, c.box) > 0 and _inside(c.box, grown, 0.5):
+                host = cands[j]
+                break
+        if host is None:
+            kept.append(i)
+            continue
+        host.box = (
+            min(host.box[0], c.box[0]),
+            min(host.box[1], c.box[1]),
+            max(host.box[2], c.box[2]),
+            max(host.box[3], c.box[3]),
+        )
+        host.faces.extend(c.faces)
+        if c.kind == "person":
+            host.kind = "person"
+    return [cands[i] for i in sorted(kept)]
+
+
+def _split_by_faces(c: Candidate) -> list[Candidate]:
+    faces = sorted(c.faces, key=lambda f: f[0] + f[2])
+    centres = [(f[0] + f[2]) / 2 for f in faces]
+    edges = [c.box[0]] + [(a + b) / 2 for a, b in itertools.pairwise(centres)] + [c.box[2]]
+    return [
+        Candidate((edges[i], c.box[1], edges[i + 1], c.box[3]), "person", faces=[f], score=c.score)
+        for i, f in enumerate(faces)
+    ]

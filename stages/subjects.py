@@ -1,0 +1,365 @@
+"""`subjects`: per-subject mask tracks, reference crops and the link to the caption's subjects, for kept clips.
+
+- `embedded` (default): `curation.detect` (Haar faces, HOG people, camera-compensated moving regions, GrabCut
+  masks) on `track_frames` evenly spaced frames of the clip. Classical, CPU, no downloads; see that module for what
+  it misses.
+- `reference`: insightface (detection, ArcFace embedding, pose) for faces and SAM2's video predictor propagating
+  masks over the same frames from the detector's boxes (GPU; weights from `models_dir`).
+
+Artifacts go to `<run>/subjects/<video_id>/<clip_id>/`: `masks.json` (COCO RLE per track per frame, frames are
+clip-relative indices = frame numbers of the packaged mp4), `ref_<k>_face.jpg`, `ref_<k>_subject.png`. The
+manifest row holds the tracks as JSON (`subjects_tracks`): category, caption subject it is linked to and how
+sure, normalised boxes per frame, face size, reference frames, quality gates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+from pydantic import Field, model_validator
+
+from curation.detect import EmbeddedDetector, Track
+from curation.errors import ConfigError
+from curation.filters import FilterConfig, pick
+from curation.manifest import atomic_write_bytes
+from curation.masks import box_iou, mask_box, mask_iou, rle_encode
+from curation.stage import Resources, Row, Stage, is_storage_error, register
+from curation.video import read_clip_frames
+
+POSITION_WORDS = {"left": 0.0, "right": 1.0, "middle": 0.5, "center": 0.5, "centre": 0.5}
+
+
+class SubjectsConfig(FilterConfig):
+    track_frames: int = Field(12, ge=2, le=128, description="evenly spaced clip frames that get masks")
+    decode_long_side: int = Field(1280, ge=64, description="frames are decoded at most this large (crops)")
+    detect_long_side: int = Field(640, ge=64, description="face / person detection size")
+    mask_long_side: int = Field(320, ge=32, description="mask grid size (long side)")
+    min_presence: float = Field(0.3, ge=0, le=1, description="a track must be seen in this share of the frames")
+    min_face_px: int = Field(32, ge=1, description="gate: a face reference needs a face this tall (source pixels)")
+    min_mask_area: float = Field(0.002, ge=0, le=1, description="gate: mean mask area (frame share) below: dropped")
+    max_mask_area: float = Field(0.8, ge=0, le=1, description="gate: mean mask area above: dropped")
+    min_track_iou: float = Field(0.15, ge=0, le=1, description="gate: mean consecutive mask IoU below: unstable")
+    min_subjects: int = Field(1, ge=0)
+    max_subjects: int = Field(6, ge=1)
+    face_margin: float = Field(0.4, ge=0, description="face crop margin, share of the face size on each side")
+    sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_l.yaml", description="reference: SAM2 model config")
+
+    reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("sam2/sam2.1_hiera_large.pt", "https://github.com/facebookresearch/sam2#download-checkpoints"),
+        ("insightface/models/buffalo_l", "https://github.com/deepinsight/insightface/tree/master/python-package"),
+    )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SubjectsConfig:
+        if self.min_subjects > self.max_subjects:
+            raise ValueError(f"min_subjects ({self.min_subjects}) is above max_subjects ({self.max_subjects})")
+        if self.min_mask_area >= self.max_mask_area:
+            raise ValueError("min_mask_area must be below max_mask_area")
+        return self
+
+
+def link_subjects(tracks: list[dict[str, Any]], caption_subjects: list[dict[str, Any]]) -> None:
+    """Assign caption subjects to tracks in place (`subject_id`, `link_confidence`); unmatched tracks stay unlinked.
+
+    Category must agree, except that a moving region of unknown kind may take an animal (0.6) or an object (0.4).
+    Position words in a subject's attributes (left / right / middle) pick the track by horizontal position;
+    otherwise the largest tracks go first. Confidence 0.9 when category and count leave no choice or a position word
+    decides, 0.6 when more tracks of the category than subjects competed.
+    """
+    slots: list[tuple[dict[str, Any], float | None]] = []
+    for s in caption_subjects:
+        words = " ".join(a.get("text", "") for a in s.get("attributes") or []).lower()
+        pos = next((v for w, v in POSITION_WORDS.items() if re.search(rf"\b{w}\b", words)), None)
+        slots.extend([(s, pos)] * max(1, int(s.get("count") or 1)))
+    order = {"person": 0, "animal": 1, "object": 2}  # a moving region of unknown kind is likelier an animal
+    slots.sort(key=lambda sp: (sp[1] is None, order.get(sp[0].get("category"), 3)))  # position words first
+    free = sorted(tracks, key=lambda t: -t["area"] * t["presence"])
+    for t in tracks:
+        t["subject_id"], t["link_confidence"] = None, None
+    for s, pos in slots:
+        cat = s.get("category")
+        same = [t for t in free if t["category"] == cat]
+        pool, conf = same, 0.9
+        if not same:
+            pool, conf = [t for t in free if t["category"] == "object"], 0.6 if cat == "animal" else 0.4
+        if not pool:
+            continue
+        if pos is not None:
+            chosen = min(pool, key=lambda t: abs(t["cx"] - pos))
+        else:
+            chosen = pool[0]
+            n_same = sum(1 for x, _ in slots if x.get("category") == cat)
+            if conf == 0.9 and len(pool) > n_same:
+                conf = 0.6
+        chosen["subject_id"], chosen["link_confidence"] = int(s["id"]), conf
+        free.remove(chosen)
+
+
+@register
+class Subjects(Stage[SubjectsConfig]):
+    name = "subjects"
+    version = "1"
+    config_class = SubjectsConfig
+    resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
+    level = "clip"
+    input_key = "clip_id"
+    output_key = "clip_id"
+    score_column = "subjects_count"
+    not_scores = ("tracks", "dropped_tracks", "frames", "dir")
+    columns: ClassVar[dict[str, str]] = {"subjects_count": "BIGINT", "subjects_dir": "VARCHAR"}
+
+    @property
+    def backend(self) -> str:
+        return "embedded:haar+hog+motion+grabcut" if self.config.backend == "embedded" else "reference:insightface+sam2"
+
+    def setup(self) -> None:
+        c = self.config
+        self._det = EmbeddedDetector(c.detect_long_side, c.mask_long_side, min_face_px=16)
+        self._ref: _Reference | None = _Reference(c) if c.backend == "reference" else None
+
+    def process_batch(self, batch: list[Row]) -> list[Row]:
+        out = []
+        for r in batch:
+            try:
+                out.append(self._one(r))
+            except ConfigError:
+                raise
+            except Exception as exc:  # one clip's failure is a row
+                if is_storage_error(exc):
+                    raise
+                out.append(self.error_row(r, exc))
+        return out
+
+    def _one(self, r: Row) -> Row:
+        c = self.config
+        n = int(r["scenecut_num_frames"])
+        positions = [int(p) for p in pick(n, c.track_frames)]
+        got = read_clip_frames(
+            r["uri"],
+            int(r["scenecut_start_frame"]),
+            positions,
+            int(r.get("scenecut_rotation") or 0),
+            c.decode_long_side,
+        )
+        positions = [p for p in positions if p in got]
+        if len(positions) < 2:
+            return self.row(r, "error", "decode", f"decoded {len(positions)} of the clip's frames")
+        frames = [got[p] for p in positions]
+        if self._ref is not None:
+            raw, grid = self._ref.track(frames, self._det, c)
+        else:
+            raw, grid = self._det.track(frames, c.min_presence)
+        scale = frames[0].shape[1] / grid[0]  # mask grid -> decoded frame pixels
+        src_scale = float(r.get("probe_width") or frames[0].shape[1]) / frames[0].shape[1]
+        if int(r.get("scenecut_rotation") or 0) % 180:
+            src_scale = float(r.get("probe_height") or frames[0].shape[1]) / frames[0].shape[1]
+        tracks, dropped = [], []
+        for t in raw:
+            info = _describe(t, positions, grid, scale * src_scale, c)
+            (dropped if info["gates"] and set(info["gates"]) - {"face_too_small"} else tracks).append((t, info))
+        caption_subjects = json.loads(r.get("caption_subjects") or "[]")
+        link_subjects([i for _, i in tracks], caption_subjects)
+        out_dir = (Path(self.workdir) if self.workdir else Path(".")) / "subjects" / r["video_id"] / r["clip_id"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        doc: dict[str, Any] = {"width": grid[0], "height": grid[1], "frames": positions, "clip_frames": n, "tracks": {}}
+        for k, (t, info) in enumerate(tracks):
+            info["k"] = k
+            doc["tracks"][str(k)] = [
+                rle_encode(t.masks.get(i, np.zeros((grid[1], grid[0]), np.uint8))) for i in range(len(positions))
+            ]
+            _write_refs(out_dir, k, t, info, frames, positions, scale, c)
+        atomic_write_bytes(out_dir / "masks.json", json.dumps(doc, separators=(",", ":")).encode())
+        infos = [i for _, i in tracks]
+        status, reason = "ok", None
+        if len(infos) < c.min_subjects:
+            status = "reject"
+            reason = dropped[0][1]["gates"][0] if dropped and not infos else "too_few_subjects"
+        elif len(infos) > c.max_subjects:
+            status, reason = "reject", "too_many_subjects"
+        faces = [i["face_px"] for i in infos if i["face_px"]]
+        return self.row(
+            r,
+            status,
+            reason,
+            count=len(infos),
+            persons=sum(i["category"] == "person" for i in infos),
+            faces=len(faces),
+            max_face_px=max(faces, default=None),
+            linked=sum(i["subject_id"] is not None for i in infos),
+            min_track_iou=min((i["track_iou"] for i in infos), default=None),
+            dropped=len(dropped),
+            tracks=json.dumps(infos),
+            dropped_tracks=json.dumps([i for _, i in dropped]),
+            frames=positions,
+            dir=str(out_dir),
+        )
+
+
+def _describe(t: Track, positions: list[int], grid: tuple[int, int], to_src: float, c: SubjectsConfig) -> dict:
+    """A track's JSON: what it is, where it is, and which quality gates it fails."""
+    gw, gh = grid
+    areas = [float(m.mean()) for m in t.masks.values()]
+    ious = [mask_iou(t.masks[a], t.masks[b]) for a, b in zip(sorted(t.masks), sorted(t.masks)[1:], strict=False)]
+    boxes = {}
+    for i, m in t.masks.items():
+        b = mask_box(m)
+        if b:
+            boxes[str(positions[i])] = [
+                round(b[0] / gw, 4),
+                round(b[1] / gh, 4),
+                round(b[2] / gw, 4),
+                round(b[3] / gh, 4),
+            ]
+    face_px = max(((f[3] - f[1]) * to_src for f in t.faces.values()), default=0.0)
+    cx = float(np.mean([(v[0] + v[2]) / 2 for v in boxes.values()])) if boxes else 0.5
+    info: dict[str, Any] = {
+        "category": "person" if t.person_votes * 3 >= len(t.boxes) or t.faces else "object",
+        "presence": round(len(t.masks) / len(positions), 3),
+        "area": round(float(np.mean(areas)), 5),
+        "cx": round(cx, 4),
+        "track_iou": round(float(np.mean(ious)), 3) if ious else 1.0,
+        "boxes": boxes,
+        "face_px": round(face_px, 1) if face_px else None,
+        "face_frames": sorted(positions[i] for i in t.faces),
+        "gates": [],
+    }
+    if t.faces and face_px < c.min_face_px:
+        info["gates"].append("face_too_small")
+    if info["area"] < c.min_mask_area:
+        info["gates"].append("mask_too_small")
+    if info["area"] > c.max_mask_area:
+        info["gates"].append("mask_too_large")
+    if ious and info["track_iou"] < c.min_track_iou:
+        info["gates"].append("track_unstable")
+    return info
+
+
+def _sharpness(img: np.ndarray) -> float:
+    return float(cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()) if img.size else 0.0
+
+
+def _write_refs(
+    out_dir: Path,
+    k: int,
+    t: Track,
+    info: dict,
+    frames: list[np.ndarray],
+    positions: list[int],
+    scale: float,
+    c: SubjectsConfig,
+) -> None:
+    """Face crop and masked subject crop on white, from the sharpest, largest view of the subject.
+
+    The frame is recorded (`ref_frame`, `face_ref_frame`) so a trainer can keep it out of the frames it samples
+    (avoiding copy-paste from reference to target).
+    """
+    info["face_ref"], info["face_ref_frame"] = None, None
+    if t.faces and "face_too_small" not in info["gates"]:
+
+        def face_crop(i: int) -> np.ndarray:
+            f = t.faces[i]
+            fw, fh = (f[2] - f[0]) * scale, (f[3] - f[1]) * scale
+            m = c.face_margin
+            x1, y1 = int(max(0, f[0] * scale - m * fw)), int(max(0, f[1] * scale - m * fh))
+            x2 = int(min(frames[i].shape[1], f[2] * scale + m * fw))
+            y2 = int(min(frames[i].shape[0], f[3] * scale + m * fh))
+            return frames[i][y1:y2, x1:x2]
+
+        best = max(t.faces, key=lambda i: (t.faces[i][3] - t.faces[i][1]) * np.log1p(_sharpness(face_crop(i))))
+        crop = face_crop(best)
+        if crop.size:
+            ok, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 92])
+            if ok:
+                atomic_write_bytes(out_dir / f"ref_{k}_face.jpg", jpg.tobytes())
+                info["face_ref"], info["face_ref_frame"] = f"ref_{k}_face.jpg", positions[best]
+
+    def view(i: int) -> tuple[np.ndarray, np.ndarray] | None:
+        m = cv2.resize(t.masks[i], (frames[i].shape[1], frames[i].shape[0]), interpolation=cv2.INTER_NEAREST)
+        b = mask_box(m)
+        if b is None:
+            return None
+        x1, y1, x2, y2 = b
+        return frames[i][y1:y2, x1:x2], m[y1:y2, x1:x2]
+
+    def quality(i: int) -> float:
+        v = view(i)
+        return float(v[1].sum()) * np.log1p(_sharpness(v[0])) if v else 0.0
+
+    best = max(t.masks, key=quality)
+    v = view(best)
+    info["ref"], info["ref_frame"] = None, None
+    if v is not None:
+        crop, m = v
+        white = np.full_like(crop, 255)
+        out = np.where(m[..., None] > 0, crop, white)
+        ok, png = cv2.imencode(".png", out)
+        if ok:
+            atomic_write_bytes(out_dir / f"ref_{k}_subject.png", png.tobytes())
+            info["ref"], info["ref_frame"] = f"ref_{k}_subject.png", positions[best]
+
+
+class _Reference:
+    """insightface faces + SAM2 video masks (GPU). Boxes to prompt SAM2 come from the embedded detector's tracks
+    (the first frame each track is seen), faces from insightface on every tracked frame."""
+
+    def __init__(self, c: SubjectsConfig) -> None:
+        try:
+            import torch
+            from insightface.app import FaceAnalysis
+            from sam2.build_sam import build_sam2_video_predictor
+        except ImportError as exc:
+            raise ConfigError(
+                f"subjects backend reference needs the gpu extra ({exc}): pip install -e '.[gpu]', or use "
+                "backend: embedded"
+            ) from exc
+        root = Path(c.models_dir)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._torch = torch
+        self._device = device
+        self._faces = FaceAnalysis(name="buffalo_l", root=str(root / "insightface"))
+        self._faces.prepare(ctx_id=0 if device == "cuda" else -1, det_size=(640, 640))
+        self._sam = build_sam2_video_predictor(c.sam2_config, str(root / "sam2/sam2.1_hiera_large.pt"), device=device)
+
+    def track(self, frames: list[np.ndarray], det: EmbeddedDetector, c: SubjectsConfig) -> tuple[list[Track], Any]:
+        import tempfile
+
+        seeds, grid = det.track(frames, c.min_presence)
+        gw, gh = grid
+        fh, fw = frames[0].shape[:2]
+        sx, sy = fw / gw, fh / gh
+        with tempfile.TemporaryDirectory() as tmp:  # SAM2 reads a folder of numbered JPEGs
+            for i, f in enumerate(frames):
+                cv2.imwrite(str(Path(tmp) / f"{i:05d}.jpg"), f)
+            with self._torch.inference_mode():
+                state = self._sam.init_state(video_path=tmp)
+                for t in seeds:
+                    i0 = min(t.boxes)
+                    b = t.boxes[i0]
+                    self._sam.add_new_points_or_box(
+                        inference_state=state,
+                        frame_idx=i0,
+                        obj_id=t.k,
+                        box=np.array([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], np.float32),
+                    )
+                out = [Track(k=t.k, person_votes=t.person_votes) for t in seeds]
+                if seeds:
+                    for fi, ids, logits in self._sam.propagate_in_video(state):
+                        for oid, lg in zip(ids, logits, strict=True):
+                            m = (lg[0] > 0).cpu().numpy().astype(np.uint8)
+                            m = cv2.resize(m, grid, interpolation=cv2.INTER_NEAREST)
+                            b = mask_box(m)
+                            if b is not None:
+                                out[oid].masks[fi], out[oid].boxes[fi] = m, tuple(map(float, b))
+        for i, f in enumerate(frames):
+            for face in self._faces.get(f):
+                x1, y1, x2, y2 = (float(v) for v in face.bbox)
+                g = (x1 / sx, y1 / sy, x2 / sx, y2 / sy)
+                host = max(out, key=lambda t: box_iou(t.boxes.get(i, (0, 0, 0, 0)), g), default=None)
+                if host is not None and i in host.boxes and box_iou(host.boxes[i], g) > 0:
+                    host.faces[i] = g
+        return [t for t in out if t.masks], grid
