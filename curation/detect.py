@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.masks import box_iou, mask_iou
+from curation.masks import box_iou, mask_box, mask_iou
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the grid they belong to
 
@@ -321,18 +321,11 @@ def _split_cores(blob: np.ndarray) -> list[Box]:
         owner = np.argmin(dists, axis=0)
         out: list[Box] = []
         for j in range(len(big)):
-            b = mask_box_np((owner == j) & (blob > 0))
+            b = mask_box((owner == j) & (blob > 0))
             if b is not None:
-                out.append(b)
+                out.append((float(b[0]), float(b[1]), float(b[2]), float(b[3])))
         return out
     return []
-
-
-def mask_box_np(m: np.ndarray) -> Box | None:
-    ys, xs = np.nonzero(m)
-    if len(xs) == 0:
-        return None
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
 def _split_columns(fg: np.ndarray, box: Box, depth: int = 0) -> list[Box]:

@@ -4,7 +4,6 @@ masks and references aligned with the packaged mp4."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -239,7 +238,7 @@ def test_missing_reference_weights_fail_at_config_load(tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_reference_backend_runs_on_gpu(tmp_path: Path) -> None:
     """Needs the gpu extra and weights under $CURATION_MODELS (the GPU machine); excluded from CI."""
-    truth = _moving_face_video(tmp_path / "moving.mp4")
+    _moving_face_video(tmp_path / "moving.mp4")
     cfg = build_config(
         {
             "runner": "local",
@@ -252,4 +251,4 @@ def test_reference_backend_runs_on_gpu(tmp_path: Path) -> None:
     pipe.run(str(tmp_path / "moving.mp4"))
     (row,) = pipe.manifests.rows("SELECT * FROM clips")
     assert row["subjects_status"] == "ok" and row["subjects_backend"].startswith("reference")
-    assert truth and io is not None
+    assert row["subjects_count"] >= 1 and row["subjects_faces"] >= 1  # the portrait: a SAM2 track with a face
