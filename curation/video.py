@@ -318,40 +318,44 @@ class FastContentDetector(ContentDetector):
         return sum(c * w for c, w in zip(components, weights, strict=True)) / sum(abs(w) for w in weights)
 
 
+def decoded_frames(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
+    """The first video stream's frames in decode order, as the scene-cut pass numbers them: damaged packets and
+    frames of another size than the first are skipped."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    first: tuple[int, int] | None = None
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError:
+            continue
+        for frame in frames:
+            if first is None:
+                first = (frame.width, frame.height)
+            elif (frame.width, frame.height) != first:
+                continue
+            yield frame
+
+
 def read_clip_frames(
     path: str, start: int, positions: list[int], rotation: int = 0, long_side: int | None = None
 ) -> dict[int, np.ndarray]:
     """BGR frames at clip-relative `positions` of the clip starting at decoded frame `start`, display-oriented.
 
-    Frames are numbered in decode order from the file's start, like the scene-cut pass (so packed-B-frame AVIs and
-    VFR files agree with the manifest); damaged packets and frames of another size are skipped the same way.
+    Frames are numbered by `decoded_frames` (like the scene-cut pass), so packed-B-frame AVIs and VFR files agree
+    with the manifest.
     """
     want = {start + p: p for p in positions}
     last = max(want) if want else -1
     out: dict[int, np.ndarray] = {}
     with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        idx = -1
-        first: tuple[int, int] | None = None
-        for packet in container.demux(stream):
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError:
-                continue
-            for frame in frames:
-                if first is None:
-                    first = (frame.width, frame.height)
-                elif (frame.width, frame.height) != first:
-                    continue
-                idx += 1
-                if idx in want:
-                    w, h = frame.width, frame.height
-                    if long_side and max(w, h) > long_side:
-                        s = long_side / max(w, h)
-                        w, h = max(2, round(w * s)), max(2, round(h * s))
-                    img = frame.to_ndarray(format="bgr24", width=w, height=h)
-                    out[want[idx]] = _rotate(img, rotation)
-                if idx >= last:
-                    return out
+        for idx, frame in enumerate(decoded_frames(container)):
+            if idx in want:
+                w, h = frame.width, frame.height
+                if long_side and max(w, h) > long_side:
+                    s = long_side / max(w, h)
+                    w, h = max(2, round(w * s)), max(2, round(h * s))
+                out[want[idx]] = _rotate(frame.to_ndarray(format="bgr24", width=w, height=h), rotation)
+            if idx >= last:
+                break
     return out
