@@ -2,6 +2,9 @@
 # Both install everything first: Debian's ffmpeg and chromium (apt-get; chromium renders the report in the tests),
 # a virtualenv, the package with its dev extra.
 VENV ?= .venv
+# Installed before the extras so that `torch>=2.4` is already satisfied: on the dev/CI machines this is the CPU
+# wheel on disk; elsewhere pick your build, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
+TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -14,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg chromium; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev,train]"
 	@touch $@
 
 demo: setup

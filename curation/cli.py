@@ -1,4 +1,4 @@
-"""`curation` command line: run, stage, select, inspect, samples.
+"""`curation` command line: run, stage, select, inspect, report, models, samples, train.
 
 Bad configuration exits 1 with a one-line message; `--debug` shows the traceback instead.
 """
@@ -220,6 +220,33 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the relational Wan on a run's shards; rerunning the same command resumes from the newest checkpoint."""
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise CurationError(f"curation train needs the train extra ({exc}): pip install -e '.[train]'") from None
+    from curation.train.config import load_train_config
+    from curation.train.loop import Trainer
+
+    cfg = load_train_config(args.config, list(args.overrides))
+    trainer = Trainer(cfg, args.shards, args.out)
+
+    def show(rec: dict[str, Any]) -> None:
+        mask = f" mask={rec['mask']:.4f}" if "mask" in rec else ""
+        _echo(f"step {rec['step']:6d}  loss={rec['loss']:.4f} flow={rec['flow']:.4f}{mask}  epoch={rec['epoch']}")
+
+    history = trainer.fit(args.steps, show)
+    ck = trainer.checkpoints()
+    _echo(
+        f"trained {len(history)} step(s) to step {trainer.step}; checkpoint {ck[-1] if ck else None}; "
+        f"metrics {trainer.out / 'metrics.jsonl'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from curation.pipeline import RERUN_CHOICES
 
@@ -270,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     mo.add_argument("--check", action="store_true", help="exit 1 if any file is missing")
     mo.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train the relational Wan2.1 on a run's shards (needs the train extra)")
+    t.add_argument("config", help="train config, e.g. configs/train_tiny.yaml")
+    t.add_argument("--shards", help="folder of shard-*.tar (a run's shards/) or a brace pattern")
+    t.add_argument("--out", help="checkpoints and metrics.jsonl (rerun resumes from here)")
+    t.add_argument("--steps", type=int, help="train until this many steps in all (default: the config's steps)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("samples", help="generate small sample videos (cuts, text, motion) to try the pipeline on")
     g.add_argument("out", help="folder to write them to")

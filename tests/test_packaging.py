@@ -22,6 +22,8 @@ def test_default_install_never_pulls_torchvision() -> None:
     gpu = " ".join(PYPROJECT["project"]["optional-dependencies"]["gpu"]).lower()
     for lib in ("vllm", "sam2", "open_clip_torch", "insightface", "paddleocr", "torchvision"):
         assert lib in gpu
+    train = " ".join(PYPROJECT["project"]["optional-dependencies"]["train"]).lower()
+    assert "torch" in train and "diffusers" in train and "torchvision" not in train
 
 
 def test_images_copy_what_the_package_reads_at_run_time() -> None:
@@ -33,7 +35,7 @@ def test_images_copy_what_the_package_reads_at_run_time() -> None:
         assert 'ENTRYPOINT ["curation"]' in text
         base = re.search(r"^FROM (\S+)", text, flags=re.M).group(1)
         assert ":" in base and not base.endswith(":latest"), f"{name}: pin the base image"
-    assert re.search(r'pip install -e "\.\[gpu\]"', _dockerfile("Dockerfile.gpu"))
+    assert re.search(r'pip install -e "\.\[gpu,train\]"', _dockerfile("Dockerfile.gpu"))
     assert "[gpu]" not in _dockerfile("Dockerfile.cpu")
     assert PYPROJECT["project"]["scripts"]["curation"] == "curation.cli:main"
 
