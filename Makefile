@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/scenecut.py
 	$(PY) bench/filters.py
 	$(PY) bench/throughput.py
+	$(PY) bench/attention.py
 
 clean:
 	rm -rf runs samples bench/out
