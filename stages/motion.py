@@ -21,27 +21,38 @@ from curation.stage import Resources, Row, register
 class MotionConfig(FilterConfig):
     backend: Literal["embedded"] = "embedded"  # classical optical flow is the real thing here: no model to swap in
     method: Literal["dis", "farneback"] = "dis"
+    dis_preset: Literal["ultrafast", "fast", "medium"] = Field(
+        "fast", description="OpenCV DIS preset: fast is 5x quicker than medium at ~256 px with the same decisions"
+    )
     min_score: float = Field(0.01, ge=0, description="below: near-static (fraction of diagonal per second)")
     max_score: float | None = Field(None, gt=0, description="above: too fast / chaotic (null: no limit)")
     camera_only_ratio: float = Field(0.2, ge=0, le=1, description="local/total below this with motion: camera only")
     reject_camera_only: bool = False
 
 
-def _flow(a: np.ndarray, b: np.ndarray, method: str) -> np.ndarray:
+_PRESETS = {
+    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
+    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
+    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
+}
+
+
+def _flow(a: np.ndarray, b: np.ndarray, method: str, preset: str = "fast") -> np.ndarray:
     if method == "dis":
-        dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-        return dis.calc(a, b, None)
+        return cv2.DISOpticalFlow_create(_PRESETS[preset]).calc(a, b, None)
     return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
 
-def motion_scores(pairs: np.ndarray, valid: np.ndarray, fps: float, method: str = "dis") -> dict[str, Any]:
+def motion_scores(
+    pairs: np.ndarray, valid: np.ndarray, fps: float, method: str = "dis", preset: str = "fast"
+) -> dict[str, Any]:
     """Mean flow magnitude, camera part and local part, in diagonals per second, over the valid pairs."""
     totals, cameras, locals_ = [], [], []
     for (a, b), ok in zip(pairs, valid, strict=True):
         if not ok:
             continue
         h, w = a.shape
-        flow = _flow(a, b, method)
+        flow = _flow(a, b, method, preset)
         per_sec = fps / math.hypot(h, w)
         step = max(1, min(h, w) // 24)
         ys, xs = np.mgrid[step // 2 : h : step, step // 2 : w : step]
@@ -75,19 +86,21 @@ class Motion(SampleFilter):
     """Flags near-static clips and camera-only motion (shake/pan with nothing moving in the scene)."""
 
     name = "motion"
-    version = "1"
+    version = "2"
     config_class = MotionConfig
     resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
     score_column = "motion_score"
 
     @property
     def backend(self) -> str:
-        return f"embedded:opencv-{self.config.method}"
+        m = self.config.method
+        return f"embedded:opencv-{m}-{self.config.dis_preset}" if m == "dis" else f"embedded:opencv-{m}"
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         idx = pick(len(samples["pairs"]), self.config.max_frames)
         fps = float(row.get("scenecut_fps") or 25.0)
-        s = motion_scores(samples["pairs"][idx], samples["pair_valid"][idx], fps, self.config.method)
+        c = self.config
+        s = motion_scores(samples["pairs"][idx], samples["pair_valid"][idx], fps, c.method, c.dis_preset)
         s["camera_only"] = bool(
             s["score"] >= self.config.min_score and s["local"] < self.config.camera_only_ratio * s["score"]
         )

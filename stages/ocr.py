@@ -39,10 +39,10 @@ class OcrConfig(FilterConfig):
     )
     max_box_height: float = Field(0.3, gt=0, le=1, description="boxes taller than this fraction are not text lines")
     detect_side: int = Field(
-        640,
+        384,
         ge=64,
-        description="detector input long side (rapidocr's default upscales to 736 "
-        "short side, 3x slower with the same result on our samples)",
+        description="detector input long side; recognition still reads the full-size sample. 384 finds every "
+        "text box 512 finds on the labelled media at 40% of the cost; 256 misses subtitles",
     )
     recognise: bool = Field(True, description="also recognise the text (detection alone gives the area)")
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
@@ -88,7 +88,7 @@ class _PaddleOcr:
 @register
 class Ocr(SampleFilter):
     name = "ocr"
-    version = "1"
+    version = "2"
     config_class = OcrConfig
     resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
     backend_names: ClassVar[dict[str, str]] = {"embedded": "rapidocr-ppocr-onnx", "reference": "paddleocr"}
