@@ -121,16 +121,20 @@ def build_config(data: dict[str, Any]) -> PipelineConfig:
     return cfg
 
 
+def read_yaml_mapping(path: str | Path, what: str, example: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every problem is a ConfigError that says what to pass instead."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {str(p)!r} not found; pass a YAML file such as {example}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; pass a YAML file such as configs/local.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    data = read_yaml_mapping(path, "config file", "configs/local.yaml") if path is not None else {}
     return build_config(apply_overrides(data, list(overrides or [])))

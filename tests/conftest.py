@@ -106,6 +106,18 @@ def make_cut_video(path: Path, sources: list[str], seconds: float = 1.6, size: s
     return concat_sources(path, sources, seconds, size=size, fps=fps)
 
 
+def caption_list(path: Path, captions: dict[str, str]) -> Path:
+    """A CSV input list (`path`, `caption`) over shared media files: how tests give real videos their captions."""
+    import csv
+
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "caption"])
+        for name, cap in captions.items():
+            w.writerow([media(name), cap])
+    return path
+
+
 # Captions for the tiny overfit set the trainer tests train on (real media; written for these clips by hand).
 OVERFIT_CAPTIONS = {
     "sam2_01_dog.mp4": "A woman in a white top and blue jeans plays with a dog in a paved courtyard.",
@@ -118,18 +130,11 @@ OVERFIT_CAPTIONS = {
 def overfit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole default pipeline (embedded profile, local runner) over three captioned real videos: a run
     directory whose shards/ the trainer tests read (4 clips with subjects, masks and reference crops)."""
-    import csv
-
     from curation.config import load_config
     from curation.pipeline import Pipeline
 
     tmp = tmp_path_factory.mktemp("overfit")
-    lst = tmp / "list.csv"
-    with lst.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "caption"])
-        for name, cap in OVERFIT_CAPTIONS.items():
-            w.writerow([media(name), cap])
+    lst = caption_list(tmp / "list.csv", OVERFIT_CAPTIONS)
     cfg = load_config(REPO / "configs" / "local.yaml", ["runner=local", "progress=false"])
     Pipeline(cfg, tmp / "run").run(str(lst))
     return tmp / "run"

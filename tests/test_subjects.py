@@ -20,7 +20,7 @@ from curation.masks import box_iou, decode_track, mask_box, rle_area, rle_decode
 from curation.pipeline import Pipeline
 from curation.stage import Row
 from stages.subjects import SubjectsConfig, _describe, link_subjects
-from tests.conftest import MEDIA, REPO, media
+from tests.conftest import MEDIA, REPO, caption_list
 
 BOXES = [r for r in csv.DictReader(x for x in (REPO / "tests/data/subject_boxes.csv").open() if not x.startswith("#"))]
 CAPTIONS = {
@@ -48,12 +48,7 @@ def test_rle_round_trips_exactly() -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Row]]:
     """probe + scenecut + caption + subjects over four real videos; {file: [clip rows]}."""
     tmp = tmp_path_factory.mktemp("subjects")
-    lst = tmp / "list.csv"
-    with lst.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "caption"])
-        for name, cap in CAPTIONS.items():
-            w.writerow([media(name), cap])
+    lst = caption_list(tmp / "list.csv", CAPTIONS)
     cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut", "caption", "subjects"]})
     pipe = Pipeline(cfg, tmp / "run")
     pipe.run(str(lst))

@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from curation.config import _format_validation, apply_overrides
+from curation.config import _format_validation, apply_overrides, read_yaml_mapping
 from curation.errors import ConfigError
 
 WAN_SOURCE = (
@@ -143,13 +142,5 @@ def build_train_config(data: dict[str, Any]) -> TrainConfig:
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"train config {str(p)!r} not found; pass a YAML file such as configs/train_tiny.yaml")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"train config {str(p)!r} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"train config {str(p)!r} must hold a mapping")
+    data = read_yaml_mapping(path, "train config", "configs/train_tiny.yaml")
     return build_train_config(apply_overrides(data, list(overrides or [])))
