@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import IO, Any
 
 import av
 import cv2
@@ -338,9 +338,10 @@ def decoded_frames(container: av.container.InputContainer) -> Iterator[av.VideoF
 
 
 def read_clip_frames(
-    path: str, start: int, positions: list[int], rotation: int = 0, long_side: int | None = None
+    path: str | IO[bytes], start: int, positions: list[int], rotation: int = 0, long_side: int | None = None
 ) -> dict[int, np.ndarray]:
     """BGR frames at clip-relative `positions` of the clip starting at decoded frame `start`, display-oriented.
+    `path` may also be an open binary file (e.g. an mp4 read from a shard).
 
     Frames are numbered by `decoded_frames` (like the scene-cut pass), so packed-B-frame AVIs and VFR files agree
     with the manifest.

@@ -107,3 +107,51 @@ def test_bad_train_configs_fail_early_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no shard-\*\.tar"):
         Trainer(cfg, str(tmp_path), str(tmp_path / "out"))
     assert main(["train", str(TINY), "--shards", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+
+
+def test_gradient_checkpointing_and_bf16_train_the_same_model(overfit_run: Path, tmp_path: Path) -> None:
+    """The full config's memory options: checkpointed blocks give the same loss and gradients (the mask-loss capture
+    survives recomputation), and a bf16 autocast step is finite and close."""
+    shards = str(overfit_run / "shards")
+    plain = Trainer(load_train_config(TINY), shards, str(tmp_path / "p"))
+    batch = next(b for b, _ in plain.stream.batches() if b["mask_valid"].any())
+    grads = []
+    for opts in ([], ["model.gradient_checkpointing=true"]):
+        tr = Trainer(load_train_config(TINY, opts), shards, str(tmp_path / str(len(opts))))
+        ls = tr.losses(batch, step=0)
+        ls["loss"].backward()
+        grads.append((float(ls["loss"].detach()), float(ls["mask"].detach()), [p.grad.clone() for p in tr.params]))
+    (l0, m0, g0), (l1, m1, g1) = grads
+    assert abs(l0 - l1) < 1e-6 and abs(m0 - m1) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1, strict=True))
+    bf = Trainer(load_train_config(TINY, ["model.mixed_precision=bf16"]), shards, str(tmp_path / "bf"))
+    lb = float(bf.losses(batch, step=0)["loss"].detach())
+    assert abs(lb - l0) < 0.1 * l0, (lb, l0)
+
+
+def test_pretrained_tokenizer_maps_caption_spans_through_offsets(tmp_path: Path) -> None:
+    """The pretrained config's tokenizer path (a transformers fast tokenizer from a folder), with a word-level
+    tokenizer built here standing in for umT5's, whose vocabulary cannot be downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from curation.train.text import HFTokenizer, span_tokens
+
+    caption = "A woman in a white top plays with a dog."
+    words = sorted({w.strip(".") for w in caption.split()} | {"."})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path / "tok")
+    enc = HFTokenizer(str(tmp_path / "tok")).encode(caption, 16)
+    assert len(enc.ids) == 16 and enc.valid.count(True) == 11
+    woman = (caption.index("woman"), caption.index("woman") + 5)
+    top = (caption.index("white top"), caption.index("white top") + 9)
+    sel = span_tokens(enc, [woman, top])
+    assert [caption[a:b] for (a, b), on in zip(enc.offsets, sel.tolist(), strict=True) if on] == [
+        "woman",
+        "white",
+        "top",
+    ]

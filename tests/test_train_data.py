@@ -63,7 +63,7 @@ def test_caption_spans_map_to_the_subjects_tokens(overfit_run: Path) -> None:
         meta = json.loads(samples[batch["keys"][0]]["json"])
         names = {s["id"]: s["name"] for s in meta["subjects"]}
         ids = batch["text_ids"][0]
-        for j, sid in enumerate(_subject_ids(meta)):
+        for j, sid in enumerate(batch["subject_ids"][0]):
             sel = batch["subject_text"][0, j]
             words = bytes(int(t) - ByteTokenizer.offset for t in ids[sel]).decode()
             if sid is None:
@@ -74,13 +74,6 @@ def test_caption_spans_map_to_the_subjects_tokens(overfit_run: Path) -> None:
             assert not any(f" {o} " in f" {words} " for o in others), (words, others)
             checked += 1
     assert checked >= 4
-
-
-def _subject_ids(meta: dict) -> list[int | None]:
-    """The loader's subject order: tracks with a reference crop, linked first, then by area."""
-    tracks = [t for t in meta["tracks"] if t.get("ref")]
-    tracks.sort(key=lambda t: (t.get("subject_id") is None, -float(t.get("area") or 0), t["k"]))
-    return [t.get("subject_id") for t in tracks[:4]]
 
 
 def test_masks_are_valid_exactly_on_tracked_frames(overfit_run: Path) -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
 import cv2
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from curation.errors import ConfigError
 from curation.masks import rle_decode
 from curation.train.config import DataConfig
 from curation.train.text import Tokenizer, span_tokens, subject_spans
+from curation.video import read_clip_frames
 
 log = logging.getLogger(__name__)
 
@@ -204,19 +204,21 @@ class ShardStream:
         by_id = {s["id"]: s for s in meta.get("subjects") or []}
         for j, t in enumerate(subjects):
             for slot, name in enumerate(("ref", "face_ref")[: self.slots]):
-                member = t.get(name)
-                if member and member.split(".", 1)[1] in m:
-                    refs[j, slot] = _letterbox(_image(m[member.split(".", 1)[1]]), self.cfg.ref_size)
+                ext = _member_ext(t.get(name))
+                if ext in m:
+                    refs[j, slot] = _letterbox(_image(m[ext]), self.cfg.ref_size)
                     ref_valid[j, slot] = True
             if t.get("subject_id") is not None and t["subject_id"] in by_id:
                 subject_text[j] = span_tokens(enc, subject_spans(by_id[t["subject_id"]]))
             if doc is not None and str(t["k"]) in doc["tracks"]:
-                tracked = doc["frames"]
+                tracked, track = doc["frames"], doc["tracks"][str(t["k"])]
+                done: dict[int, np.ndarray] = {}  # training frames near the same tracked frame share its mask
                 for fi, f in enumerate(idx):
                     near = min(range(len(tracked)), key=lambda i: abs(tracked[i] - f))
                     if abs(tracked[near] - f) <= self.cfg.mask_max_gap:
-                        mk = rle_decode(doc["tracks"][str(t["k"])][near])
-                        masks[j, fi] = _cover(mk, hb, wb, cv2.INTER_NEAREST)
+                        if near not in done:
+                            done[near] = _cover(rle_decode(track[near]), hb, wb, cv2.INTER_NEAREST)
+                        masks[j, fi] = done[near]
                         mask_valid[j, fi] = True
         return {
             "key": p.key,
@@ -235,7 +237,7 @@ class ShardStream:
 
     def _subjects(self, meta: dict[str, Any], members: dict[str, bytes]) -> list[dict[str, Any]]:
         """Tracks with a reference crop in the shard: linked to the caption first, then the largest."""
-        tracks = [t for t in meta.get("tracks") or [] if t.get("ref") and t["ref"].split(".", 1)[1] in members]
+        tracks = [t for t in meta.get("tracks") or [] if _member_ext(t.get("ref")) in members]
         tracks.sort(key=lambda t: (t.get("subject_id") is None, -float(t.get("area") or 0), t["k"]))
         return tracks[: self.max_subjects]
 
@@ -267,7 +269,13 @@ class ShardStream:
             "text_ids": torch.stack([s["text_ids"] for s in samples]),
             "text_valid": torch.stack([s["text_valid"] for s in samples]),
             "subject_text": subject_text,
+            "subject_ids": [s["subject_ids"] for s in samples],
         }
+
+
+def _member_ext(member: str | None) -> str | None:
+    """`<clip_id>.ref_0_subject.png` (the json's member name) -> `ref_0_subject.png` (webdataset's sample key)."""
+    return member.split(".", 1)[1] if member else None
 
 
 def _image(data: bytes) -> np.ndarray:
@@ -299,16 +307,9 @@ def _cover(img: np.ndarray, h: int, w: int, interp: int) -> np.ndarray:
 
 
 def _decode_frames(mp4: bytes, idx: list[int], h: int, w: int) -> np.ndarray:
-    """Frames `idx` (decode order, as the shard's mp4 numbers them) resized to cover h x w, RGB uint8."""
-    want = set(idx)
-    got: dict[int, np.ndarray] = {}
-    with av.open(io.BytesIO(mp4)) as c:
-        for i, frame in enumerate(c.decode(video=0)):
-            if i > max(want):
-                break
-            if i in want:
-                got[i] = _cover(frame.to_ndarray(format="rgb24"), h, w, cv2.INTER_AREA)
-    missing = [i for i in want if i not in got]
+    """Frames `idx` of the shard's mp4 (numbered like the pipeline numbers them) resized to cover h x w, RGB uint8."""
+    got = read_clip_frames(io.BytesIO(mp4), 0, sorted(set(idx)))
+    missing = [i for i in idx if i not in got]
     if missing:
-        raise ValueError(f"mp4 has no frame {missing[0]} (decoded {len(got)} of {len(want)})")
-    return np.stack([got[i] for i in idx])
+        raise ValueError(f"mp4 has no frame {missing[0]} (decoded {len(got)} of {len(set(idx))})")
+    return np.stack([_cover(cv2.cvtColor(got[i], cv2.COLOR_BGR2RGB), h, w, cv2.INTER_AREA) for i in idx])

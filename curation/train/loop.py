@@ -140,10 +140,12 @@ class Trainer:
         out = {"latents": self._latents(batch["video"]), "text": text * valid[..., None], "text_valid": valid}
         refs = batch["refs"]
         b, k, s = refs.shape[:3]
-        if k:
-            r = refs.reshape(b * k * s, 3, 1, *refs.shape[-2:])
-            z = self._latents(r)
-            out["refs"] = z.reshape(b, k, s, *z.shape[1:])
+        if k:  # only real crops go through the VAE; padding slots stay zero (nobody attends to them)
+            valid = batch["ref_valid"].reshape(-1)
+            z = self._latents(refs.reshape(b * k * s, 3, 1, *refs.shape[-2:])[valid])
+            full = torch.zeros(b * k * s, *z.shape[1:], device=z.device)
+            full[valid.to(z.device)] = z
+            out["refs"] = full.reshape(b, k, s, *z.shape[1:])
         return out
 
     # -- one step ---------------------------------------------------------------------------------------------

@@ -25,8 +25,10 @@ from curation.train.relational import (
     Layout,
     blocked_cross_attention,
     blocked_self_attention,
+    cross_attention_mask,
     dense_attention,
     group_attention_mass,
+    self_attention_mask,
 )
 
 
@@ -77,8 +79,6 @@ class RelationalProcessor:
         if lay is None or lay.n_subjects == 0:
             out = F.scaled_dot_product_attention(q, k, v)
         elif self.ctx.dense:
-            from curation.train.relational import cross_attention_mask, self_attention_mask
-
             mask = cross_attention_mask(lay) if self.cross else self_attention_mask(lay)
             out = dense_attention(q, k, v, mask)
         else:
@@ -180,7 +180,7 @@ class RelationalWan(nn.Module):
             r = r.reshape(b, k, s, -1, r.shape[-1])
             if text_valid is None:
                 text_valid = torch.ones(b, text_states.shape[1], dtype=torch.bool, device=latents.device)
-            layout = Layout(n_video, k, s, r.shape[3], ref_valid, subject_text, text_valid, grid, ref_grid)
+            layout = Layout(n_video, k, s, r.shape[3], ref_valid, subject_text, text_valid)
             r = r + self.group_embed[:k, None, None, :].to(r.dtype) + self.slot_embed[None, :s, None, :].to(r.dtype)
             tokens = torch.cat([tokens, r.reshape(b, -1, r.shape[-1])], dim=1)
         tokens = tokens.contiguous()
@@ -188,17 +188,17 @@ class RelationalWan(nn.Module):
         temb, proj, text, _ = t.condition_embedder(timestep, text_states, None)
         proj = proj.unflatten(1, (6, -1))
 
-        self.ctx.layout = layout
-        self.ctx.capture_layers = set(capture_layers or ()) if layout else set()
-        self.ctx.queries = torch.linspace(0, n_video - 1, min(n_video, mask_queries)).round().long()
+        capture = set(capture_layers or ()) if layout else set()
+        queries = torch.linspace(0, n_video - 1, min(n_video, mask_queries)).round().long()
+        self.ctx.queries = queries
         captured: list[torch.Tensor] = []
         for block in t.blocks:
+            args = (block, tokens, text, proj, rope, layout, capture, queries)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens, *cap = checkpoint(self._block, block, tokens, text, proj, rope, use_reentrant=False)
+                tokens, *cap = checkpoint(self._block, *args, use_reentrant=False)
             else:
-                tokens, *cap = self._block(block, tokens, text, proj, rope)
+                tokens, *cap = self._block(*args)
             captured.extend(cap)
-        self.ctx.layout = None
 
         video = tokens[:, :n_video]
         shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
@@ -207,11 +207,29 @@ class RelationalWan(nn.Module):
         video = video.reshape(b, *grid, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return video.flatten(6, 7).flatten(4, 5).flatten(2, 3), captured
 
-    def _block(self, block: Any, tokens: torch.Tensor, text: torch.Tensor, proj: torch.Tensor, rope: Any) -> Any:
-        """One Wan block; returns its output and what its processors captured (recomputation-safe)."""
+    def _block(
+        self,
+        block: Any,
+        tokens: torch.Tensor,
+        text: torch.Tensor,
+        proj: torch.Tensor,
+        rope: Any,
+        layout: Layout | None,
+        capture: set[int],
+        queries: torch.Tensor,
+    ) -> Any:
+        """One Wan block; returns its output and what its processors captured.
+
+        The layout and capture settings are arguments, not state left on the context, so that gradient
+        checkpointing's recomputation in backward runs exactly the forward it replaces.
+        """
+        self.ctx.layout, self.ctx.capture_layers, self.ctx.queries = layout, capture, queries
         self.ctx.captured = []
-        out = block(tokens, text, proj, rope)
-        return (out, *self.ctx.captured)
+        try:
+            out = block(tokens, text, proj, rope)
+            return (out, *self.ctx.captured)
+        finally:
+            self.ctx.layout, self.ctx.captured = None, []
 
 
 def build_tiny(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[RelationalWan, Encoders]:

@@ -20,7 +20,7 @@ blocks. Tests check that the two agree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,6 @@ class Layout:
     ref_valid: torch.Tensor  # [B, K, S] bool
     subject_text: torch.Tensor  # [B, K, L] bool
     text_valid: torch.Tensor  # [B, L] bool
-    video_grid: tuple[int, int, int] = (1, 1, 1)  # (frames, height, width) of the video tokens
-    ref_grid: tuple[int, int] = (1, 1)  # (height, width) tokens of one reference image
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def group_size(self) -> int:
