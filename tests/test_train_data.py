@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from curation.errors import ConfigError  # noqa: E402
 from curation.train.config import DataConfig  # noqa: E402
 from curation.train.data import LoaderState, ShardStream, list_shards  # noqa: E402
 from curation.train.text import ByteTokenizer  # noqa: E402
@@ -100,6 +101,16 @@ def test_each_epoch_is_one_pass_and_epochs_are_reshuffled(overfit_run: Path) -> 
         by_epoch.setdefault(st.epoch, []).extend(batch["keys"])
     assert all(sorted(v) == keys for v in by_epoch.values()), by_epoch
     assert len({tuple(v) for v in by_epoch.values()}) > 1  # not the same order every epoch
+
+
+def test_short_batches_end_each_epoch_unless_dropped(overfit_run: Path) -> None:
+    keys = sorted(_shard_samples(overfit_run))
+    stream = _stream(overfit_run, batch_size=len(keys) + 4)  # more than there are clips
+    seen = [(b["keys"], st) for b, st in _take(stream, 6)]
+    epoch0 = [k for ks, st in seen if st.epoch == 0 for k in ks]
+    assert sorted(epoch0) == keys and all(0 < len(ks) < len(keys) + 4 for ks, _ in seen)
+    with pytest.raises(ConfigError, match="drop_last"):
+        _take(_stream(overfit_run, batch_size=len(keys) + 4, drop_last=True), 1)
 
 
 def test_resume_continues_exactly(overfit_run: Path) -> None:

@@ -73,6 +73,7 @@ class ModelConfig(_Strict):
 class DataConfig(_Strict):
     batch_size: int = Field(2, ge=1)
     shuffle_buffer: int = Field(16, ge=1)
+    drop_last: bool = Field(False, description="drop each bucket's short last batch of an epoch")
     buckets: list[tuple[int, int]] = Field(
         default_factory=lambda: [(64, 64)], description="(height, width) resolution buckets; multiples of 16"
     )

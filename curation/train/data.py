@@ -2,10 +2,11 @@
 resume, and decoding of mp4 frames, reference crops, mask tracks and caption spans into tensors.
 
 Order of one epoch: shards in a seeded order (every `world_size`-th for this rank) -> samples as webdataset reads
-them -> a seeded shuffle buffer -> per-bucket queues -> a batch whenever a bucket holds `batch_size` samples
-(leftovers are dropped at the end of the epoch). Everything up to the batch uses only the sample's json, and the
-heavy decode happens only for samples in an emitted batch, so resuming at `(epoch, batches)` replays the epoch
-without decoding and continues exactly where the interrupted run stopped.
+them -> a seeded shuffle buffer -> per-bucket queues -> a batch whenever a bucket holds `batch_size` samples (at
+the end of the epoch each bucket's leftovers form one short batch, or are dropped with `drop_last`). Everything up
+to the batch uses only the sample's json, and the heavy decode happens only for samples in an emitted batch, so
+resuming at `(epoch, batches)` replays the epoch without decoding and continues exactly where the interrupted run
+stopped.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class ShardStream:
             if len(q) == self.cfg.batch_size:
                 yield q
                 queues[p.bucket] = []
+        if not self.cfg.drop_last:  # the epoch's leftovers, one short batch per bucket, in a fixed order
+            yield from (q for _, q in sorted(queues.items()) if q)
 
     # -- batches ----------------------------------------------------------------------------------------------
     def batches(self, state: LoaderState | None = None) -> Iterator[tuple[dict[str, Any], LoaderState]]:
@@ -172,8 +175,8 @@ class ShardStream:
             if emitted == 0:
                 raise ConfigError(
                     f"the shards give no batch of {self.cfg.batch_size}: {len(self.skipped)} sample(s) skipped "
-                    f"({'; '.join(sorted(set(self.skipped.values()))) or 'none readable'}); lower data.batch_size or "
-                    "add data.frames / data.buckets that the clips fit"
+                    f"({'; '.join(sorted(set(self.skipped.values()))) or 'none readable'}); lower data.batch_size, "
+                    "set data.drop_last: false, or add data.frames / data.buckets that the clips fit"
                 )
             st = LoaderState(st.epoch + 1, 0)
 
