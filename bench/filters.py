@@ -7,6 +7,8 @@
     itself to get the same frames. Scores must be identical (the run fails otherwise). Ratio: separate / fused.
 (b) fused total wall vs `ffmpeg -i X -f null -` over the same inputs (the decode floor). Ratio: fused / floor.
 Both are also reported without OCR, whose CPU model dominates scoring on a machine without a GPU.
+CPU seconds of every part are recorded too: (scan + filters CPU) / cores is the least wall any scheduling of the
+fused work could reach on this machine (`cpu_bound_fused_vs_ffmpeg_floor`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from curation.config import build_config  # noqa: E402
 from curation.pipeline import Pipeline  # noqa: E402
 from curation.stage import Row, registry  # noqa: E402
-from curation.video import _rotate, detect_size, sample_size  # noqa: E402
+from curation.video import _rotate, decoded_frames, detect_size, sample_size  # noqa: E402
 
 
 def decode_samples(uri: str, clips: list[Row], sample_long_side: int) -> dict[str, dict[str, np.ndarray]]:
@@ -51,33 +55,24 @@ def decode_samples(uri: str, clips: list[Row], sample_long_side: int) -> dict[st
     det_rf, rf = VideoReformatter(), VideoReformatter()
     prev_grey = None
     with av.open(uri) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        idx = -1
-        for packet in container.demux(stream):
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError:
-                continue
-            for frame in frames:
-                idx += 1
-                if idx == 0:
-                    rot = int(frame.rotation or 0)
-                    dsize = detect_size(frame.width, frame.height)
-                    ssize = sample_size(frame.width, frame.height, sample_long_side)
-                small = det_rf.reformat(
-                    frame, width=dsize[0], height=dsize[1], format="bgr24", interpolation=Interpolation.FAST_BILINEAR
+        for idx, frame in enumerate(decoded_frames(container)):  # numbered as the scene-cut pass numbers them
+            if idx == 0:
+                rot = int(frame.rotation or 0)
+                dsize = detect_size(frame.width, frame.height)
+                ssize = sample_size(frame.width, frame.height, sample_long_side)
+            small = det_rf.reformat(
+                frame, width=dsize[0], height=dsize[1], format="bgr24", interpolation=Interpolation.FAST_BILINEAR
+            ).to_ndarray()
+            grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+            if idx in want:
+                rgb = rf.reformat(
+                    frame, width=ssize[0], height=ssize[1], format="rgb24", interpolation=Interpolation.BILINEAR
                 ).to_ndarray()
-                grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-                if idx in want:
-                    rgb = rf.reformat(
-                        frame, width=ssize[0], height=ssize[1], format="rgb24", interpolation=Interpolation.BILINEAR
-                    ).to_ndarray()
-                    pair = np.stack([_rotate(prev_grey if prev_grey is not None else grey, rot), _rotate(grey, rot)])
-                    for cid, k in want[idx]:
-                        out[cid]["frames"][k] = _rotate(rgb, rot)
-                        out[cid]["pairs"][k] = pair
-                prev_grey = grey
+                pair = np.stack([_rotate(prev_grey if prev_grey is not None else grey, rot), _rotate(grey, rot)])
+                for cid, k in want[idx]:
+                    out[cid]["frames"][k] = _rotate(rgb, rot)
+                    out[cid]["pairs"][k] = pair
+            prev_grey = grey
     result = {}
     for c in clips:
         o = out[c["clip_id"]]
@@ -88,6 +83,11 @@ def decode_samples(uri: str, clips: list[Row], sample_long_side: int) -> dict[st
             "pair_valid": np.array([i > c["scenecut_start_frame"] for i in c["scenecut_sample_frames"]]),
         }
     return result
+
+
+def _cpu(children: bool = False) -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _scores(stage: Any, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -112,9 +112,9 @@ def main() -> int:
         pipe.ingest(str(lst))
         runner = pipe.runner()
         pipe.run_stage("probe", runner)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         pipe.run_stage("scenecut", runner)
-        t_scan = time.perf_counter() - t0
+        t_scan, cpu_scan = time.perf_counter() - t0, _cpu() - c0
         clips = pipe.manifests.rows("SELECT * FROM clips WHERE scenecut_status = 'ok' ORDER BY uri, clip_id")
         by_video: dict[str, list[Row]] = {}
         for c in clips:
@@ -122,8 +122,10 @@ def main() -> int:
         sample_side = pipe.cfg.stage_config("scenecut").sample_long_side
 
         fused: dict[str, float] = {}
+        fused_cpu: dict[str, float] = {}
         fused_scores: dict[tuple[str, str], Any] = {}
         separate: dict[str, float] = {}
+        separate_cpu: dict[str, float] = {}
         mismatches: list[str] = []
         for name in names:
             stage = registry()[name]()
@@ -131,11 +133,11 @@ def main() -> int:
             stage.setup()
             from stages.scenecut import load_samples
 
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu()
             for c in clips:
                 fused_scores[(name, c["clip_id"])] = _scores(stage, c, load_samples(c))
-            fused[name] = time.perf_counter() - t0
-            t0 = time.perf_counter()
+            fused[name], fused_cpu[name] = time.perf_counter() - t0, _cpu() - c0
+            t0, c0 = time.perf_counter(), _cpu()
             for uri, vclips in by_video.items():
                 decoded = decode_samples(uri, vclips, sample_side)
                 for c in vclips:
@@ -144,14 +146,15 @@ def main() -> int:
                         fused_scores[(name, c["clip_id"])], sort_keys=True, default=str
                     ):
                         mismatches.append(f"{name}:{Path(uri).name}:{c['scenecut_start_frame']}")
-            separate[name] = time.perf_counter() - t0
+            separate[name], separate_cpu[name] = time.perf_counter() - t0, _cpu() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu(children=True)
     for v in videos:
         subprocess.run(
             ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(v), "-map", "0:v:0", "-f", "null", "-"], check=False
         )
-    t_floor = time.perf_counter() - t0
+    t_floor, cpu_floor = time.perf_counter() - t0, _cpu(children=True) - c0
+    cores = os.cpu_count() or 1
 
     def totals(keep: list[str]) -> tuple[float, float]:
         return t_scan + sum(fused[n] for n in keep), t_scan + sum(separate[n] for n in keep)
@@ -161,6 +164,13 @@ def main() -> int:
         "clips": len(clips),
         "scenecut_pass_s": round(t_scan, 2),
         "ffmpeg_null_decode_s": round(t_floor, 2),
+        "cores": cores,
+        "cpu_s": {
+            "scenecut_pass": round(cpu_scan, 2),
+            "ffmpeg_null_decode": round(cpu_floor, 2),
+            **{k: round(v, 2) for k, v in fused_cpu.items()},
+            **{f"{k}_separate": round(v, 2) for k, v in separate_cpu.items()},
+        },
         "fused_filter_s": {k: round(v, 2) for k, v in fused.items()},
         "separate_filter_s": {k: round(v, 2) for k, v in separate.items()},
         "identical_scores": not mismatches,
@@ -173,6 +183,11 @@ def main() -> int:
             "separate_s": round(s, 2),
             "speedup_fused_vs_separate": round(s / f, 2),
             "fused_vs_ffmpeg_floor": round(f / t_floor, 2),
+            "cpu_separate_vs_fused": round(
+                (cpu_scan + sum(separate_cpu[n] for n in keep)) / (cpu_scan + sum(fused_cpu[n] for n in keep)), 2
+            ),
+            # Even with every core busy all the time the fused work cannot finish sooner than this.
+            "cpu_bound_fused_vs_ffmpeg_floor": round((cpu_scan + sum(fused_cpu[n] for n in keep)) / cores / t_floor, 2),
         }
     print(json.dumps(report, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,12 @@ class OcrConfig(FilterConfig):
         "text box 512 finds on the labelled media at 40% of the cost; 256 misses subtitles",
     )
     recognise: bool = Field(True, description="also recognise the text (detection alone gives the area)")
+    threads: int = Field(
+        1,
+        ge=0,
+        description="onnxruntime threads per worker (0: one per core). 1 matches the worker's fractional CPU: "
+        "two threads cut one frame's wall by 15% for 80% more CPU, which parallel workers pay for",
+    )
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("paddleocr", "PaddleOCR's model downloads (det/rec inference models), copied into models_dir/paddleocr"),
     )
@@ -58,7 +64,13 @@ class _RapidOcr:
         from rapidocr import RapidOCR
 
         logging.getLogger("RapidOCR").setLevel(logging.WARNING)
-        self.engine = RapidOCR(params={"Det.limit_type": "max", "Det.limit_side_len": cfg.detect_side})
+        self.engine = RapidOCR(
+            params={
+                "Det.limit_type": "max",
+                "Det.limit_side_len": cfg.detect_side,
+                "EngineConfig.onnxruntime.intra_op_num_threads": cfg.threads or -1,
+            }
+        )
         self.cfg = cfg
 
     def __call__(self, rgb: np.ndarray) -> list[tuple[Box, str, float]]:
