@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, ClassVar
 
 import cv2
@@ -17,6 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from curation.filters import FilterConfig, SampleFilter, pick
+from curation.runners import resources_for
 from curation.stage import Resources, Row, register
 
 log = logging.getLogger(__name__)
@@ -45,11 +47,11 @@ class OcrConfig(FilterConfig):
         "text box 512 finds on the labelled media at 40% of the cost; 256 misses subtitles",
     )
     recognise: bool = Field(True, description="also recognise the text (detection alone gives the area)")
-    threads: int = Field(
-        1,
+    threads: int | None = Field(
+        None,
         ge=0,
-        description="onnxruntime threads per worker (0: one per core). 1 matches the worker's fractional CPU: "
-        "two threads cut one frame's wall by 15% for 80% more CPU, which parallel workers pay for",
+        description="onnxruntime threads per worker; null: the worker's CPUs (resources.cpus rounded up), 0: one "
+        "per core. A thread per core cuts one worker's wall by 15% for 80% more CPU, which parallel workers pay for",
     )
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("paddleocr", "PaddleOCR's model downloads (det/rec inference models), copied into models_dir/paddleocr"),
@@ -57,6 +59,14 @@ class OcrConfig(FilterConfig):
 
 
 Box = list[list[float]]
+
+
+def _threads(cfg: OcrConfig) -> int:
+    """onnxruntime's intra-op thread count (-1: its default, a thread per core)."""
+    if cfg.threads is not None:
+        return cfg.threads or -1
+    cpus = resources_for(Ocr, cfg).cpus
+    return max(1, math.ceil(cpus))
 
 
 class _RapidOcr:
@@ -68,7 +78,7 @@ class _RapidOcr:
             params={
                 "Det.limit_type": "max",
                 "Det.limit_side_len": cfg.detect_side,
-                "EngineConfig.onnxruntime.intra_op_num_threads": cfg.threads or -1,
+                "EngineConfig.onnxruntime.intra_op_num_threads": _threads(cfg),
             }
         )
         self.cfg = cfg

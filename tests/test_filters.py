@@ -205,6 +205,21 @@ def test_ocr_reads_drawn_text_and_ignores_blank(tmp_path: Path) -> None:
     assert row["ocr_status"] == "reject"
 
 
+def test_ocr_threads_follow_the_workers_cpus() -> None:
+    """onnxruntime must not start a thread per core inside a worker that holds half a CPU (pools oversubscribe)."""
+    from stages.ocr import OcrConfig, _threads
+
+    assert _threads(OcrConfig()) == 1  # declared 0.5 CPU
+    assert _threads(OcrConfig(resources={"cpus": 2.0})) == 2
+    assert _threads(OcrConfig(resources={"cpus": 1.5}, threads=None)) == 2
+    assert _threads(OcrConfig(threads=0)) == -1  # onnxruntime's own default
+    stage = registry()["ocr"](OcrConfig(resources={"cpus": 2.0}))
+    stage.setup()
+    engine = stage._engine.engine
+    engine(np.zeros((64, 64, 3), np.uint8), use_cls=False)  # rapidocr loads its detector on first use
+    assert engine.text_det.session.session.get_session_options().intra_op_num_threads == 2
+
+
 def test_quality_proxy_orders_degradations() -> None:
     img = _photo((352, 288))
     blurred = cv2.GaussianBlur(img, (0, 0), 3)
