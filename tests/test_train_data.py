@@ -148,3 +148,47 @@ def test_bad_samples_are_skipped_with_a_reason(overfit_run: Path, tmp_path: Path
     assert got == [key] * 3
     assert set(stream.skipped) == {"nomp4", "garbage"}
     assert "no mp4" in stream.skipped["nomp4"] and stream.skipped["garbage"]
+
+
+def test_prefetched_batches_equal_the_plain_loader(overfit_run: Path) -> None:
+    """Decoding ahead in a thread changes when a batch is decoded, never which batch comes next (resume relies on
+    it)."""
+    from contextlib import closing
+
+    from curation.train.data import prefetched
+
+    plain = _take(_stream(overfit_run), 7)
+    with closing(prefetched(_stream(overfit_run).batches(), 2)) as it:
+        ahead = [next(it) for _ in range(7)]
+    assert [s for _, s in ahead] == [s for _, s in plain]
+    for (a, _), (b, _) in zip(ahead, plain, strict=True):
+        assert a["keys"] == b["keys"]
+        for name in ("video", "refs", "masks", "mask_valid", "text_ids", "subject_text"):
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_prefetch_raises_where_the_source_failed_and_stops_its_thread() -> None:
+    import threading
+    from contextlib import closing
+
+    from curation.train.data import prefetched
+
+    def source():
+        yield 1
+        yield 2
+        raise ConfigError("shards gone")
+
+    it = prefetched(source(), 4)
+    assert next(it) == 1 and next(it) == 2
+    with pytest.raises(ConfigError, match="shards gone"):
+        next(it)
+
+    def endless():
+        n = 0
+        while True:
+            n += 1
+            yield n
+
+    with closing(prefetched(endless(), 3)) as it:
+        assert [next(it) for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert not any(t.name == "batch-prefetch" and t.is_alive() for t in threading.enumerate())

@@ -82,6 +82,9 @@ class DataConfig(_Strict):
     ref_size: int = Field(32, ge=16, description="reference crops are letterboxed to this square; multiple of 16")
     text_len: int = Field(64, ge=8, description="caption tokens (padded / truncated)")
     mask_max_gap: int = Field(4, ge=0, description="a frame takes the mask of the nearest tracked frame this close")
+    prefetch: int = Field(
+        2, ge=0, description="batches decoded ahead in a background thread while the model steps (0: none)"
+    )
     rank: int = Field(0, ge=0, description="this process's share of the shards (distributed training)")
     world_size: int = Field(1, ge=1)
 

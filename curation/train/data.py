@@ -15,11 +15,13 @@ import io
 import json
 import logging
 import math
+import queue
 import random
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -274,6 +276,56 @@ class ShardStream:
             "subject_text": subject_text,
             "subject_ids": [s["subject_ids"] for s in samples],
         }
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """`items` in the same order, produced by a background thread up to `depth` ahead.
+
+    Decoding (PyAV, OpenCV, numpy) releases the GIL, so the next batches decode while the model steps. Order is
+    kept, so resume positions are unchanged. The producer's exception is raised at the point it happened; closing
+    the generator stops the thread.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for it in items:
+                if not put(("item", it)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put(("error", exc))
+            return
+        put(("end", None))
+
+    thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _member_ext(member: str | None) -> str | None:

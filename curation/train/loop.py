@@ -21,6 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from curation.errors import ConfigError
 from curation.train.config import TrainConfig
-from curation.train.data import LoaderState, ShardStream, list_shards
+from curation.train.data import LoaderState, ShardStream, list_shards, prefetched
 from curation.train.model import build
 
 log = logging.getLogger(__name__)
@@ -262,10 +263,11 @@ class Trainer:
         history: list[dict[str, Any]] = []
         if self.step >= total:
             return history
-        metrics = (self.out / "metrics.jsonl").open("a")
         t0 = time.perf_counter()
-        try:
-            for batch, st in self.stream.batches(self.loader_state):
+        batches = prefetched(self.stream.batches(self.loader_state), self.cfg.data.prefetch)
+        # closing: the prefetch thread stops however the loop ends (done, error, interrupt)
+        with (self.out / "metrics.jsonl").open("a") as metrics, closing(batches):
+            for batch, st in batches:
                 ls = self.train_step(batch)
                 self.loader_state = st
                 rec = {
@@ -288,6 +290,4 @@ class Trainer:
                     self.save()
                 if self.step >= total:
                     break
-        finally:
-            metrics.close()
         return history
