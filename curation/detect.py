@@ -218,11 +218,25 @@ class EmbeddedDetector:
             init[cy1:cy2, cx1:cx2] = cv2.GC_PR_FGD
         if not seed.any():
             seed = (init == cv2.GC_PR_FGD).astype(np.uint8)
+        # GrabCut on a window around the box: outside it every pixel is fixed background anyway, so only the
+        # background colour model changes (it learns the colours around the subject rather than the whole frame).
+        mx, my = max(8, (x2 - x1) // 2), max(8, (y2 - y1) // 2)
+        wx1, wy1, wx2, wy2 = max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)
+        win = np.ascontiguousarray(init[wy1:wy2, wx1:wx2])
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         try:
-            cv2.grabCut(small, init, None, bgd, fgd, self.grabcut_iters, cv2.GC_INIT_WITH_MASK)
+            cv2.grabCut(
+                np.ascontiguousarray(small[wy1:wy2, wx1:wx2]),
+                win,
+                None,
+                bgd,
+                fgd,
+                self.grabcut_iters,
+                cv2.GC_INIT_WITH_MASK,
+            )
         except cv2.error:  # degenerate colour model (flat box): fall back to the seed
             return seed
+        init[wy1:wy2, wx1:wx2] = win
         mask = ((init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)).astype(np.uint8)
         if seed.any() and mask_iou(mask, seed) < 0.4:  # GrabCut lost the mover (blur, colours like the ground)
             mask = seed

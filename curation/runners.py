@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 from collections.abc import Callable
@@ -32,6 +33,17 @@ def resources_for(stage_cls: type[Stage[Any]], cfg: StageConfig) -> Resources:
     if not over:
         return base
     return Resources(**{**base.__dict__, **{k: v for k, v in over.model_dump().items() if v is not None}})
+
+
+def limit_native_threads(cpus: float) -> int:
+    """Native thread pools (OpenCV, OpenMP) sized to the CPUs an actor holds, not to the machine's cores: every
+    actor starting a thread per core oversubscribes the node (measured: the `ocr` stage ran 2x slower that way)."""
+    import cv2
+
+    n = max(1, math.ceil(cpus))
+    cv2.setNumThreads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)  # read by libraries that start OpenMP later (torch, onnxruntime builds)
+    return n
 
 
 class LocalRunner:
@@ -65,7 +77,9 @@ class _RayStageWorker:
 
     def __init__(self, stage_name: str, config: dict[str, Any], run_dir: str) -> None:
         cls = get_stage(stage_name)
-        self.stage = cls(cls.config_class(**config))
+        cfg = cls.config_class(**config)
+        limit_native_threads(resources_for(cls, cfg).cpus)
+        self.stage = cls(cfg)
         self.stage.workdir = Path(run_dir)
         self.manifests = Manifests(run_dir)
 

@@ -103,7 +103,7 @@ def link_subjects(tracks: list[dict[str, Any]], caption_subjects: list[dict[str,
 @register
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
-    version = "1"
+    version = "2"
     config_class = SubjectsConfig
     resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
     level = "clip"

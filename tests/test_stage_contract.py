@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -87,3 +88,20 @@ READS_MEDIA = {"probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", 
 
 def test_every_media_stage_is_listed() -> None:
     assert READS_MEDIA <= set(NAMES) and set(NAMES) - READS_MEDIA == {"caption"}
+
+
+def test_stage_actors_size_native_thread_pools_to_their_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray actor holding half a CPU must not run OpenCV with a thread per core (pools oversubscribe the node)."""
+    import cv2
+
+    from curation.runners import _RayStageWorker
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    before = cv2.getNumThreads()
+    try:
+        _RayStageWorker("subjects", {}, str(tmp_path))  # declares 0.5 CPU
+        assert cv2.getNumThreads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        _RayStageWorker("subjects", {"resources": {"cpus": 3.0}}, str(tmp_path))
+        assert cv2.getNumThreads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        cv2.setNumThreads(before)
