@@ -1,6 +1,6 @@
 """End-to-end throughput on the embedded profile: a generated corpus through every default stage on Ray.
 
-    python bench/throughput.py [--videos 20 40]
+    python bench/throughput.py [--videos 20 40] [--set ocr.threads=0 ...]
 
 Each video is 5 scenes x 2 s (320x240, 25 fps) from different ffmpeg test sources, so scene cut yields ~5 clips a
 video. For each corpus size it reports clips/s end to end and the peak RSS of each stage's workers (measured in the
@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from curation.config import build_config  # noqa: E402
+from curation.config import apply_overrides, build_config  # noqa: E402
 from curation.pipeline import Pipeline  # noqa: E402
 from curation.samples import concat_sources  # noqa: E402
 
@@ -34,8 +34,8 @@ def corpus(folder: Path, n: int) -> None:
         concat_sources(folder / f"v{i:04d}.mp4", order, 2.0, size="320x240", fps=25)
 
 
-def run_once(inputs: Path, out: Path) -> dict[str, object]:
-    cfg = build_config({"runner": "ray", "progress": False})
+def run_once(inputs: Path, out: Path, overrides: list[str]) -> dict[str, object]:
+    cfg = build_config(apply_overrides({"runner": "ray", "progress": False}, overrides))
     pipe = Pipeline(cfg, out)
     t0 = time.perf_counter()
     pipe.run(str(inputs))
@@ -58,6 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, nargs="+", default=[25, 50])
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "throughput.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (ocr.threads=0)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     import ray
@@ -68,10 +69,11 @@ def main() -> int:
         for n in args.videos:
             inputs = Path(tmpd) / f"in{n}"
             corpus(inputs, n)
-            results[n] = run_once(inputs, Path(tmpd) / f"run{n}")
+            results[n] = run_once(inputs, Path(tmpd) / f"run{n}", args.set)
             print(f"{n} videos: {json.dumps({k: v for k, v in results[n].items() if k != 'stages'})}", flush=True)
     small, big = results[min(results)], results[max(results)]
     report = {
+        "overrides": args.set,
         "runs": results,
         "memory_ratio_largest_vs_smallest": round(big["peak_worker_rss_mb"] / small["peak_worker_rss_mb"], 3),
     }
