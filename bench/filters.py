@@ -1,6 +1,6 @@
 """Quality filters: fused (decode once) vs each filter decoding the video itself, and vs a bare ffmpeg decode.
 
-    python bench/filters.py [--media DIR] [--filters motion,aesthetics,watermark,ocr]
+    python bench/filters.py [--media DIR] [--filters motion,aesthetics,watermark,ocr] [--set ocr.threads=1 ...]
 
 (a) fused: the `scenecut` pass (one decode per video, frame samples kept) then every filter on the samples;
     separate: the same `scenecut` pass (cuts are needed either way), then each filter decodes every video again
@@ -33,7 +33,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from curation.config import build_config  # noqa: E402
+from curation.config import apply_overrides, build_config  # noqa: E402
 from curation.pipeline import Pipeline  # noqa: E402
 from curation.stage import Row, registry  # noqa: E402
 from curation.video import _rotate, decoded_frames, detect_size, sample_size  # noqa: E402
@@ -99,13 +99,17 @@ def main() -> int:
     ap.add_argument("--media", type=Path, default=REPO.parent / "shared" / "media" / "video")
     ap.add_argument("--filters", default="motion,aesthetics,watermark,ocr")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "filters.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (ocr.threads=1)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     names = args.filters.split(",")
     videos = sorted(p for p in args.media.iterdir() if p.is_file() and "truncated" not in p.name and p.suffix != ".md")
     with tempfile.TemporaryDirectory() as tmpd:
         run = Path(tmpd) / "run"
-        pipe = Pipeline(build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut"]}), run)
+        cfg = build_config(
+            apply_overrides({"runner": "local", "progress": False, "stages": ["probe", "scenecut"]}, args.set)
+        )
+        pipe = Pipeline(cfg, run)
         pipe.prepare()
         lst = Path(tmpd) / "inputs.txt"
         lst.write_text("\n".join(str(v) for v in videos))
@@ -128,7 +132,7 @@ def main() -> int:
         separate_cpu: dict[str, float] = {}
         mismatches: list[str] = []
         for name in names:
-            stage = registry()[name]()
+            stage = registry()[name](cfg.stage_config(name))
             stage.workdir = run
             stage.setup()
             from stages.scenecut import load_samples
@@ -160,6 +164,7 @@ def main() -> int:
         return t_scan + sum(fused[n] for n in keep), t_scan + sum(separate[n] for n in keep)
 
     report: dict[str, Any] = {
+        "overrides": args.set,
         "videos": len(videos),
         "clips": len(clips),
         "scenecut_pass_s": round(t_scan, 2),

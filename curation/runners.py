@@ -35,13 +35,24 @@ def resources_for(stage_cls: type[Stage[Any]], cfg: StageConfig) -> Resources:
     return Resources(**{**base.__dict__, **{k: v for k, v in over.model_dump().items() if v is not None}})
 
 
+_native_threads: int | None = None  # set in stage actors; None in-process, where one stage runs at a time
+
+
+def native_threads() -> int | None:
+    """Threads this worker's native libraries may use: the actor's CPUs, or None (the library's default, a thread
+    per core) when stages run in-process one after another. For libraries with their own pool (onnxruntime)."""
+    return _native_threads
+
+
 def limit_native_threads(cpus: float) -> int:
     """Native thread pools (OpenCV, OpenMP) sized to the CPUs an actor holds, not to the machine's cores: every
     actor starting a thread per core oversubscribes the node (measured with onnxruntime's pool in `ocr`: 2x slower;
     with OpenCV's in `subjects`: part of its 1.28x)."""
     import cv2
 
+    global _native_threads
     n = max(1, math.ceil(cpus))
+    _native_threads = n
     cv2.setNumThreads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)  # read by libraries that start OpenMP later (torch)
     return n

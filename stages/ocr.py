@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any, ClassVar
 
 import cv2
@@ -18,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from curation.filters import FilterConfig, SampleFilter, pick
-from curation.runners import resources_for
+from curation.runners import native_threads
 from curation.stage import Resources, Row, register
 
 log = logging.getLogger(__name__)
@@ -50,8 +49,9 @@ class OcrConfig(FilterConfig):
     threads: int | None = Field(
         None,
         ge=0,
-        description="onnxruntime threads per worker; null: the worker's CPUs (resources.cpus rounded up), 0: one "
-        "per core. A thread per core cuts one worker's wall by 15% for 80% more CPU, which parallel workers pay for",
+        description="onnxruntime threads per worker; null: a Ray actor's CPUs (resources.cpus rounded up), a thread "
+        "per core in-process; 0: a thread per core. Per core cuts one worker's wall by 15% for 80% more CPU, which "
+        "parallel workers pay for",
     )
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("paddleocr", "PaddleOCR's model downloads (det/rec inference models), copied into models_dir/paddleocr"),
@@ -65,8 +65,7 @@ def _threads(cfg: OcrConfig) -> int:
     """onnxruntime's intra-op thread count (-1: its default, a thread per core)."""
     if cfg.threads is not None:
         return cfg.threads or -1
-    cpus = resources_for(Ocr, cfg).cpus
-    return max(1, math.ceil(cpus))
+    return native_threads() or -1
 
 
 class _RapidOcr:

@@ -205,19 +205,31 @@ def test_ocr_reads_drawn_text_and_ignores_blank(tmp_path: Path) -> None:
     assert row["ocr_status"] == "reject"
 
 
-def test_ocr_threads_follow_the_workers_cpus() -> None:
-    """onnxruntime must not start a thread per core inside a worker that holds half a CPU (pools oversubscribe)."""
+def test_ocr_threads_follow_the_workers_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a Ray actor holding half a CPU onnxruntime must not start a thread per core (pools oversubscribe);
+    in-process, where stages run one at a time, it may."""
+    import cv2
+
+    import curation.runners as runners
+    from curation.runners import _RayStageWorker
     from stages.ocr import OcrConfig, _threads
 
-    assert _threads(OcrConfig()) == 1  # declared 0.5 CPU
-    assert _threads(OcrConfig(resources={"cpus": 2.0})) == 2
-    assert _threads(OcrConfig(resources={"cpus": 1.5}, threads=None)) == 2
-    assert _threads(OcrConfig(threads=0)) == -1  # onnxruntime's own default
-    stage = registry()["ocr"](OcrConfig(resources={"cpus": 2.0}))
-    stage.setup()
-    engine = stage._engine.engine
-    engine(np.zeros((64, 64, 3), np.uint8), use_cls=False)  # rapidocr loads its detector on first use
-    assert engine.text_det.session.session.get_session_options().intra_op_num_threads == 2
+    assert _threads(OcrConfig()) == -1  # in-process: onnxruntime's default
+    assert _threads(OcrConfig(threads=3)) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # restored afterwards; the actor sets it
+    before = cv2.getNumThreads()
+    try:
+        worker = _RayStageWorker("ocr", {"resources": {"cpus": 2.0}}, str(tmp_path))
+        assert _threads(OcrConfig()) == 2 and _threads(OcrConfig(threads=0)) == -1
+        worker.stage.setup()
+        engine = worker.stage._engine.engine
+        engine(np.zeros((64, 64, 3), np.uint8), use_cls=False)  # rapidocr loads its detector on first use
+        assert engine.text_det.session.session.get_session_options().intra_op_num_threads == 2
+        _RayStageWorker("ocr", {}, str(tmp_path))  # declares 0.5 CPU
+        assert _threads(OcrConfig()) == 1
+    finally:
+        runners._native_threads = None
+        cv2.setNumThreads(before)
 
 
 def test_quality_proxy_orders_degradations() -> None:

@@ -94,6 +94,7 @@ def test_stage_actors_size_native_thread_pools_to_their_cpus(tmp_path: Path, mon
     """A Ray actor holding half a CPU must not run OpenCV with a thread per core (pools oversubscribe the node)."""
     import cv2
 
+    import curation.runners as runners
     from curation.runners import _RayStageWorker
 
     monkeypatch.setenv("OMP_NUM_THREADS", "")
@@ -104,4 +105,5 @@ def test_stage_actors_size_native_thread_pools_to_their_cpus(tmp_path: Path, mon
         _RayStageWorker("subjects", {"resources": {"cpus": 3.0}}, str(tmp_path))
         assert cv2.getNumThreads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
     finally:
+        runners._native_threads = None
         cv2.setNumThreads(before)
