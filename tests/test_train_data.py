@@ -183,12 +183,18 @@ def test_prefetch_raises_where_the_source_failed_and_stops_its_thread() -> None:
     with pytest.raises(ConfigError, match="shards gone"):
         next(it)
 
+    released = []
+
     def endless():
         n = 0
-        while True:
-            n += 1
-            yield n
+        try:
+            while True:
+                n += 1
+                yield n
+        finally:
+            released.append(n)  # the source's files would be closed here
 
     with closing(prefetched(endless(), 3)) as it:
         assert [next(it) for _ in range(5)] == [1, 2, 3, 4, 5]
     assert not any(t.name == "batch-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(released) == 1

@@ -311,6 +311,10 @@ def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(("error", exc))
             return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:  # release the source's files now, in the thread that ran it
+                close()
         put(("end", None))
 
     thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
