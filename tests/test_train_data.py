@@ -194,7 +194,8 @@ def test_prefetch_raises_where_the_source_failed_and_stops_its_thread() -> None:
         finally:
             released.append(n)  # the source's files would be closed here
 
-    with closing(prefetched(endless(), 3)) as it:
+    src = endless()  # held here, so only an explicit close (not garbage collection) can release it
+    with closing(prefetched(src, 3)) as it:
         assert [next(it) for _ in range(5)] == [1, 2, 3, 4, 5]
     assert not any(t.name == "batch-prefetch" and t.is_alive() for t in threading.enumerate())
     assert len(released) == 1
