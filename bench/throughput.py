@@ -1,6 +1,6 @@
 """End-to-end throughput on the embedded profile: a generated corpus through every default stage on Ray.
 
-    python bench/throughput.py [--videos 20 40] [--set ocr.threads=0 ...]
+    python bench/throughput.py [--videos 25 50] [--set ocr.threads=0 ...]
 
 Each video is 5 scenes x 2 s (320x240, 25 fps) from different ffmpeg test sources, so scene cut yields ~5 clips a
 video. For each corpus size it reports clips/s end to end and the peak RSS of each stage's workers (measured in the

@@ -216,7 +216,7 @@ class Trainer:
         final = d / f"{CKPT_PREFIX}{self.step:08d}"
         tmp = d / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir()
-        torch.save({k: v for k, v in self.model.state_dict().items()}, tmp / "model.pt")
+        torch.save(self.model.state_dict(), tmp / "model.pt")
         torch.save({"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}, tmp / "optim.pt")
         state = {"step": self.step, "loader": self.loader_state.to_dict(), "config": self.cfg.model_dump(mode="json")}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
