@@ -133,9 +133,9 @@ def main() -> int:
         mismatches: list[str] = []
         for name in names:
             stage = registry()[name](cfg.stage_config(name))
-            stage.workdir = run
-            stage.setup()
-            from stages.scenecut import load_samples
+            stage.bind(run)
+            stage.setup(stage.ctx)
+            from curation.samples import load_samples
 
             t0, c0 = time.perf_counter(), _cpu()
             for c in clips:

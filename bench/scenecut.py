@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from curation.samples import concat_sources  # noqa: E402
 from curation.stage import registry  # noqa: E402
-from stages.scenecut import Scenecut, ScenecutConfig  # noqa: E402
+from curation.stages.scenecut import Scenecut, ScenecutConfig  # noqa: E402
+from curation.synthetic import concat_sources  # noqa: E402
 
 THRESHOLD, MIN_LEN = 27.0, 15
 
@@ -35,7 +35,7 @@ THRESHOLD, MIN_LEN = 27.0, 15
 def ours(videos: list[Path], workdir: Path) -> tuple[float, dict[str, list[int]]]:
     cfg = ScenecutConfig(threshold=THRESHOLD, min_scene_len=MIN_LEN, max_clip_s=None)
     stage = Scenecut(cfg)
-    stage.workdir = workdir
+    stage.bind(workdir)
     t0 = time.perf_counter()
     rows = stage.run_batch([{"video_id": f"v{i}", "uri": str(v)} for i, v in enumerate(videos)])
     wall = time.perf_counter() - t0

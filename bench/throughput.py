@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from curation.config import apply_overrides, build_config  # noqa: E402
 from curation.pipeline import Pipeline  # noqa: E402
-from curation.samples import concat_sources  # noqa: E402
+from curation.synthetic import concat_sources  # noqa: E402
 
 SOURCES = ["mandelbrot", "life", "cellauto", "gradients", "rgbtestsrc"]
 

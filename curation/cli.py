@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.errors import CurationError
+from curation.logs import log_to_file, native_stderr_to_file
 
 log = logging.getLogger("curation")
 
@@ -81,6 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cfg.out:
         raise CurationError("no output directory: pass --out RUN_DIR (or set `out:` in the config)")
     pipe = Pipeline(cfg, cfg.out)
+    pipe.prepare()
+    native_stderr_to_file(cfg.out)
     t0 = time.perf_counter()
     reports = pipe.run(cfg.input, args.rerun, _progress_factory(cfg.progress))
     _print_reports(reports)
@@ -112,6 +115,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     get_stage(args.name)
     cfg = _run_config(args.run, args.config, _apply_common(args, []))
     pipe = Pipeline(cfg, args.run)
+    log_to_file(args.run)
+    native_stderr_to_file(args.run)
     selection = None
     if args.selection:
         selection = Path(args.run) / "selections" / f"{args.selection}.parquet"
@@ -128,11 +133,12 @@ def cmd_select(args: argparse.Namespace) -> int:
     from curation.manifest import Manifests, atomic_write_table
 
     m = Manifests(args.run)
-    if not m.has("scenecut"):
+    split = m.split_stage()
+    if split is None or not m.has(split):
         raise CurationError(f"{args.run!r} has no clips yet: run `curation run` first")
     try:
-        table = m.query(f"SELECT clip_id FROM clips WHERE scenecut_status = 'ok' AND ({args.where}) ORDER BY clip_id")
-        total = m.rows("SELECT count(*) AS n FROM clips WHERE scenecut_status = 'ok'")[0]["n"]
+        table = m.query(f"SELECT clip_id FROM clips WHERE {split}_status = 'ok' AND ({args.where}) ORDER BY clip_id")
+        total = m.rows(f"SELECT count(*) AS n FROM clips WHERE {split}_status = 'ok'")[0]["n"]
     except duckdb.Error as exc:
         raise CurationError(f"--where is not valid over the clips view: {str(exc).splitlines()[0]}") from None
     path = Path(args.run) / "selections" / f"{args.name}.parquet"
@@ -212,7 +218,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from curation.samples import make_samples
+    from curation.synthetic import make_samples
 
     paths = make_samples(Path(args.out), seconds=args.seconds)
     for p in paths:
@@ -256,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="the whole pipeline: ingest, every stage, shards")
-    r.add_argument("config", help="YAML config, e.g. configs/local.yaml")
+    r.add_argument(
+        "config", nargs="?", help="YAML config, e.g. configs/local.yaml (default: the built-in embedded profile)"
+    )
     r.add_argument("--input", help="folder, glob, video file or list file (.csv/.jsonl/.txt)")
     r.add_argument("--out", help="run directory (manifests, shards)")
     r.add_argument("--rerun", choices=RERUN_CHOICES, default="missing", help="which rows each stage redoes")
@@ -314,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from curation.logs import setup_console
+
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    setup_console(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except CurationError as exc:

@@ -10,8 +10,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from curation.errors import ConfigError
-from curation.stage import StageConfig, registry
+from curation.stage import Kind, StageConfig, registry
 
+# The built-in pipeline, the one place it is written: video-level checks, the split, then clip filters cheapest
+# first (each stage only sees the clips every earlier stage kept), annotation, and packaging.
 DEFAULT_STAGES = ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "caption", "subjects", "package"]
 
 
@@ -42,6 +44,18 @@ class PipelineConfig(BaseModel):
                 raise ValueError(f"unknown stage {name!r}{_did_you_mean(name, known)}; known: {', '.join(known)}")
         if len(set(v)) != len(v):
             raise ValueError("a stage is listed twice in `stages`")
+        kinds = [known[n].kind for n in v]
+        splits = [n for n in v if known[n].kind == Kind.SPLIT]
+        if len(splits) > 1:
+            raise ValueError(f"only one stage may split videos into clips; `stages` has {', '.join(splits)}")
+        first_clip = next((i for i, k in enumerate(kinds) if k == Kind.CLIP), None)
+        if first_clip is not None and (not splits or v.index(splits[0]) > first_clip):
+            raise ValueError(
+                f"clip stage {v[first_clip]!r} needs a split stage (such as scenecut) before it in `stages`"
+            )
+        late = [n for n in v[v.index(splits[0]) :] if known[n].kind == Kind.VIDEO] if splits else []
+        if late:
+            raise ValueError(f"video stage(s) {', '.join(late)} must come before the split stage {splits[0]!r}")
         return v
 
     def stage_config(self, name: str) -> StageConfig:

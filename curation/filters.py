@@ -14,9 +14,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from curation.errors import ConfigError
-from curation.stage import Row, Stage, StageConfig, is_storage_error
-from stages.scenecut import load_samples
+from curation.samples import SAMPLES_COLUMN, load_samples
+from curation.stage import Kind, Row, Stage, StageConfig, operational
 
 
 def models_dir_default() -> str:
@@ -25,7 +24,9 @@ def models_dir_default() -> str:
 
 class FilterConfig(StageConfig):
     backend: Literal["embedded", "reference"] = "embedded"
-    models_dir: str = Field(default_factory=models_dir_default, description="where reference weights are read from")
+    models_dir: str = operational(
+        default_factory=models_dir_default, description="where reference weights are read from"
+    )
     max_frames: int = Field(8, ge=1, le=64, description="at most this many of the clip's samples are scored")
 
     # (file name inside models_dir, where to get it) for the reference backend; set by each filter's config
@@ -57,9 +58,8 @@ def pick(n_total: int, n: int) -> np.ndarray:
 class SampleFilter(Stage[Any]):
     """Base of the frame-sample filters: `score` measures, `decide` thresholds; both per clip."""
 
-    level = "clip"
-    input_key = "clip_id"
-    output_key = "clip_id"
+    kind = Kind.CLIP
+    requires: ClassVar[tuple[str, ...]] = (SAMPLES_COLUMN,)
 
     @property
     def backend(self) -> str:
@@ -73,19 +73,7 @@ class SampleFilter(Stage[Any]):
     def decide(self, scores: dict[str, Any]) -> tuple[str, str | None]:
         raise NotImplementedError
 
-    def process_batch(self, batch: list[Row]) -> list[Row]:
-        out = []
-        for r in batch:
-            try:
-                samples = load_samples(r)
-                scores = self.score(r, samples)
-            except ConfigError:
-                raise
-            except Exception as exc:  # one unreadable clip is a row, not a crashed batch
-                if is_storage_error(exc):
-                    raise
-                out.append(self.error_row(r, exc))
-                continue
-            status, reason = self.decide(scores)
-            out.append(self.row(r, status, reason, **scores))  # scores recorded even when rejected
-        return out
+    def process(self, r: Row) -> Row:
+        scores = self.score(r, load_samples(r))
+        status, reason = self.decide(scores)
+        return self.row(r, status, reason, **scores)  # scores recorded even when rejected

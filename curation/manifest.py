@@ -1,8 +1,8 @@
 """Parquet manifests: one table per stage, written as atomic part files, read through DuckDB views.
 
 Layout: `<run>/manifests/<table>/part-*.parquet`. Part files are only ever added (temp file + rename), so a run that
-is killed leaves whole parts and a rerun resumes from them; the views in `manifests/*.sql` make the newest attempt per
-key win, and `compact` folds a table back into one part.
+is killed leaves whole parts and a rerun resumes from them; the views (templates in `curation/sql/`, filled in from
+the stages' declarations) make the newest attempt per key win, and `compact` folds a table back into one part.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.stage import Row, registry
+from curation.stage import CLIP_FIELDS, Kind, Row, registry
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "manifests"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 BOOKKEEPING = ("status", "reason", "error", "backend", "version", "config_hash", "ts")
 # Tables that are not stages: (key their newest attempt is chosen by, timestamp column).
 SPECIAL_TABLES = {
@@ -68,12 +68,27 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
     return pa.Table.from_pydict({n: [r.get(n) for r in rows] for n in names})
 
 
-def _table_key(name: str) -> tuple[str, str]:
+def _table_key(name: str) -> tuple[str, str, str]:
+    """(key whose newest attempt wins, columns that identify one row, timestamp column) of a table."""
     if name in SPECIAL_TABLES:
-        return SPECIAL_TABLES[name]
+        key, ts = SPECIAL_TABLES[name]
+        return key, key, ts
     cls = registry().get(name)
-    key = cls.input_key if cls is not None else "clip_id"
-    return key, f"{name}_ts"
+    key = cls.key() if cls is not None else "clip_id"
+    row_id = "video_id, clip_id" if cls is not None and cls.kind == Kind.SPLIT else key
+    return key, row_id, f"{name}_ts"
+
+
+def pipeline_order(run_dir: Path) -> list[str]:
+    """Stages in pipeline order: the run's saved config order, then any other installed stage."""
+    order: list[str] = []
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        order = list((yaml.safe_load(cfg.read_text()) or {}).get("stages", []))
+    reg = registry()
+    return [n for n in order if n in reg] + [n for n in reg if n not in order]
 
 
 def _arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
@@ -109,36 +124,34 @@ class Manifests:
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB with one view per table plus the `videos` and `clips` views."""
         con = duckdb.connect()
-        names = set(registry()) | set(SPECIAL_TABLES)
+        reg = registry()
+        names = set(reg) | set(SPECIAL_TABLES)
         if self.root.is_dir():
             names |= {p.name for p in self.root.iterdir() if p.is_dir()}
-        reg = registry()
         for name in sorted(names):
             sql = self._table_sql(name)
-            declared = reg[name].columns if name in reg else {}
+            declared = reg[name].declared_columns() if name in reg else {}
             if declared:
                 have = {r[0] for r in con.execute(f"DESCRIBE {sql}").fetchall()}
                 extra = [f"NULL::{t} AS {c}" for c, t in declared.items() if c not in have]
                 if extra:
                     sql = f"SELECT *, {', '.join(extra)} FROM ({sql})"
             con.execute(f'CREATE VIEW "{name}" AS {sql}')
-        con.execute(f"CREATE VIEW videos AS {_sql('videos').substitute()}")
-        con.execute(f"CREATE VIEW clips AS {self._clips_sql(con)}")
+        video, split, clip = self._plan()
+        con.execute(f"CREATE VIEW videos AS {self._videos_sql(video, split)}")
+        con.execute(f"CREATE VIEW clips AS {self._clips_sql(video, split, clip)}")
         return con
 
     def _table_sql(self, name: str) -> str:
-        key, ts = _table_key(name)
+        key, row_id, ts = _table_key(name)
         if self.has(name):
             glob = str(self.table_dir(name) / "part-*.parquet").replace("'", "''")
-            return _sql("stage_table").substitute(input_key=key, ts_col=ts, glob=glob)
+            return _sql("stage_table").substitute(key=key, row_id=row_id, ts_col=ts, glob=glob)
         # An empty, typed table so that views joining it work before the stage has run.
         cls = registry().get(name)
-        if name == "ingest" or (cls is not None and cls.level == "video"):
+        keys = list(cls.output_keys()) if cls is not None else ["video_id", "clip_id"]
+        if name == "ingest":
             keys = ["video_id"]
-        elif cls is not None and not cls.fan_out:
-            keys = ["clip_id"]
-        else:
-            keys = ["video_id", "clip_id"]
         cols = [f"NULL::VARCHAR AS {k}" for k in keys]
         if name == "ingest":
             cols += ["NULL::VARCHAR AS uri", "NULL::VARCHAR AS given_caption", "NULL::VARCHAR AS given_caption_source"]
@@ -151,26 +164,54 @@ class Manifests:
         cols.append(f"NULL::DOUBLE AS {ts}")
         return f"SELECT {', '.join(cols)} WHERE false"
 
-    def _clip_stage_order(self) -> list[str]:
-        """Clip-level stages in pipeline order: the run's saved config order, then any other table present."""
-        order: list[str] = []
-        cfg = self.run_dir / "config.yaml"
-        if cfg.is_file():
-            import yaml
-
-            order = list((yaml.safe_load(cfg.read_text()) or {}).get("stages", []))
+    def _plan(self) -> tuple[list[str], str | None, list[str]]:
+        """(video-level stages, the split stage, clip-level stages), each in pipeline order."""
         reg = registry()
-        present = [n for n in reg if self.has(n)]
-        names = [n for n in order if n in reg] + [n for n in present if n not in order]
-        return [n for n in names if reg[n].level == "clip" and not reg[n].fan_out]
+        order = pipeline_order(self.run_dir)
+        video = [n for n in order if reg[n].kind == Kind.VIDEO]
+        splits = [n for n in order if reg[n].kind == Kind.SPLIT]
+        clip = [n for n in order if reg[n].kind == Kind.CLIP]
+        return video, (splits[0] if splits else None), clip
 
-    def _clips_sql(self, con: duckdb.DuckDBPyConnection) -> str:
-        probe_cols = [r[0] for r in con.execute("DESCRIBE probe").fetchall()]
-        probe_sel = "".join(f"p.{c},\n    " for c in probe_cols if c.startswith("probe_") and c != "probe_ts")
+    def split_stage(self) -> str | None:
+        """The stage that cuts this run's videos into clips."""
+        return self._plan()[1]
+
+    @staticmethod
+    def _video_parts(video: list[str]) -> tuple[str, str]:
+        cols = "".join(f'v{k}.* EXCLUDE (video_id, "{n}_ts"),\n    ' for k, n in enumerate(video))
+        joins = "".join(f'LEFT JOIN "{n}" v{k} USING (video_id)\n' for k, n in enumerate(video))
+        return cols, joins
+
+    def _videos_sql(self, video: list[str], split: str | None) -> str:
+        if split is None:
+            return "SELECT * FROM ingest"
+        cols, joins = self._video_parts(video)
+        status = ["CASE"]
+        reason = ["CASE"]
+        for k, n in enumerate(video):
+            st = f"v{k}.{n}_status"
+            status.append(f"WHEN {st} IS NULL THEN 'pending' WHEN {st} <> 'ok' THEN {st}")
+            reason.append(f"WHEN {st} IS NOT NULL AND {st} <> 'ok' THEN '{n}:' || coalesce(v{k}.{n}_reason, '')")
+        status.append("WHEN s.video_status IS NOT NULL THEN s.video_status WHEN s.n_clips IS NULL THEN 'pending'")
+        reason.append(f"WHEN s.video_status IS NOT NULL THEN '{split}:' || coalesce(s.video_reason, '')")
+        return _sql("videos").substitute(
+            split=split,
+            video_columns=cols,
+            video_joins=joins,
+            status_case=" ".join(status) + " ELSE 'ok' END",
+            reason_case=" ".join(reason) + " END",
+        )
+
+    def _clips_sql(self, video: list[str], split: str | None, clip: list[str]) -> str:
+        if split is None:  # nothing cuts videos into clips in this install
+            return "SELECT NULL::VARCHAR AS clip_id, NULL::VARCHAR AS video_id, NULL::VARCHAR AS status WHERE false"
+        vcols, vjoins = self._video_parts(video)
+        aliases = "".join(f"sc.{split}_{f} AS clip_{f},\n    " for f in CLIP_FIELDS)
         stage_cols, joins = "", ""
-        status_case = ["CASE WHEN sc.scenecut_status <> 'ok' THEN sc.scenecut_status"]
-        reason_case = ["CASE WHEN sc.scenecut_status <> 'ok' THEN 'scenecut:' || coalesce(sc.scenecut_reason, '')"]
-        for i, name in enumerate(self._clip_stage_order()):
+        status_case = [f"CASE WHEN sc.{split}_status <> 'ok' THEN sc.{split}_status"]
+        reason_case = [f"CASE WHEN sc.{split}_status <> 'ok' THEN '{split}:' || coalesce(sc.{split}_reason, '')"]
+        for i, name in enumerate(clip):
             alias = f"s{i}"
             stage_cols += f"{alias}.* EXCLUDE (clip_id),\n    "
             joins += f'LEFT JOIN "{name}" {alias} USING (clip_id)\n'
@@ -180,7 +221,10 @@ class Manifests:
                 f"WHEN {st} IS NOT NULL AND {st} <> 'ok' THEN '{name}:' || coalesce({alias}.{name}_reason, '')"
             )
         return _sql("clips").substitute(
-            probe_columns=probe_sel,
+            split=split,
+            clip_aliases=aliases,
+            video_columns=vcols,
+            video_joins=vjoins,
             stage_columns=stage_cols,
             joins=joins,
             status_case=" ".join(status_case) + " ELSE 'ok' END",
@@ -198,12 +242,22 @@ class Manifests:
         return self.query(sql, params).to_pylist()
 
     def compact(self, name: str) -> None:
-        """Fold a table's parts into one part holding only the newest attempt per key (old parts removed after)."""
+        """Fold a table's parts into one part holding only the newest attempt per key.
+
+        Crash-safe: the folded part is written (atomically) before the old parts are removed, and a row present in
+        both is read once (`stage_table.sql`), so a kill between the two steps loses and duplicates nothing; the
+        next compaction folds the leftovers.
+        """
         parts = sorted(self.table_dir(name).glob("part-*.parquet"))
         if len(parts) <= 1:
             return
         table = self.query(f'SELECT * FROM "{name}"')
         path = self.table_dir(name) / f"part-{time.time_ns():020d}-compact.parquet"
         atomic_write_table(table, path)
-        for p in parts:
-            p.unlink(missing_ok=True)
+        _remove(parts)
+
+
+def _remove(parts: list[Path]) -> None:
+    """Remove folded parts (its own function so tests can kill a compaction right before it)."""
+    for p in parts:
+        p.unlink(missing_ok=True)

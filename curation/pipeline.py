@@ -18,9 +18,10 @@ import yaml
 from curation.config import PipelineConfig
 from curation.errors import ConfigError
 from curation.ingest import discover
+from curation.logs import log_to_file
 from curation.manifest import Manifests, atomic_write_bytes
-from curation.runners import LocalRunner, Progress, RayRunner, make_runner
-from curation.stage import Row, Stage, registry
+from curation.runners import Progress, Runner, make_runner
+from curation.stage import Kind, Row, Stage, StageContext, registry
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Pipeline:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror or exc}") from None
+        log_to_file(self.run_dir)
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False).encode())
 
     def ingest(self, spec: str | None) -> int:
@@ -75,23 +77,26 @@ class Pipeline:
         return stages[: stages.index(name)] if name in stages else list(stages)
 
     def inputs_sql(self, name: str, rerun: Rerun = "missing", selection: Path | None = None) -> tuple[str, list[Any]]:
-        cls = registry()[name]
         reg = registry()
+        cls = reg[name]
         ups = self._upstream(name)
-        video_ups = [u for u in ups if reg[u].level == "video"]
-        if cls.level == "video" or cls.fan_out:
+        video_ups = [u for u in ups if reg[u].kind == Kind.VIDEO]
+        if cls.kind != Kind.CLIP:
             sql = "SELECT i.*" + "".join(f", t{k}.* EXCLUDE (video_id)" for k in range(len(video_ups)))
             sql += " FROM ingest i" + "".join(f' JOIN "{u}" t{k} USING (video_id)' for k, u in enumerate(video_ups))
             conds = [f"t{k}.{u}_status = 'ok'" for k, u in enumerate(video_ups)]
         else:
+            split = next((u for u in ups if reg[u].kind == Kind.SPLIT), None)
+            if split is None:
+                raise ConfigError(f"stage {name!r} works on clips: list a split stage (scenecut) before it in `stages`")
             sql = "SELECT * FROM clips"
-            conds = ["scenecut_status = 'ok'"]
+            conds = [f"{split}_status = 'ok'"]
             if selection is not None:
                 path = str(selection).replace("'", "''")
                 conds.append(f"clip_id IN (SELECT clip_id FROM read_parquet('{path}'))")
             else:
-                conds += [f"{u}_status = 'ok'" for u in ups if reg[u].level == "clip" and not reg[u].fan_out]
-        key = cls.input_key
+                conds += [f"{u}_status = 'ok'" for u in ups if reg[u].kind == Kind.CLIP]
+        key = cls.key()
         params: list[Any] = []
         mine = f'(SELECT {key} FROM "{name}"'
         if rerun == "missing":
@@ -112,24 +117,44 @@ class Pipeline:
         where = " AND ".join(f"({c})" for c in conds)
         return f"SELECT * FROM ({sql}{' WHERE ' + where if where else ''}) ORDER BY {key}", params
 
+    def check_requires(self, name: str) -> None:
+        """The columns the stage declares it reads must exist upstream; raises ConfigError naming the missing ones."""
+        cls = registry()[name]
+        if not cls.requires:
+            return
+        sql, params = self.inputs_sql(name, "all")
+        con = self.manifests.connect()
+        try:
+            have = {r[0] for r in con.execute(f"DESCRIBE {sql}", params or None).fetchall()}
+        finally:
+            con.close()
+        missing = [c for c in cls.requires if c not in have]
+        if missing:
+            ups = self._upstream(name)
+            raise ConfigError(
+                f"stage {name!r} reads column(s) {', '.join(missing)} that no stage before it in `stages` "
+                f"({', '.join(ups) or 'none'}) writes; add the stage that produces them before {name!r}"
+            )
+
     def inputs(self, name: str, rerun: Rerun = "missing", selection: Path | None = None) -> list[Row]:
         sql, params = self.inputs_sql(name, rerun, selection)
         return self.manifests.rows(sql, params)
 
     # -- running --------------------------------------------------------------------------------------------
-    def runner(self) -> LocalRunner | RayRunner:
+    def runner(self) -> Runner:
         return make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
 
     def run_stage(
         self,
         name: str,
-        runner: LocalRunner | RayRunner,
+        runner: Runner,
         rerun: Rerun = "missing",
         selection: Path | None = None,
         progress_factory: Any = None,
     ) -> StageReport:
         cls: type[Stage[Any]] = registry()[name]
         cfg = self.cfg.stage_config(name)
+        self.check_requires(name)
         rows = self.inputs(name, rerun, selection)
         t0 = time.perf_counter()
         stats: dict[str, float] = {}
@@ -143,7 +168,7 @@ class Pipeline:
                     bar.close()
             self.manifests.compact(name)
         stage = cls(cfg)
-        stage.finalize(self.run_dir)
+        stage.finalize(StageContext(self.run_dir))
         report = StageReport(name, len(rows), time.perf_counter() - t0, stats)
         self.manifests.write(
             "stage_runs",

@@ -1,8 +1,8 @@
 """`curation report RUN`: one self-contained HTML page (no scripts, images inlined) about a run.
 
 Counts per stage and reason, a histogram of every filter score (kept vs rejected at that stage), and a grid of
-sample clips (a frame from the scene-cut samples, with OCR boxes and subject masks drawn) with their caption,
-subjects and status.
+sample clips (a frame from the clip's samples, with what each stage found drawn on it: `Stage.draw`) with each
+stage's line about it (`Stage.describe`) and its status.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.manifest import Manifests, atomic_write_bytes
-from curation.masks import rle_decode
-from curation.stage import Row, registry
+from curation.manifest import Manifests, atomic_write_bytes, pipeline_order
+from curation.samples import SAMPLES_COLUMN, read_samples
+from curation.stage import Row, Stage, registry
 
 log = logging.getLogger(__name__)
 
@@ -63,44 +62,17 @@ def _histograms(m: Manifests) -> list[tuple[str, str]]:
     return out
 
 
-_COLOURS = [(60, 180, 75), (230, 50, 240), (255, 225, 25), (0, 130, 200), (245, 130, 48), (70, 240, 240)]
-
-
-def _mask_doc(row: Row) -> dict[str, Any] | None:
-    d = row.get("subjects_dir")
-    path = Path(d) / "masks.json" if d else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
-
-
-def _thumb(row: Row) -> str | None:
-    path = row.get("scenecut_samples_path")
+def _thumb(row: Row, stages: list[Stage[Any]]) -> str | None:
+    """The clip's middle sample, with every stage's findings drawn on it."""
+    path = row.get(SAMPLES_COLUMN)
     if not path or not Path(path).is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        frames, indices = z["frames"], z["indices"]
-    doc = _mask_doc(row)
-    start = int(row.get("scenecut_start_frame") or 0)
-    if doc and doc["frames"]:  # the sample nearest to a masked frame, so the overlay matches what is shown
-        k = min(range(len(indices)), key=lambda i: min(abs(int(indices[i]) - start - p) for p in doc["frames"]))
-    else:
-        k = len(frames) // 2
-    img = np.ascontiguousarray(frames[k][..., ::-1])  # RGB -> BGR for OpenCV
-    h, w = img.shape[:2]
-    if doc and doc["frames"]:
-        t = min(range(len(doc["frames"])), key=lambda i: abs(doc["frames"][i] - (int(indices[k]) - start)))
-        for n, (key, rles) in enumerate(sorted(doc["tracks"].items())):
-            m = cv2.resize(rle_decode(rles[t]), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-            colour = np.array(_COLOURS[n % len(_COLOURS)], np.float32)
-            img[m] = (0.5 * img[m] + 0.5 * colour).astype(np.uint8)
-            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(img, contours, -1, _COLOURS[n % len(_COLOURS)], 1)
-            ys, xs = np.nonzero(m)
-            if len(xs):
-                cv2.putText(img, key, (int(xs.min()), max(10, int(ys.min()) - 2)), 0, 0.4, (255, 255, 255), 1)
-    for box in json.loads(row.get("ocr_boxes") or "[]"):
-        if box.get("frame") == int(indices[k]):
-            pts = np.array([[x * w, y * h] for x, y in box["box"]], np.int32)
-            cv2.polylines(img, [pts], True, (0, 0, 255), 2)
+    samples = read_samples(path)
+    k = len(samples["frames"]) // 2
+    img = np.ascontiguousarray(samples["frames"][k][..., ::-1])  # RGB -> BGR for OpenCV
+    for stage in stages:
+        if row.get(f"{stage.name}_status") is not None:
+            stage.draw(row, int(samples["indices"][k]), img)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
     return "data:image/jpeg;base64," + base64.b64encode(buf).decode() if ok else None
 
@@ -147,27 +119,25 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, samples: in
         parts.append("<h2>Scores</h2>")
         parts += [f'<div class="hist"><img alt="{html.escape(c)}" src="{src}"></div>' for c, src in hists]
     rows = m.rows(
-        "SELECT * FROM clips WHERE scenecut_samples_path IS NOT NULL ORDER BY (status = 'ok') DESC, clip_id LIMIT ?",
+        f"SELECT * FROM clips WHERE {SAMPLES_COLUMN} IS NOT NULL ORDER BY (status = 'ok') DESC, clip_id LIMIT ?",
         [samples],
     )
+    reg = registry()
+    stages = [reg[n]() for n in pipeline_order(run_dir)]
+    cols = [c.score_column for c in stages if c.score_column]
     cards = []
     for r in rows:
-        src = _thumb(r)
-        subjects = json.loads(r.get("caption_subjects") or "[]")
-        names = ", ".join(
-            f"{s['name']} ({', '.join(a['text'] for a in s['attributes'])})" if s["attributes"] else s["name"]
-            for s in subjects
-        )
-        cols = [c.score_column for c in registry().values() if c.score_column]
+        src = _thumb(r, stages)
+        lines = [d for st in stages if r.get(f"{st.name}_status") is not None and (d := st.describe(r))]
         scores = ", ".join(f"{k}={r[k]:.3g}" for k in cols if isinstance(r.get(k), float))
         status = r.get("status") or "pending"
         cards.append(
             f'<div class="card">{f"<img alt=clip src={src}>" if src else ""}'
             f'<div class="{html.escape(status)}"><b>{html.escape(status)}</b> '
             f"{html.escape(r.get('reason') or '')}</div>"
-            f"<div>{html.escape(Path(r['uri']).name)} [{r['scenecut_start_frame']}, {r['scenecut_end_frame']})</div>"
-            f"<div><i>{html.escape(r.get('caption_text') or r.get('given_caption') or '')}</i></div>"
-            f"<div>subjects: {html.escape(names or '-')}</div><div>{html.escape(scores)}</div></div>"
+            f"<div>{html.escape(Path(r['uri']).name)} [{r['clip_start_frame']}, {r['clip_end_frame']})</div>"
+            + "".join(f"<div><i>{html.escape(line)}</i></div>" for line in lines)
+            + f"<div>{html.escape(scores)}</div></div>"
         )
     parts += ["<h2>Sample clips</h2>", f'<div class="grid">{"".join(cards)}</div>']
     page = (

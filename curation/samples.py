@@ -1,62 +1,52 @@
-"""Small synthetic videos made with ffmpeg's test sources, so `curation run` can be tried on a fresh machine."""
+"""The per-clip frame samples format: what a SPLIT stage stores in its one decode pass, and what every frame-based
+filter reads instead of reopening the video.
+
+One `.npz` per clip with `frames` (uint8 [n, h, w, 3] RGB, display orientation), `indices` (their source frame
+numbers), `pairs` (uint8 [n, 2, dh, dw]: grey frame before + sample frame at detection size, for optical flow) and
+`pair_valid` (bool [n]). The clips of one cut of a video share a folder, `frames/<video_id>/<cut>/`, where `<cut>`
+names the splitter's settings: a rerun that cuts differently writes a new folder, so a filter that compares a clip
+with the rest of its video (watermarks persist across cuts) sees only the clips of the current cut.
+"""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import io
 from pathlib import Path
 
-from curation.errors import CurationError
+import numpy as np
 
-W, H, FPS = 640, 360, 25
+from curation.manifest import atomic_write_bytes
+from curation.stage import Row
 
-SAMPLES: dict[str, list[str]] = {
-    # three hard cuts between unrelated moving scenes
-    "three_scenes": ["testsrc2", "mandelbrot", "rgbtestsrc"],
-    # one long moving scene
-    "one_scene": ["testsrc2"],
-    # a still image (near-static clip)
-    "static": ["smptehdbars"],
-}
+SAMPLES_COLUMN = "clip_samples_path"  # the clips view's name for the SPLIT stage's `<name>_samples_path`
 
 
-def concat_sources(
-    path: Path,
-    sources: list[str],
-    seconds: float,
-    size: str = f"{W}x{H}",
-    fps: int = FPS,
-    ffmpeg: str = "ffmpeg",
-    codec_args: list[str] | None = None,
-) -> Path:
-    """Encode `seconds` of each ffmpeg test source one after the other: hard cuts at multiples of seconds * fps.
-
-    `codec_args` replaces the default H.264 settings (e.g. a 10-bit pixel format, a faster preset).
-    """
-    inputs: list[str] = []
-    for src in sources:
-        inputs += ["-t", f"{seconds:.3f}", "-f", "lavfi", "-i", f"{src}=size={size}:rate={fps}"]
-    n = len(sources)
-    graph = "".join(f"[{i}:v]format=yuv420p,setsar=1[v{i}];" for i in range(n))
-    graph += "".join(f"[v{i}]" for i in range(n)) + f"concat=n={n}:v=1:a=0[out]"
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *inputs, "-filter_complex", graph]
-    codec = codec_args or ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
-    cmd += ["-map", "[out]", *codec, str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CurationError(f"ffmpeg failed making {path}: {proc.stderr.strip()[-500:]}")
-    return path
+def cut_dir(run_dir: Path, video_id: str, cut: str) -> Path:
+    return run_dir / "frames" / video_id / cut
 
 
-def make_samples(out: Path, seconds: float = 4.0, ffmpeg: str = "ffmpeg") -> list[Path]:
-    """Write the sample videos into `out`, each with a sidecar caption; returns their paths."""
-    if shutil.which(ffmpeg) is None:
-        raise CurationError("making samples needs ffmpeg on PATH: apt-get install ffmpeg")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, sources in SAMPLES.items():
-        each = seconds if len(sources) == 1 else max(1.2, seconds / len(sources) * 1.5)
-        path = concat_sources(out / f"{name}.mp4", sources, each, ffmpeg=ffmpeg)
-        (out / f"{name}.txt").write_text(f"A synthetic test pattern video named {name.replace('_', ' ')}.\n")
-        paths.append(path)
-    return paths
+def save_samples(
+    path: Path, frames: np.ndarray, indices: list[int], pairs: np.ndarray, pair_valid: np.ndarray
+) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, frames=frames, indices=np.asarray(indices, np.int64), pairs=pairs, pair_valid=pair_valid)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_samples(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def load_samples(row: Row) -> dict[str, np.ndarray]:
+    """A clip's frame samples: frames, indices, pairs, pair_valid."""
+    path = row.get(SAMPLES_COLUMN)
+    if not path:
+        raise FileNotFoundError(f"clip has no frame samples ({SAMPLES_COLUMN} is empty)")
+    return read_samples(path)
+
+
+def cut_sample_paths(row: Row) -> list[Path]:
+    """The sample files of every clip of this clip's cut of its video, in clip-id order (this clip's included)."""
+    path = Path(row[SAMPLES_COLUMN])
+    return sorted(set(path.parent.glob("*.npz")) | {path})

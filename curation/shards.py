@@ -1,6 +1,7 @@
-"""WebDataset shards of the packaged clips: `shards/shard-%06d.tar`, per clip `<clip_id>.mp4`, `<clip_id>.json`
-and, when the subjects stage ran, `<clip_id>.masks.json` (COCO RLE tracks), `<clip_id>.ref_<k>_face.jpg` and
-`<clip_id>.ref_<k>_subject.png`.
+"""WebDataset shards of the packaged clips: `shards/shard-%06d.tar`, per clip `<clip_id>.json` plus the members the
+stages contribute (`Stage.shard_members`): the packaged `<clip_id>.mp4`, and when the subjects stage ran
+`<clip_id>.masks.json` (COCO RLE tracks), `<clip_id>.ref_<k>_face.jpg` and `<clip_id>.ref_<k>_subject.png`.
+The json is built the same way: clip, video and source, then each stage's `shard_fields` and its scores.
 
 Shards are numbered from the shard index (the `shards` manifest table), written to a temp name and renamed, and
 indexed right after: a shard file that exists but is not indexed (the writer was killed in between) is simply
@@ -18,17 +19,17 @@ import re
 import tarfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curation.manifest import BOOKKEEPING, Manifests
-from curation.stage import Row, registry
+from curation.manifest import BOOKKEEPING, Manifests, pipeline_order
+from curation.stage import Row, Stage, registry
 
 log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-%06d.tar"
 _SHARD_RE = re.compile(r"shard-(\d{6})\.tar$")
-_CLIP_FIELDS = ("start_frame", "end_frame", "num_frames", "start_s", "end_s", "duration_s", "fps", "start_reason")
 
 
 def _clean(v: Any) -> Any:
@@ -41,68 +42,41 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def sample_json(row: Row) -> dict[str, Any]:
-    """The per-sample json: caption, clip geometry, every stage's scores and its provenance."""
+def _stages(run_dir: Path) -> list[Stage[Any]]:
+    reg = registry()
+    return [reg[n]() for n in pipeline_order(run_dir)]
+
+
+def sample_json(row: Row, stages: list[Stage[Any]]) -> dict[str, Any]:
+    """The per-sample json: ids and source, what each stage contributes, every filter's scores, provenance."""
     scores: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
-    for name, cls in registry().items():
-        prefix = f"{name}_"
+    out: dict[str, Any] = {"clip_id": row["clip_id"], "video_id": row["video_id"], "source": row.get("uri")}
+    for stage in stages:
+        name, prefix = stage.name, f"{stage.name}_"
         if row.get(f"{name}_status") is None:
             continue
+        out.update(stage.shard_fields(row))
         provenance[name] = {k: row.get(prefix + k) for k in ("backend", "version", "config_hash")}
-        if cls.score_column is None:  # metadata, geometry and text, not scores
+        if stage.score_column is None:  # metadata, geometry and text, not scores
             continue
         for k, v in row.items():
-            if k.startswith(prefix) and k[len(prefix) :] not in BOOKKEEPING and k[len(prefix) :] not in cls.not_scores:
+            field = k[len(prefix) :]
+            if k.startswith(prefix) and field not in BOOKKEEPING and field not in stage.not_scores:
                 scores[k] = v
-    return _clean(
-        {
-            "clip_id": row["clip_id"],
-            "video_id": row["video_id"],
-            "source": row.get("uri"),
-            "caption": row.get("caption_text") or row.get("given_caption"),
-            "caption_origin": row.get("caption_origin") or ("supplied" if row.get("given_caption") else None),
-            "clip": {k: row.get(f"scenecut_{k}") for k in _CLIP_FIELDS},
-            "video": {
-                "width": row.get("package_width"),
-                "height": row.get("package_height"),
-                "frames": row.get("package_frames"),
-            },
-            "source_video": {k: row.get(f"probe_{k}") for k in ("codec", "width", "height", "fps", "rotation")},
-            "subjects": json.loads(row["caption_subjects"]) if row.get("caption_subjects") else [],
-            "tracks": _tracks(row),
-            "relations": json.loads(row["caption_relations"]) if row.get("caption_relations") else [],
-            "scores": scores,
-            "provenance": provenance,
-        }
-    )
+    out["scores"] = scores
+    out["provenance"] = provenance
+    return _clean(out)
 
 
-def _tracks(row: Row) -> list[dict[str, Any]]:
-    """The subjects stage's tracks, with the shard member names of their masks and references."""
-    tracks = json.loads(row["subjects_tracks"]) if row.get("subjects_tracks") else []
-    cid = row["clip_id"]
-    for t in tracks:
-        k = t["k"]
-        t["masks"] = f"{cid}.masks.json"
-        t["face_ref"] = f"{cid}.ref_{k}_face.jpg" if t.get("face_ref") else None
-        t["ref"] = f"{cid}.ref_{k}_subject.png" if t.get("ref") else None
-    return tracks
-
-
-def subject_members(row: Row) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of a clip's masks and reference crops; none when the subjects stage did not run."""
-    d = row.get("subjects_dir")
-    if not d or row.get("subjects_status") != "ok":
-        return []
-    d = Path(d)
-    cid = row["clip_id"]
-    out = [(f"{cid}.masks.json", (d / "masks.json").read_bytes())]
-    for t in json.loads(row.get("subjects_tracks") or "[]"):
-        for key, suffix in (("face_ref", "face.jpg"), ("ref", "subject.png")):
-            if t.get(key):
-                out.append((f"{cid}.ref_{t['k']}_{suffix}", (d / t[key]).read_bytes()))
-    return out
+def sample_members(row: Row, stages: list[Stage[Any]]) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of a clip: the json first, then each stage's files in pipeline order."""
+    meta = json.dumps(sample_json(row, stages), ensure_ascii=False, sort_keys=True).encode()
+    members = [(f"{row['clip_id']}.json", meta)]
+    for stage in stages:
+        if row.get(f"{stage.name}_status") is not None:
+            members += [(f"{row['clip_id']}.{suffix}", data) for suffix, data in stage.shard_members(row)]
+    return members
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -111,18 +85,26 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(run_dir: str | Path, cfg: Any) -> list[Path]:
-    """Shard every packaged clip not yet in the shard index; returns the shard files written."""
+def write_shards(
+    run_dir: str | Path,
+    stage: str,
+    shard_size: int,
+    shard_max_bytes: int,
+    on_written: Callable[[list[Row]], None] | None = None,
+) -> list[Path]:
+    """Shard every clip that `stage` said ok to and that is not yet in the shard index; returns the shard files
+    written. `on_written(rows)` runs after each shard is indexed (e.g. to delete the encoded clips it now holds)."""
     run_dir = Path(run_dir)
     m = Manifests(run_dir)
-    if not m.has("package"):  # nothing was packaged (e.g. every clip was rejected upstream)
+    if not m.has(stage):  # nothing was packaged (e.g. every clip was rejected upstream)
         return []
     rows = m.rows(
-        "SELECT * FROM clips WHERE package_status = 'ok' AND clip_id NOT IN (SELECT clip_id FROM shards) "
-        "ORDER BY video_id, scenecut_start_frame, clip_id"
+        f"SELECT * FROM clips WHERE {stage}_status = 'ok' AND clip_id NOT IN (SELECT clip_id FROM shards) "
+        "ORDER BY video_id, clip_start_frame, clip_id"
     )
     if not rows:
         return []
+    stages = _stages(run_dir)
     used = [int(_SHARD_RE.search(r["shard"]).group(1)) for r in m.rows("SELECT DISTINCT shard FROM shards")]
     number = max(used, default=-1) + 1
     out_dir = run_dir / "shards"
@@ -137,19 +119,15 @@ def write_shards(run_dir: str | Path, cfg: Any) -> list[Path]:
         members: list[Row] = []
         size = 0
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            while i < len(rows) and len(members) < cfg.shard_size:
-                r = rows[i]
-                mp4 = Path(r["package_path"]).read_bytes()
-                if members and size + len(mp4) > cfg.shard_max_bytes:
+            while i < len(rows) and len(members) < shard_size:
+                files = sample_members(rows[i], stages)
+                n_bytes = sum(len(d) for _, d in files)
+                if members and size + n_bytes > shard_max_bytes:
                     break
-                meta = json.dumps(sample_json(r), ensure_ascii=False, sort_keys=True).encode()
-                _add(tar, f"{r['clip_id']}.mp4", mp4)
-                _add(tar, f"{r['clip_id']}.json", meta)
-                size += len(mp4) + len(meta)
-                for member, data in subject_members(r):
+                for member, data in files:
                     _add(tar, member, data)
-                    size += len(data)
-                members.append(r)
+                size += n_bytes
+                members.append(rows[i])
                 i += 1
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -162,9 +140,8 @@ def write_shards(run_dir: str | Path, cfg: Any) -> list[Path]:
         )
         written.append(final)
         number += 1
-        if not cfg.keep_clips:
-            for r in members:
-                Path(r["package_path"]).unlink(missing_ok=True)
+        if on_written is not None:
+            on_written(members)
     m.compact("shards")
     log.info("wrote %d shard(s) with %d clips to %s", len(written), len(rows), out_dir)
     return written

@@ -44,6 +44,23 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_error_logs: the test expects the project to log at ERROR")
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests are deselected by default (addopts); a `-m` that selects them anyway (e.g. `-m "not slow"`
+    replaces the default) skips them with the reason where no CUDA device exists."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not _cuda():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device and the gpu extra"))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """One local Ray cluster for the session, sized like this machine (fractional actors keep it deadlock-free)."""
@@ -72,7 +89,7 @@ def make_video(
     extra: list[str] | None = None,
 ) -> Path:
     """A synthetic clip from an ffmpeg test source (in addition to, never instead of, the real media)."""
-    from curation.samples import concat_sources
+    from curation.synthetic import concat_sources
 
     return concat_sources(path, [src], seconds, size=size, fps=fps, codec_args=extra)
 
@@ -101,7 +118,7 @@ def make_audio(path: Path, seconds: float = 1.0) -> Path:
 
 def make_cut_video(path: Path, sources: list[str], seconds: float = 1.6, size: str = "320x240", fps: int = 25) -> Path:
     """Hard cuts between unrelated test sources, at known frames (multiples of seconds * fps)."""
-    from curation.samples import concat_sources
+    from curation.synthetic import concat_sources
 
     return concat_sources(path, sources, seconds, size=size, fps=fps)
 

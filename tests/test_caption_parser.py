@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from curation.caption_parser import parse_caption
-from curation.subjects import CaptionRecord
+from curation.stages.caption.parser import parse_caption
+from curation.stages.caption.schema import CaptionRecord
 from tests.conftest import REPO
 
 

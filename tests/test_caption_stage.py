@@ -17,7 +17,7 @@ from curation.config import build_config
 from curation.errors import ConfigError
 from curation.pipeline import Pipeline
 from curation.stage import Row
-from stages.caption import Caption, CaptionConfig
+from curation.stages.caption import Caption, CaptionConfig
 from tests.conftest import VIDEOS
 
 CAPTIONS = {

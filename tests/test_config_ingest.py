@@ -134,7 +134,6 @@ def test_views_bind_when_every_scenecut_row_is_an_error(tmp_path: Path) -> None:
     """A table whose parts lack a stage's declared columns (all rows errors) still feeds the clips view."""
     from curation.manifest import Manifests
     from curation.shards import write_shards
-    from stages.package import PackageConfig
 
     m = Manifests(tmp_path)
     m.write(
@@ -152,4 +151,5 @@ def test_views_bind_when_every_scenecut_row_is_an_error(tmp_path: Path) -> None:
     )
     assert m.rows("SELECT count(*) AS n FROM clips")[0]["n"] == 0
     assert m.rows("SELECT scenecut_video_status AS s FROM videos") == []  # no ingest row: nothing joined
-    assert write_shards(tmp_path, PackageConfig()) == []
+    assert m.rows("SELECT count(*) AS n FROM clips WHERE clip_start_frame IS NULL")[0]["n"] == 0
+    assert write_shards(tmp_path, "package", 100, 2**31) == []

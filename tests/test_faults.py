@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 def _stage_worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "MapWorker(MapBatches(_RayStageWorker))" in line]
+    # Ray Data actors carry their stage's name
+    return [int(line.split()[0]) for line in out.splitlines() if "MapWorker(MapBatches(stage_scenecut))" in line]
 
 
 def test_worker_killed_mid_stage_loses_and_duplicates_nothing(tmp_path: Path, ray_cluster: None) -> None:

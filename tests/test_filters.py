@@ -16,9 +16,9 @@ from curation.config import build_config
 from curation.errors import ConfigError
 from curation.pipeline import Pipeline
 from curation.stage import Row, registry
-from stages.aesthetics import quality_proxy
-from stages.motion import motion_scores
-from stages.watermark import persistence_score
+from curation.stages.aesthetics import quality_proxy
+from curation.stages.motion import motion_scores
+from curation.stages.watermark import persistence_score
 from tests.conftest import MEDIA, REPO, VIDEOS
 
 FILTERS = ["motion", "aesthetics", "watermark", "ocr"]
@@ -40,7 +40,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Row]]:
     clips = pipe.manifests.rows("SELECT * FROM clips WHERE scenecut_status = 'ok' ORDER BY clip_id")
     for name in FILTERS:
         stage = registry()[name]()
-        stage.workdir = run
+        stage.bind(run)
         for row, out in zip(clips, stage.run_batch(clips), strict=True):
             row.update(out)
     by_video: dict[str, list[Row]] = {}
@@ -199,7 +199,7 @@ def test_ocr_reads_drawn_text_and_ignores_blank(tmp_path: Path) -> None:
         pair_valid=np.ones(2, bool),
     )
     stage = registry()["ocr"]()
-    [row] = stage.run_batch([{"clip_id": "c", "scenecut_samples_path": str(tmp_path / "c.npz")}])
+    [row] = stage.run_batch([{"clip_id": "c", "clip_samples_path": str(tmp_path / "c.npz")}])
     assert row["ocr_texts"] == ["HELLO WORLD"] and row["ocr_frames_with_text"] == 1
     assert 0.02 < row["ocr_text_area"] < 0.15 and row["ocr_text_area_mean"] == pytest.approx(row["ocr_text_area"] / 2)
     assert row["ocr_status"] == "reject"
@@ -210,25 +210,25 @@ def test_ocr_threads_follow_the_workers_cpus(tmp_path: Path, monkeypatch: pytest
     in-process, where stages run one at a time, it may."""
     import cv2
 
-    import curation.runners as runners
     from curation.runners import _RayStageWorker
-    from stages.ocr import OcrConfig, _threads
+    from curation.stage import StageContext
+    from curation.stages.ocr import OcrConfig, _threads
 
-    assert _threads(OcrConfig()) == -1  # in-process: onnxruntime's default
-    assert _threads(OcrConfig(threads=3)) == 3
+    assert _threads(OcrConfig(), StageContext()) == -1  # in-process: onnxruntime's default
+    assert _threads(OcrConfig(threads=3), StageContext()) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "")  # restored afterwards; the actor sets it
     before = cv2.getNumThreads()
     try:
         worker = _RayStageWorker("ocr", {"resources": {"cpus": 2.0}}, str(tmp_path))
-        assert _threads(OcrConfig()) == 2 and _threads(OcrConfig(threads=0)) == -1
-        worker.stage.setup()
+        ctx = worker.stage.ctx
+        assert _threads(OcrConfig(), ctx) == 2 and _threads(OcrConfig(threads=0), ctx) == -1
+        worker.stage.setup(ctx)
         engine = worker.stage._engine.engine
         engine(np.zeros((64, 64, 3), np.uint8), use_cls=False)  # rapidocr loads its detector on first use
         assert engine.text_det.session.session.get_session_options().intra_op_num_threads == 2
-        _RayStageWorker("ocr", {}, str(tmp_path))  # declares 0.5 CPU
-        assert _threads(OcrConfig()) == 1
+        small = _RayStageWorker("ocr", {}, str(tmp_path))  # declares 0.5 CPU
+        assert _threads(OcrConfig(), small.stage.ctx) == 1
     finally:
-        runners._native_threads = None
         cv2.setNumThreads(before)
 
 

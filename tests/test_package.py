@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
+from curation.stages.package import Package, PackageConfig
 from curation.video import FastContentDetector, scan_video
-from stages.package import Package, PackageConfig
 from tests.conftest import media
 
 
@@ -34,15 +34,15 @@ def _gray_frames(path: str, size: tuple[int, int] = (64, 48)) -> list[np.ndarray
 def test_frame_exact_cut(tmp_path: Path, ffmpeg: str, name: str, start: int, end: int) -> None:
     src = media(name)
     stage = Package(PackageConfig(keep_clips=True))
-    stage.workdir = tmp_path
+    stage.bind(tmp_path)
     res = scan_video(src, FastContentDetector(), lambda s: None)  # what scenecut records about the video
     row = {
         "clip_id": "c0ffee",
         "uri": src,
-        "scenecut_start_frame": start,
-        "scenecut_num_frames": end - start,
-        "scenecut_fps": res.fps,
-        "scenecut_ts_regular": res.ts_regular,
+        "clip_start_frame": start,
+        "clip_num_frames": end - start,
+        "clip_fps": res.fps,
+        "clip_ts_regular": res.ts_regular,
     }
     [out] = stage.run_batch([row])
     assert out["package_status"] == "ok", out
@@ -62,13 +62,13 @@ def test_frame_exact_cut(tmp_path: Path, ffmpeg: str, name: str, start: int, end
 
 def test_bad_source_is_an_error_row(tmp_path: Path, ffmpeg: str) -> None:
     stage = Package(PackageConfig())
-    stage.workdir = tmp_path
+    stage.bind(tmp_path)
     row = {
         "clip_id": "bad",
         "uri": media("robustness_hamilton_clip_truncated_1MiB.mp4"),
-        "scenecut_start_frame": 0,
-        "scenecut_num_frames": 10,
-        "scenecut_fps": 25.0,
+        "clip_start_frame": 0,
+        "clip_num_frames": 10,
+        "clip_fps": 25.0,
     }
     [out] = stage.run_batch([row])
     assert out["package_status"] == "error" and out["package_error"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.probe import Probe, ProbeConfig
+from curation.stages.probe import Probe, ProbeConfig
 from tests.conftest import make_audio, make_video, media
 
 

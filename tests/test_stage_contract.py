@@ -12,7 +12,7 @@ import pytest
 
 from curation.config import build_config
 from curation.pipeline import Pipeline
-from curation.stage import STATUSES, Stage, registry
+from curation.stage import STATUSES, Kind, Stage, registry
 from tests.conftest import media
 
 NAMES = sorted(registry())
@@ -34,12 +34,13 @@ def test_declarations(name: str) -> None:
     cls = registry()[name]
     assert re.fullmatch(r"[a-z][a-z0-9]*", cls.name) and cls.name == name
     assert isinstance(cls.version, str) and cls.version
-    assert cls.resources.cpus > 0 and cls.resources.batch_size >= 1 and cls.resources.pool_max >= 1
-    assert cls.level in ("video", "clip") and cls.input_key in ("video_id", "clip_id")
-    assert cls.__module__ == f"stages.{name}"  # one module per stage, named like it
+    assert isinstance(cls.kind, Kind) and cls.key() in ("video_id", "clip_id")
+    assert cls.__module__ == f"curation.stages.{name}"  # one module (or subpackage) per stage, named like it
     assert cls.score_column is None or cls.score_column.startswith(f"{name}_")
-    assert all(c.startswith(f"{name}_") for c in cls.columns)
+    assert all(c.startswith(f"{name}_") for c in cls.declared_columns())
     stage = cls()  # constructs cheaply from defaults, and ships to Ray workers
+    res = stage.resources()
+    assert res.cpus > 0 and res.batch_size >= 1 and res.pool_max >= 1 and res.gpus == 0  # defaults are CPU-only
     clone = pickle.loads(pickle.dumps(stage))
     assert clone.config == stage.config and clone.config_hash == stage.config_hash
 
@@ -49,12 +50,11 @@ def test_process_batch_contract(name: str, upstream: Pipeline, tmp_path: Path) -
     cls: type[Stage[Any]] = registry()[name]
     rows = upstream.inputs(name, rerun="all")
     assert rows, f"no upstream rows for {name}"
-    stage = cls()
-    stage.workdir = tmp_path
+    stage = cls().bind(tmp_path)
     out = stage.run_batch(rows[:2])
-    if not cls.fan_out:
+    if cls.kind != Kind.SPLIT:
         assert len(out) == len(rows[:2])
-        assert [r[cls.output_key] for r in out] == [r[cls.output_key] for r in rows[:2]]
+        assert [r[cls.key()] for r in out] == [r[cls.key()] for r in rows[:2]]
     for r in out:
         assert r[f"{name}_status"] in STATUSES
         assert r[f"{name}_version"] == cls.version and r[f"{name}_backend"]
@@ -69,13 +69,13 @@ def test_bad_item_is_a_row_not_an_exception(name: str, tmp_path: Path) -> None:
         "video_id": "0" * 16,
         "clip_id": "1" * 16,
         "uri": str(tmp_path / "missing.mp4"),
-        "scenecut_start_frame": 0,
-        "scenecut_num_frames": 5,
-        "scenecut_fps": 25.0,
-        "scenecut_samples_path": str(tmp_path / "missing.npy"),
+        "clip_start_frame": 0,
+        "clip_num_frames": 5,
+        "clip_fps": 25.0,
+        "clip_ts_regular": True,
+        "clip_samples_path": str(tmp_path / "missing.npy"),
     }
-    stage = cls()
-    stage.workdir = tmp_path
+    stage = cls().bind(tmp_path)
     out = stage.run_batch([bad])
     assert out and all(r[f"{name}_status"] in STATUSES for r in out)
     if name in READS_MEDIA:  # a stage that needs the missing file or samples says so in the row
@@ -94,16 +94,14 @@ def test_stage_actors_size_native_thread_pools_to_their_cpus(tmp_path: Path, mon
     """A Ray actor holding half a CPU must not run OpenCV with a thread per core (pools oversubscribe the node)."""
     import cv2
 
-    import curation.runners as runners
     from curation.runners import _RayStageWorker
 
     monkeypatch.setenv("OMP_NUM_THREADS", "")
     before = cv2.getNumThreads()
     try:
-        _RayStageWorker("subjects", {}, str(tmp_path))  # declares 0.5 CPU
-        assert cv2.getNumThreads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
-        _RayStageWorker("subjects", {"resources": {"cpus": 3.0}}, str(tmp_path))
-        assert cv2.getNumThreads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"
+        w = _RayStageWorker("subjects", {}, str(tmp_path))  # declares 0.5 CPU
+        assert cv2.getNumThreads() == 1 and os.environ["OMP_NUM_THREADS"] == "1" and w.stage.ctx.threads == 1
+        w = _RayStageWorker("subjects", {"resources": {"cpus": 3.0}}, str(tmp_path))
+        assert cv2.getNumThreads() == 3 and os.environ["OMP_NUM_THREADS"] == "3" and w.stage.ctx.threads == 3
     finally:
-        runners._native_threads = None
         cv2.setNumThreads(before)

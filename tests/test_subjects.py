@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from curation.config import build_config
-from curation.detect import Track
 from curation.masks import box_iou, decode_track, mask_box, rle_area, rle_decode, rle_encode
 from curation.pipeline import Pipeline
 from curation.stage import Row
-from stages.subjects import SubjectsConfig, _describe, link_subjects
+from curation.stages.subjects import SubjectsConfig, _describe, link_subjects
+from curation.stages.subjects.embedded import Track
 from tests.conftest import MEDIA, REPO, caption_list
 
 BOXES = [r for r in csv.DictReader(x for x in (REPO / "tests/data/subject_boxes.csv").open() if not x.startswith("#"))]

@@ -1,4 +1,4 @@
-"""Versioned prompt templates from `prompts/`: their text and a hash that goes into the manifest."""
+"""Versioned prompt templates (`templates/*.md`, package data): their text and a hash that goes into the manifest."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 from curation.errors import ConfigError
 
-PROMPT_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPT_DIR = Path(__file__).resolve().parent / "templates"
 
 
 def load_prompt(name: str) -> tuple[str, str]:
-    """(text, short hash) of prompts/<name>.md; a changed prompt makes the rows that used it stale."""
+    """(text, short hash) of templates/<name>.md; a changed prompt makes the rows that used it stale."""
     path = PROMPT_DIR / f"{name}.md"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROMPT_DIR.glob("*.md")))

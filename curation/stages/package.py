@@ -6,17 +6,19 @@ encoded frame count is checked against the manifest.
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import signal
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import av
 from pydantic import Field
 
 from curation.errors import ConfigError
-from curation.stage import Resources, Row, Stage, StageConfig, register
+from curation.stage import STORAGE_ERRNOS, Resources, Row, Stage, StageConfig, StageContext, operational
 
 
 class PackageConfig(StageConfig):
@@ -24,10 +26,12 @@ class PackageConfig(StageConfig):
     crf: int = Field(18, ge=0, le=51)
     preset: str = "veryfast"
     max_long_side: int | None = Field(None, ge=16, description="downscale so the long side is at most this")
-    shard_size: int = Field(100, ge=1, description="samples per shard")
-    shard_max_bytes: int = Field(2 * 1024**3, ge=1024, description="a shard is closed before it would exceed this")
-    keep_clips: bool = Field(False, description="keep the encoded mp4s under <run>/clips after sharding")
-    ffmpeg: str = "ffmpeg"
+    shard_size: int = operational(100, ge=1, description="samples per shard")
+    shard_max_bytes: int = operational(
+        2 * 1024**3, ge=1024, description="a shard is closed before it would exceed this"
+    )
+    keep_clips: bool = operational(False, description="keep the encoded mp4s under <run>/clips after sharding")
+    ffmpeg: str = operational("ffmpeg", description="the ffmpeg executable")
 
 
 def ffmpeg_cut_cmd(
@@ -53,38 +57,47 @@ def ffmpeg_cut_cmd(
     return cmd
 
 
-@register
+def _raise_storage_error(stderr: str, returncode: int, path: Path) -> None:
+    """ffmpeg reports a full or read-only disk only in its message (or dies of SIGXFSZ at a file-size limit): raise
+    it as the OSError it was, so the run ends (every later clip would fail the same way) instead of recording an
+    error row per clip."""
+    if returncode == -signal.SIGXFSZ:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    for code in sorted(STORAGE_ERRNOS):
+        if os.strerror(code) in stderr:
+            raise OSError(code, os.strerror(code), str(path))
+
+
 class Package(Stage[PackageConfig]):
     name = "package"
-    version = "1"
+    version = "2"
     config_class = PackageConfig
-    resources = Resources(cpus=0.5, batch_size=2, pool_max=2)
-    input_key = "clip_id"
-    output_key = "clip_id"
-    level = "clip"
+    requires = ("uri", "clip_start_frame", "clip_num_frames", "clip_fps", "clip_ts_regular")
+    default_resources = Resources(cpus=0.5, batch_size=2, pool_max=2)
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         if shutil.which(self.config.ffmpeg) is None:
             raise ConfigError(
                 f"package needs ffmpeg ({self.config.ffmpeg!r} is not on PATH): install it (apt-get install ffmpeg) "
                 "or set package.ffmpeg to its path"
             )
+        self._out_dir = ctx.path("clips")
+        self._out_dir.mkdir(parents=True, exist_ok=True)
 
-    def process_batch(self, batch: list[Row]) -> list[Row]:
-        out_dir = (Path(self.workdir) if self.workdir else Path(".")) / "clips"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return [self._one(r, out_dir) for r in batch]
+    def process(self, r: Row) -> Row:
+        import av
 
-    def _one(self, r: Row, out_dir: Path) -> Row:
-        start, n = int(r["scenecut_start_frame"]), int(r["scenecut_num_frames"])
-        fps = float(r["scenecut_fps"])
+        out_dir = self._out_dir
+        start, n = int(r["clip_start_frame"]), int(r["clip_num_frames"])
+        fps = float(r["clip_fps"])
         final = out_dir / f"{r['clip_id']}.mp4"
         tmp = out_dir / f".{r['clip_id']}.{uuid.uuid4().hex[:8]}.mp4"
-        regular = r.get("scenecut_ts_regular")
+        regular = r.get("clip_ts_regular")
         cmd = ffmpeg_cut_cmd(self.config, r["uri"], start, n, fps, tmp, ts_regular=regular is not False)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, n))
             if proc.returncode != 0:
+                _raise_storage_error(proc.stderr, proc.returncode, tmp)
                 return self.row(r, "error", "ffmpeg", proc.stderr.strip()[-2000:] or f"ffmpeg exit {proc.returncode}")
             with av.open(str(tmp)) as c:
                 s = c.streams.video[0]
@@ -92,13 +105,24 @@ class Package(Stage[PackageConfig]):
             if frames != n:
                 return self.row(r, "error", "frame_count", f"encoded {frames} frames, expected {n}", frames=frames)
             tmp.replace(final)
-        except Exception as exc:  # recorded as data
-            return self.error_row(r, exc)
-        finally:
+        finally:  # whatever went wrong (an error row, or the end of the run on a full disk), no half-written clip
             tmp.unlink(missing_ok=True)
         return self.row(r, "ok", path=str(final), frames=frames, width=width, height=height, bytes=final.stat().st_size)
 
-    def finalize(self, run_dir: Path) -> None:
+    def shard_fields(self, row: Row) -> dict[str, Any]:
+        return {"video": {k: row.get(self.col(k)) for k in ("width", "height", "frames")}}
+
+    def shard_members(self, row: Row) -> list[tuple[str, bytes]]:
+        return [("mp4", Path(row[self.col("path")]).read_bytes())]
+
+    def finalize(self, ctx: StageContext) -> None:
         from curation.shards import write_shards
 
-        write_shards(run_dir, self.config)
+        def drop_clips(rows: list[Row]) -> None:
+            for r in rows:
+                Path(r[self.col("path")]).unlink(missing_ok=True)
+
+        cfg = self.config
+        write_shards(
+            ctx.run_dir, self.name, cfg.shard_size, cfg.shard_max_bytes, None if cfg.keep_clips else drop_clips
+        )

@@ -12,20 +12,26 @@ Subjects and relations are stored as JSON (`caption_subjects`, `caption_relation
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from curation.caption_parser import parse_caption
 from curation.filters import pick
-from curation.mllm import MLLMError, OpenAIClient, VLLMEngine, extraction_schema, image_part, parse_record
-from curation.prompts import load_prompt
-from curation.stage import Resources, Row, Stage, StageConfig, register
-from curation.subjects import CaptionRecord
-from stages.scenecut import load_samples
+from curation.samples import load_samples
+from curation.stage import Resources, Row, Stage, StageConfig, StageContext, operational
+from curation.stages.caption.mllm import (
+    MLLMError,
+    OpenAIClient,
+    VLLMEngine,
+    extraction_schema,
+    image_part,
+    parse_record,
+)
+from curation.stages.caption.parser import parse_caption
+from curation.stages.caption.prompts import load_prompt
+from curation.stages.caption.schema import CaptionRecord
 
 
 class CaptionConfig(StageConfig):
@@ -34,12 +40,12 @@ class CaptionConfig(StageConfig):
     caption_prompt: str = "caption_v1"
     extract_prompt: str = "extract_v1"
     frames: int = Field(6, ge=1, le=32, description="frames sent to the MLLM per clip")
-    endpoint: str | None = Field(None, description="openai: base URL, e.g. http://localhost:8000/v1")
+    endpoint: str | None = operational(None, description="openai: base URL, e.g. http://localhost:8000/v1")
     model: str | None = Field(None, description="openai: served model name; vllm: model path or name")
-    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
-    concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(2, ge=0)
+    api_key_env: str = operational("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
+    concurrency: int = operational(8, ge=1)
+    timeout_s: float = operational(60.0, gt=0)
+    retries: int = operational(2, ge=0)
     max_tokens: int = Field(768, ge=16)
 
     @model_validator(mode="after")
@@ -56,7 +62,7 @@ class CaptionConfig(StageConfig):
 def template_caption(row: Row) -> str:
     """What is known without a caption: marked as a template, never a description of the content."""
     facts = []
-    dur = row.get("scenecut_duration_s")
+    dur = row.get("clip_duration_s")
     if dur:
         facts.append(f"{float(dur):.1f} s clip")
     texts = row.get("ocr_texts") or []
@@ -65,12 +71,12 @@ def template_caption(row: Row) -> str:
     return "[template] no caption supplied" + (f" ({', '.join(facts)})" if facts else "")
 
 
-@register
 class Caption(Stage[CaptionConfig]):
     name = "caption"
-    version = "1"
+    version = "2"
     config_class = CaptionConfig
-    resources = Resources(cpus=0.25, batch_size=16, pool_max=2)
+    default_resources = Resources(cpus=0.25, batch_size=16, pool_max=2)
+    gpu_backends: ClassVar[dict[str, float]] = {"vllm": 1.0}  # one engine per GPU
 
     @property
     def backend(self) -> str:
@@ -83,12 +89,10 @@ class Caption(Stage[CaptionConfig]):
     def prompt_hash(self) -> str:
         return "+".join(load_prompt(p)[1] for p in (self.config.caption_prompt, self.config.extract_prompt))
 
-    @property
-    def config_hash(self) -> str:
-        payload = json.dumps(self.config.model_dump(mode="json"), sort_keys=True) + self.prompt_hash
-        return hashlib.blake2b(payload.encode(), digest_size=6).hexdigest()
+    def hash_extra(self) -> str:
+        return self.prompt_hash  # a changed prompt makes the rows that used it stale
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         c = self.config
         self._client: OpenAIClient | VLLMEngine | None = None
         if c.backend == "openai":
@@ -117,16 +121,35 @@ class Caption(Stage[CaptionConfig]):
             raw=raw,
         )
 
+    def process(self, r: Row) -> Row:
+        if self._client is not None:
+            return self._mllm([r])[0]
+        text = (r.get("given_caption") or "").strip()
+        origin = "supplied" if text else "template"
+        rec = parse_caption(text) if text else CaptionRecord(caption=template_caption(r))
+        return self._out(r, rec, origin)
+
     def process_batch(self, batch: list[Row]) -> list[Row]:
-        if self._client is None:
-            out = []
-            for r in batch:
-                text = (r.get("given_caption") or "").strip()
-                origin = "supplied" if text else "template"
-                rec = parse_caption(text) if text else CaptionRecord(caption=template_caption(r))
-                out.append(self._out(r, rec, origin))
-            return out
-        return self._mllm(batch)
+        """MLLM backends send the whole batch at once (the endpoint batches); the parser goes row by row."""
+        return self._mllm(batch) if self._client is not None else super().process_batch(batch)
+
+    def shard_fields(self, row: Row) -> dict[str, Any]:
+        text = row.get(self.col("text"))
+        return {
+            "caption": text or row.get("given_caption"),
+            "caption_origin": row.get(self.col("origin")) or ("supplied" if row.get("given_caption") else None),
+            "subjects": json.loads(row[self.col("subjects")]) if row.get(self.col("subjects")) else [],
+            "relations": json.loads(row[self.col("relations")]) if row.get(self.col("relations")) else [],
+        }
+
+    def describe(self, row: Row) -> str | None:
+        subjects = json.loads(row.get(self.col("subjects")) or "[]")
+        names = ", ".join(
+            f"{s['name']} ({', '.join(a['text'] for a in s['attributes'])})" if s["attributes"] else s["name"]
+            for s in subjects
+        )
+        text = row.get(self.col("text")) or row.get("given_caption") or ""
+        return f"{text} | subjects: {names or '-'}"
 
     def _mllm(self, batch: list[Row]) -> list[Row]:
         assert self._client is not None

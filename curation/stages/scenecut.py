@@ -1,24 +1,21 @@
 """`scenecut`: split each video into clips with PySceneDetect detectors, in the one decode pass per video.
 
-The same pass stores each clip's frame samples, which every frame-based filter reads instead of reopening the video:
-`<run>/frames/<video_id>/<clip_id>.npz` with `frames` (uint8 [n, h, w, 3] RGB, display orientation, long side
-<= sample_long_side), `indices` (their frame numbers), `pairs` (uint8 [n, 2, dh, dw]: grey frame before + sample
-frame at detection size, for optical flow), `pair_valid` (bool [n]) and `fps`. Samples are kept for every clip, even
-rejected ones, so a filter can compare a clip with the rest of its video (watermarks persist across cuts).
+The same pass stores each clip's frame samples (`curation.samples`), which every frame-based filter reads instead of
+reopening the video. Samples are kept for every clip, even rejected ones, so a filter can compare a clip with the
+rest of its video (watermarks persist across cuts). A rerun that cuts differently stores them under a new cut folder
+and removes the video's older cut folders.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import shutil
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 from pydantic import Field
 
 from curation.ingest import clip_id
-from curation.manifest import atomic_write_bytes
-from curation.stage import Resources, Row, Stage, StageConfig, is_storage_error, register
-from curation.video import Segment, scan_video, seconds
+from curation.samples import cut_dir, save_samples
+from curation.stage import Kind, Resources, Row, Stage, StageConfig, operational
 
 DETECTORS = {
     "content": "ContentDetector",
@@ -39,7 +36,7 @@ class ScenecutConfig(StageConfig):
     split_long: bool = True
     samples_per_clip: int = Field(8, ge=1, le=64)
     sample_long_side: int = Field(512, ge=32)
-    decode_threads: int = Field(0, ge=0, description="codec threads; 0 lets FFmpeg choose")
+    decode_threads: int = operational(0, ge=0, description="codec threads; 0 lets FFmpeg choose")
 
 
 def make_detector(cfg: ScenecutConfig) -> Any:
@@ -57,53 +54,25 @@ def make_detector(cfg: ScenecutConfig) -> Any:
     return cls(**kwargs)
 
 
-@register
 class Scenecut(Stage[ScenecutConfig]):
-    """Fan-out: one video row in, one row per clip out (or one video-level error row, `clip_id` null)."""
+    """One video row in, one row per clip out (or one video-level error row, `clip_id` null)."""
 
     name = "scenecut"
-    version = "2"
+    version = "3"
+    kind = Kind.SPLIT
     config_class = ScenecutConfig
-    resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
-    input_key = "video_id"
-    output_key = "clip_id"
-    fan_out = True
-    level = "clip"
-    columns: ClassVar[dict[str, str]] = {
-        "scenecut_start_frame": "BIGINT",
-        "scenecut_end_frame": "BIGINT",
-        "scenecut_num_frames": "BIGINT",
-        "scenecut_fps": "DOUBLE",
-        "scenecut_duration_s": "DOUBLE",
-        "scenecut_start_reason": "VARCHAR",
-        "scenecut_samples_path": "VARCHAR",
-        "scenecut_sample_frames": "BIGINT[]",
-        "scenecut_ts_regular": "BOOLEAN",
-    }
+    requires = ("uri",)
+    default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
+    columns: ClassVar[dict[str, str]] = {"scenecut_start_reason": "VARCHAR", "scenecut_sample_frames": "BIGINT[]"}
 
-    def process_batch(self, batch: list[Row]) -> list[Row]:
-        out: list[Row] = []
-        for r in batch:
-            try:
-                out.extend(self._one(r))
-            except Exception as exc:  # undecodable video: one error row keyed by the video
-                if is_storage_error(exc):
-                    raise
-                out.append(
-                    self.row(
-                        {"video_id": r["video_id"], "clip_id": None},
-                        "error",
-                        "exception",
-                        f"{type(exc).__name__}: {exc}",
-                    )
-                )
-        return out
+    def process(self, r: Row) -> list[Row]:
+        from curation.video import Segment, scan_video, seconds
 
-    def _one(self, r: Row) -> list[Row]:
         cfg = self.config
         rows: list[Row] = []
         uri = r["uri"]
-        frames_dir = (Path(self.workdir) if self.workdir else Path(".")) / "frames" / r["video_id"]
+        cut = f"{self.version}-{self.config_hash}"  # same settings, same cuts, same folder
+        frames_dir = cut_dir(self.ctx.run_dir, r["video_id"], cut)
         fps_hint = float(r.get("probe_fps") or 0) or 25.0
         max_len = round(cfg.max_clip_s * fps_hint) if cfg.max_clip_s and cfg.split_long else None
 
@@ -119,6 +88,9 @@ class Scenecut(Stage[ScenecutConfig]):
             max_len_frames=max_len,
             threads=cfg.decode_threads,
         )
+        for old in frames_dir.parent.iterdir() if frames_dir.parent.is_dir() else ():
+            if old != frames_dir and old.is_dir():  # an earlier cut's samples: superseded by this attempt
+                shutil.rmtree(old, ignore_errors=True)
         for row in rows:  # per-video facts known only at the end of the pass
             row[self.col("fps")] = res.fps
             row[self.col("start_s")] = seconds(row[self.col("start_frame")], res.fps)
@@ -131,12 +103,12 @@ class Scenecut(Stage[ScenecutConfig]):
             self._decide(row)
         return rows
 
-    def _clip_row(self, r: Row, uri: str, seg: Segment, frames_dir: Path) -> Row:
+    def _clip_row(self, r: Row, uri: str, seg: Any, frames_dir: Any) -> Row:
         cid = clip_id(uri, seg.start, seg.end)
         path = None
         if len(seg.samples):
             path = frames_dir / f"{cid}.npz"
-            _save_samples(path, seg)
+            save_samples(path, seg.samples, seg.sample_frames, seg.pairs, seg.pair_valid)
         return self.row(
             {"video_id": r["video_id"], "clip_id": cid},
             "ok",
@@ -157,25 +129,6 @@ class Scenecut(Stage[ScenecutConfig]):
         elif not row[self.col("samples_path")]:
             row[self.col("status")], row[self.col("reason")] = "error", "no_samples"
 
-
-def _save_samples(path: Path, seg: Segment) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        frames=seg.samples,
-        indices=np.asarray(seg.sample_frames, np.int64),
-        pairs=seg.pairs,
-        pair_valid=seg.pair_valid,
-    )
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_samples(row: Row) -> dict[str, np.ndarray]:
-    """A clip's frame samples (what filters read instead of the video): frames, indices, pairs, pair_valid."""
-    path = row.get("scenecut_samples_path")
-    if not path:
-        raise FileNotFoundError("clip has no frame samples (scenecut_samples_path is empty)")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    def shard_fields(self, row: Row) -> dict[str, Any]:
+        fields = ("start_frame", "end_frame", "num_frames", "start_s", "end_s", "duration_s", "fps", "start_reason")
+        return {"clip": {k: row.get(self.col(k)) for k in fields}}

@@ -1,6 +1,6 @@
 """`subjects`: per-subject mask tracks, reference crops and the link to the caption's subjects, for kept clips.
 
-- `embedded` (default): `curation.detect` (Haar faces, HOG people, camera-compensated moving regions, GrabCut
+- `embedded` (default): `embedded.EmbeddedDetector` (Haar faces, HOG people, camera-compensated moving regions, GrabCut
   masks) on `track_frames` evenly spaced frames of the clip. Classical, CPU, no downloads; see that module for what
   it misses.
 - `reference`: insightface (detection, ArcFace embedding, pose) for faces and SAM2's video predictor propagating
@@ -15,23 +15,22 @@ sure, normalised boxes per frame, face size, reference frames, quality gates.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from curation.detect import EmbeddedDetector, Track
-from curation.errors import ConfigError
 from curation.filters import FilterConfig, pick
 from curation.manifest import atomic_write_bytes
-from curation.masks import box_iou, mask_box, mask_iou, rle_encode
-from curation.stage import Resources, Row, Stage, is_storage_error, register
-from curation.video import read_clip_frames
+from curation.masks import mask_box, mask_iou, rle_decode, rle_encode
+from curation.stage import Resources, Row, Stage, StageContext
+from curation.stages.subjects.linking import link_subjects
 
-POSITION_WORDS = {"left": 0.0, "right": 1.0, "middle": 0.5, "center": 0.5, "centre": 0.5}
+if TYPE_CHECKING:
+    from curation.stages.subjects.embedded import Track
+
+__all__ = ["Subjects", "SubjectsConfig", "link_subjects"]
 
 
 class SubjectsConfig(FilterConfig):
@@ -63,52 +62,13 @@ class SubjectsConfig(FilterConfig):
         return self
 
 
-def link_subjects(tracks: list[dict[str, Any]], caption_subjects: list[dict[str, Any]]) -> None:
-    """Assign caption subjects to tracks in place (`subject_id`, `link_confidence`); unmatched tracks stay unlinked.
-
-    Category must agree, except that a moving region of unknown kind may take an animal (0.6) or an object (0.4).
-    Position words in a subject's attributes (left / right / middle) pick the track by horizontal position;
-    otherwise the largest tracks go first. Confidence 0.9 when category and count leave no choice or a position word
-    decides, 0.6 when more tracks of the category than subjects competed.
-    """
-    slots: list[tuple[dict[str, Any], float | None]] = []
-    for s in caption_subjects:
-        words = " ".join(a.get("text", "") for a in s.get("attributes") or []).lower()
-        pos = next((v for w, v in POSITION_WORDS.items() if re.search(rf"\b{w}\b", words)), None)
-        slots.extend([(s, pos)] * max(1, int(s.get("count") or 1)))
-    order = {"person": 0, "animal": 1, "object": 2}  # a moving region of unknown kind is likelier an animal
-    slots.sort(key=lambda sp: (sp[1] is None, order.get(sp[0].get("category"), 3)))  # position words first
-    free = sorted(tracks, key=lambda t: -t["area"] * t["presence"])
-    for t in tracks:
-        t["subject_id"], t["link_confidence"] = None, None
-    for s, pos in slots:
-        cat = s.get("category")
-        same = [t for t in free if t["category"] == cat]
-        pool, conf = same, 0.9
-        if not same:
-            pool, conf = [t for t in free if t["category"] == "object"], 0.6 if cat == "animal" else 0.4
-        if not pool:
-            continue
-        if pos is not None:
-            chosen = min(pool, key=lambda t: abs(t["cx"] - pos))
-        else:
-            chosen = pool[0]
-            n_same = sum(1 for x, _ in slots if x.get("category") == cat)
-            if conf == 0.9 and len(pool) > n_same:
-                conf = 0.6
-        chosen["subject_id"], chosen["link_confidence"] = int(s["id"]), conf
-        free.remove(chosen)
-
-
-@register
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
-    version = "2"
+    version = "3"
     config_class = SubjectsConfig
-    resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
-    level = "clip"
-    input_key = "clip_id"
-    output_key = "clip_id"
+    requires = ("uri", "clip_start_frame", "clip_num_frames")
+    default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
+    gpu_backends: ClassVar[dict[str, float]] = {"reference": 1.0}
     score_column = "subjects_count"
     not_scores = ("tracks", "dropped_tracks", "frames", "dir")
     columns: ClassVar[dict[str, str]] = {"subjects_count": "BIGINT", "subjects_dir": "VARCHAR"}
@@ -117,33 +77,28 @@ class Subjects(Stage[SubjectsConfig]):
     def backend(self) -> str:
         return "embedded:haar+hog+motion+grabcut" if self.config.backend == "embedded" else "reference:insightface+sam2"
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
+        from curation.stages.subjects.embedded import EmbeddedDetector
+
         c = self.config
         self._det = EmbeddedDetector(c.detect_long_side, c.mask_long_side, min_face_px=16)
-        self._ref: _Reference | None = _Reference(c) if c.backend == "reference" else None
+        self._ref = None
+        if c.backend == "reference":
+            from curation.stages.subjects.reference import Reference
 
-    def process_batch(self, batch: list[Row]) -> list[Row]:
-        out = []
-        for r in batch:
-            try:
-                out.append(self._one(r))
-            except ConfigError:
-                raise
-            except Exception as exc:  # one clip's failure is a row
-                if is_storage_error(exc):
-                    raise
-                out.append(self.error_row(r, exc))
-        return out
+            self._ref = Reference(c)
 
-    def _one(self, r: Row) -> Row:
+    def process(self, r: Row) -> Row:
+        from curation.video import read_clip_frames
+
         c = self.config
-        n = int(r["scenecut_num_frames"])
+        n = int(r["clip_num_frames"])
         positions = [int(p) for p in pick(n, c.track_frames)]
         got = read_clip_frames(
             r["uri"],
-            int(r["scenecut_start_frame"]),
+            int(r["clip_start_frame"]),
             positions,
-            int(r.get("scenecut_rotation") or 0),
+            int(r.get("clip_rotation") or 0),
             c.decode_long_side,
         )
         positions = [p for p in positions if p in got]
@@ -156,7 +111,7 @@ class Subjects(Stage[SubjectsConfig]):
             raw, grid = self._det.track(frames, c.min_presence)
         scale = frames[0].shape[1] / grid[0]  # mask grid -> decoded frame pixels
         src_scale = float(r.get("probe_width") or frames[0].shape[1]) / frames[0].shape[1]
-        if int(r.get("scenecut_rotation") or 0) % 180:
+        if int(r.get("clip_rotation") or 0) % 180:
             src_scale = float(r.get("probe_height") or frames[0].shape[1]) / frames[0].shape[1]
         tracks, dropped = [], []
         for t in raw:
@@ -164,7 +119,7 @@ class Subjects(Stage[SubjectsConfig]):
             (dropped if info["gates"] and set(info["gates"]) - {"face_too_small"} else tracks).append((t, info))
         caption_subjects = json.loads(r.get("caption_subjects") or "[]")
         link_subjects([i for _, i in tracks], caption_subjects)
-        out_dir = (Path(self.workdir) if self.workdir else Path(".")) / "subjects" / r["video_id"] / r["clip_id"]
+        out_dir = self.ctx.path("subjects", r["video_id"], r["clip_id"])
         out_dir.mkdir(parents=True, exist_ok=True)
         doc: dict[str, Any] = {"width": grid[0], "height": grid[1], "frames": positions, "clip_frames": n, "tracks": {}}
         for k, (t, info) in enumerate(tracks):
@@ -199,6 +154,57 @@ class Subjects(Stage[SubjectsConfig]):
             dir=str(out_dir),
         )
 
+
+    def shard_fields(self, row: Row) -> dict[str, Any]:
+        """The tracks, with the shard member names of their masks and references."""
+        tracks = json.loads(row[self.col("tracks")]) if row.get(self.col("tracks")) else []
+        cid = row["clip_id"]
+        for t in tracks:
+            k = t["k"]
+            t["masks"] = f"{cid}.masks.json"
+            t["face_ref"] = f"{cid}.ref_{k}_face.jpg" if t.get("face_ref") else None
+            t["ref"] = f"{cid}.ref_{k}_subject.png" if t.get("ref") else None
+        return {"tracks": tracks}
+
+    def shard_members(self, row: Row) -> list[tuple[str, bytes]]:
+        """masks.json and the reference crops; none when the stage did not say ok."""
+        d = row.get(self.col("dir"))
+        if not d or row.get(self.col("status")) != "ok":
+            return []
+        d = Path(d)
+        out = [("masks.json", (d / "masks.json").read_bytes())]
+        for t in json.loads(row.get(self.col("tracks")) or "[]"):
+            for key, suffix in (("face_ref", "face.jpg"), ("ref", "subject.png")):
+                if t.get(key):
+                    out.append((f"ref_{t['k']}_{suffix}", (d / t[key]).read_bytes()))
+        return out
+
+    def draw(self, row: Row, frame: int, image: Any) -> None:
+        """Each track's mask at the tracked frame nearest to `frame`, tinted and outlined, with its number."""
+        import cv2
+
+        d = row.get(self.col("dir"))
+        path = Path(d) / "masks.json" if d else None
+        if path is None or not path.is_file():
+            return
+        doc = json.loads(path.read_text())
+        if not doc["frames"]:
+            return
+        rel = frame - int(row.get("clip_start_frame") or 0)
+        t = min(range(len(doc["frames"])), key=lambda i: abs(doc["frames"][i] - rel))
+        h, w = image.shape[:2]
+        for n, (key, rles) in enumerate(sorted(doc["tracks"].items())):
+            colour = _COLOURS[n % len(_COLOURS)]
+            m = cv2.resize(rle_decode(rles[t]), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+            image[m] = (0.5 * image[m] + 0.5 * np.array(colour, np.float32)).astype(np.uint8)
+            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(image, contours, -1, colour, 1)
+            ys, xs = np.nonzero(m)
+            if len(xs):
+                cv2.putText(image, key, (int(xs.min()), max(10, int(ys.min()) - 2)), 0, 0.4, (255, 255, 255), 1)
+
+
+_COLOURS = [(60, 180, 75), (230, 50, 240), (255, 225, 25), (0, 130, 200), (245, 130, 48), (70, 240, 240)]
 
 def _describe(t: Track, positions: list[int], grid: tuple[int, int], to_src: float, c: SubjectsConfig) -> dict:
     """A track's JSON: what it is, where it is, and which quality gates it fails."""
@@ -240,6 +246,8 @@ def _describe(t: Track, positions: list[int], grid: tuple[int, int], to_src: flo
 
 
 def _sharpness(img: np.ndarray) -> float:
+    import cv2
+
     return float(cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.CV_64F).var()) if img.size else 0.0
 
 
@@ -258,6 +266,8 @@ def _write_refs(
     The frame is recorded (`ref_frame`, `face_ref_frame`) so a trainer can keep it out of the frames it samples
     (avoiding copy-paste from reference to target).
     """
+    import cv2
+
     info["face_ref"], info["face_ref_frame"] = None, None
     if t.faces and "face_too_small" not in info["gates"]:
 
@@ -301,65 +311,3 @@ def _write_refs(
         if ok:
             atomic_write_bytes(out_dir / f"ref_{k}_subject.png", png.tobytes())
             info["ref"], info["ref_frame"] = f"ref_{k}_subject.png", positions[best]
-
-
-class _Reference:
-    """insightface faces + SAM2 video masks (GPU). Boxes to prompt SAM2 come from the embedded detector's tracks
-    (the first frame each track is seen), faces from insightface on every tracked frame."""
-
-    def __init__(self, c: SubjectsConfig) -> None:
-        try:
-            import torch
-            from insightface.app import FaceAnalysis
-            from sam2.build_sam import build_sam2_video_predictor
-        except ImportError as exc:
-            raise ConfigError(
-                f"subjects backend reference needs the gpu extra ({exc}): pip install -e '.[gpu]', or use "
-                "backend: embedded"
-            ) from exc
-        root = Path(c.models_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._torch = torch
-        self._device = device
-        self._faces = FaceAnalysis(name="buffalo_l", root=str(root / "insightface"))
-        self._faces.prepare(ctx_id=0 if device == "cuda" else -1, det_size=(640, 640))
-        self._sam = build_sam2_video_predictor(c.sam2_config, str(root / "sam2/sam2.1_hiera_large.pt"), device=device)
-
-    def track(self, frames: list[np.ndarray], det: EmbeddedDetector, c: SubjectsConfig) -> tuple[list[Track], Any]:
-        import tempfile
-
-        seeds, grid = det.track(frames, c.min_presence)
-        gw, gh = grid
-        fh, fw = frames[0].shape[:2]
-        sx, sy = fw / gw, fh / gh
-        with tempfile.TemporaryDirectory() as tmp:  # SAM2 reads a folder of numbered JPEGs
-            for i, f in enumerate(frames):
-                cv2.imwrite(str(Path(tmp) / f"{i:05d}.jpg"), f)
-            with self._torch.inference_mode():
-                state = self._sam.init_state(video_path=tmp)
-                for t in seeds:
-                    i0 = min(t.boxes)
-                    b = t.boxes[i0]
-                    self._sam.add_new_points_or_box(
-                        inference_state=state,
-                        frame_idx=i0,
-                        obj_id=t.k,
-                        box=np.array([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], np.float32),
-                    )
-                out = [Track(k=t.k, person_votes=t.person_votes) for t in seeds]
-                if seeds:
-                    for fi, ids, logits in self._sam.propagate_in_video(state):
-                        for oid, lg in zip(ids, logits, strict=True):
-                            m = (lg[0] > 0).cpu().numpy().astype(np.uint8)
-                            m = cv2.resize(m, grid, interpolation=cv2.INTER_NEAREST)
-                            b = mask_box(m)
-                            if b is not None:
-                                out[oid].masks[fi], out[oid].boxes[fi] = m, tuple(map(float, b))
-        for i, f in enumerate(frames):
-            for face in self._faces.get(f):
-                x1, y1, x2, y2 = (float(v) for v in face.bbox)
-                g = (x1 / sx, y1 / sy, x2 / sx, y2 / sy)
-                host = max(out, key=lambda t: box_iou(t.boxes.get(i, (0, 0, 0, 0)), g), default=None)
-                if host is not None and i in host.boxes and box_iou(host.boxes[i], g) > 0:
-                    host.faces[i] = g
-        return [t for t in out if t.masks], grid

@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import av
 from pydantic import Field
 
-from curation.stage import Resources, Row, Stage, StageConfig, register
+from curation.stage import Kind, Resources, Row, Stage, StageConfig
 
 
 class ProbeConfig(StageConfig):
@@ -34,6 +33,8 @@ def probe_file(path: str, max_pixels: int | None = None) -> dict[str, Any]:
     A declared size above `max_pixels` is returned without decoding anything (`decoded: False`): a corrupt or
     hostile header must not make us allocate a gigantic frame.
     """
+    import av
+
     if "://" not in path and not Path(path).exists():
         raise FileNotFoundError(f"no such file: {path}")
     with av.open(path) as c:
@@ -98,29 +99,23 @@ def _size(path: str) -> int | None:
     return Path(path).stat().st_size if "://" not in path else None
 
 
-@register
 class Probe(Stage[ProbeConfig]):
     """Cheap metadata first, so nothing later decodes a file that cannot be used."""
 
     name = "probe"
-    version = "1"
+    version = "2"
+    kind = Kind.VIDEO
     config_class = ProbeConfig
-    resources = Resources(cpus=0.25, batch_size=8, pool_max=2)
-    input_key = "video_id"
-    output_key = "video_id"
-    level = "video"
+    requires = ("uri",)
+    default_resources = Resources(cpus=0.25, batch_size=8, pool_max=2)
 
-    def process_batch(self, batch: list[Row]) -> list[Row]:
-        out = []
-        for r in batch:
-            try:
-                meta = probe_file(r["uri"], self.config.max_pixels)
-            except Exception as exc:  # undecodable input is data: an error row with the message
-                out.append(self.error_row(r, exc))
-                continue
-            status, reason = self._decide(meta)
-            out.append(self.row(r, status, reason, **meta))
-        return out
+    def process(self, r: Row) -> Row:
+        meta = probe_file(r["uri"], self.config.max_pixels)  # undecodable input raises: an error row
+        status, reason = self._decide(meta)
+        return self.row(r, status, reason, **meta)
+
+    def shard_fields(self, row: Row) -> dict[str, Any]:
+        return {"source_video": {k: row.get(self.col(k)) for k in ("codec", "width", "height", "fps", "rotation")}}
 
     def _decide(self, m: dict[str, Any]) -> tuple[str, str | None]:
         c = self.config

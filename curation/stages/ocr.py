@@ -12,13 +12,12 @@ import json
 import logging
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 from pydantic import Field
 
+from curation.errors import require
 from curation.filters import FilterConfig, SampleFilter, pick
-from curation.runners import native_threads
-from curation.stage import Resources, Row, register
+from curation.stage import Resources, Row, StageContext, operational
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ class OcrConfig(FilterConfig):
         "text box 512 finds on the labelled media at 40% of the cost; 256 misses subtitles",
     )
     recognise: bool = Field(True, description="also recognise the text (detection alone gives the area)")
-    threads: int | None = Field(
+    threads: int | None = operational(
         None,
         ge=0,
         description="onnxruntime threads per worker; null: a Ray actor's CPUs (resources.cpus rounded up), a thread "
@@ -61,23 +60,23 @@ class OcrConfig(FilterConfig):
 Box = list[list[float]]
 
 
-def _threads(cfg: OcrConfig) -> int:
+def _threads(cfg: OcrConfig, ctx: StageContext) -> int:
     """onnxruntime's intra-op thread count (-1: its default, a thread per core)."""
     if cfg.threads is not None:
         return cfg.threads or -1
-    return native_threads() or -1
+    return ctx.threads or -1
 
 
 class _RapidOcr:
-    def __init__(self, cfg: OcrConfig) -> None:
-        from rapidocr import RapidOCR
+    def __init__(self, cfg: OcrConfig, ctx: StageContext) -> None:
+        RapidOCR = require("rapidocr", "ocr backend embedded", "pip install rapidocr").RapidOCR
 
         logging.getLogger("RapidOCR").setLevel(logging.WARNING)
         self.engine = RapidOCR(
             params={
                 "Det.limit_type": "max",
                 "Det.limit_side_len": cfg.detect_side,
-                "EngineConfig.onnxruntime.intra_op_num_threads": _threads(cfg),
+                "EngineConfig.onnxruntime.intra_op_num_threads": _threads(cfg, ctx),
             }
         )
         self.cfg = cfg
@@ -93,7 +92,7 @@ class _RapidOcr:
 
 class _PaddleOcr:
     def __init__(self, cfg: OcrConfig) -> None:
-        from paddleocr import PaddleOCR
+        PaddleOCR = require("paddleocr", "ocr backend reference").PaddleOCR
 
         root = f"{cfg.models_dir}/paddleocr"
         self.engine = PaddleOCR(det_model_dir=f"{root}/det", rec_model_dir=f"{root}/rec", use_angle_cls=False)
@@ -106,19 +105,22 @@ class _PaddleOcr:
         return out
 
 
-@register
 class Ocr(SampleFilter):
     name = "ocr"
-    version = "2"
+    version = "3"
     config_class = OcrConfig
-    resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
+    requires = ("clip_samples_path",)
+    default_resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
+    gpu_backends: ClassVar[dict[str, float]] = {"reference": 0.5}
     backend_names: ClassVar[dict[str, str]] = {"embedded": "rapidocr-ppocr-onnx", "reference": "paddleocr"}
     score_column = "ocr_text_area"
 
-    def setup(self) -> None:
-        self._engine = _PaddleOcr(self.config) if self.config.backend == "reference" else _RapidOcr(self.config)
+    def setup(self, ctx: StageContext) -> None:
+        self._engine = _PaddleOcr(self.config) if self.config.backend == "reference" else _RapidOcr(self.config, ctx)
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+        import cv2
+
         idx = pick(len(samples["frames"]), self.config.max_frames)
         areas, texts, boxes_out = [], [], []
         for i in idx:
@@ -154,3 +156,12 @@ class Ocr(SampleFilter):
 
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
         return ("reject", "text") if s["text_area"] > self.config.max_text_area else ("ok", None)
+
+    def draw(self, row: Row, frame: int, image: Any) -> None:
+        import cv2
+
+        h, w = image.shape[:2]
+        for box in json.loads(row.get(self.col("boxes")) or "[]"):
+            if box.get("frame") == frame:
+                pts = np.array([[x * w, y * h] for x, y in box["box"]], np.int32)
+                cv2.polylines(image, [pts], True, (0, 0, 255), 2)

@@ -14,15 +14,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 from pydantic import Field
 
+from curation.errors import require
 from curation.filters import FilterConfig, SampleFilter, pick
-from curation.stage import Resources, Row, register
+from curation.samples import SAMPLES_COLUMN, cut_sample_paths
+from curation.stage import Resources, Row, StageContext
 
 WORK_WIDTH = 320
 
@@ -40,12 +40,14 @@ class WatermarkConfig(FilterConfig):
 
 
 def _video_frames(row: Row, own: np.ndarray, limit: int) -> np.ndarray:
-    """The samples of every clip of the video (this clip's from memory), in clip-id order, at a common size: the
-    same frames whichever clip asks, so the score is a property of the video."""
+    """The samples of every clip of the video's current cut (this clip's from memory), in clip-id order, at a
+    common size: the same frames whichever clip asks, so the score is a property of the video."""
+    import cv2
+
     frames: list[np.ndarray] = []
-    path = Path(row["scenecut_samples_path"])
-    for f in sorted(set(path.parent.glob("*.npz")) | {path}):  # one order for every clip of the video
-        if f == path:
+    path = row[SAMPLES_COLUMN]
+    for f in cut_sample_paths(row):
+        if str(f) == str(path):
             frames.extend(own)
         else:
             with np.load(f, allow_pickle=False) as z:
@@ -65,6 +67,8 @@ def _video_frames(row: Row, own: np.ndarray, limit: int) -> np.ndarray:
 def persistence_score(
     greys: np.ndarray, persistence: float = 0.9, corner: float = 0.3, min_change: float = 10.0
 ) -> dict[str, Any]:
+    import cv2
+
     n, h, w = greys.shape
     change = float(np.abs(np.diff(greys.astype(np.int16), axis=0)).mean()) if n > 1 else 0.0
     edges = np.stack([cv2.dilate(cv2.Canny(g, 80, 160), np.ones((3, 3), np.uint8)) > 0 for g in greys])
@@ -104,8 +108,8 @@ class _LaionWatermark:
     """Reference backend (imported lazily from the `gpu` extra)."""
 
     def __init__(self, cfg: WatermarkConfig) -> None:
-        import timm
-        import torch
+        timm = require("timm", "watermark backend reference")
+        torch = require("torch", "watermark backend reference")
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,25 +126,29 @@ class _LaionWatermark:
         self.model = model.to(self.device).eval()
 
     def __call__(self, frames: np.ndarray) -> dict[str, Any]:
+        import cv2
+
         torch = self.torch
         x = np.stack([cv2.resize(f, (256, 256), interpolation=cv2.INTER_AREA) for f in frames]).astype(np.float32)
         x = (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
         with torch.no_grad():
             t = torch.from_numpy(x.transpose(0, 3, 1, 2)).float().to(self.device)
             prob = torch.softmax(self.model(t), dim=1)[:, 0].cpu().numpy()
-        return {"probability": float(prob.mean()), "probability_max": float(prob.max())}
+        # `score` is the headline column for every backend (the report and `select` read it)
+        return {"score": float(prob.mean()), "probability": float(prob.mean()), "probability_max": float(prob.max())}
 
 
-@register
 class Watermark(SampleFilter):
     name = "watermark"
-    version = "1"
+    version = "2"
     config_class = WatermarkConfig
-    resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
+    requires = ("clip_samples_path",)
+    default_resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
+    gpu_backends: ClassVar[dict[str, float]] = {"reference": 0.25}
     backend_names: ClassVar[dict[str, str]] = {"embedded": "edge-persistence", "reference": "laion-watermark-v1"}
     score_column = "watermark_score"
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         self._ref = _LaionWatermark(self.config) if self.config.backend == "reference" else None
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
 
@@ -148,7 +156,7 @@ class Watermark(SampleFilter):
         if self._ref is not None:
             return self._ref(samples["frames"][pick(len(samples["frames"]), self.config.max_frames)])
         # The score is a property of the whole video's samples: computed once per video, not once per clip.
-        key = tuple(sorted(str(p) for p in Path(row["scenecut_samples_path"]).parent.glob("*.npz")))
+        key = tuple(str(p) for p in cut_sample_paths(row))
         if key not in self._cache:
             greys = _video_frames(row, samples["frames"], self.config.video_frames)
             self._cache = {

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 from pydantic import Field
 
+from curation.errors import require
 from curation.filters import FilterConfig, SampleFilter, pick
-from curation.stage import Resources, Row, register
+from curation.stage import Resources, Row, StageContext
 
 WEIGHTS = {
     "sharpness": 0.25,
@@ -66,6 +66,8 @@ def blockiness(grey: np.ndarray, period: float) -> float:
 
 
 def quality_proxy(frames: np.ndarray, source_size: tuple[int, int] | None) -> dict[str, Any]:
+    import cv2
+
     sharp, expo, contr, colour, block = [], [], [], [], []
     for rgb in frames:
         h, w = rgb.shape[:2]
@@ -113,8 +115,8 @@ class _LaionAesthetic:
     """Reference backend: open_clip ViT-L/14 + the LAION MLP head (imported lazily from the `gpu` extra)."""
 
     def __init__(self, cfg: AestheticsConfig) -> None:
-        import open_clip
-        import torch
+        open_clip = require("open_clip", "aesthetics backend reference")
+        torch = require("torch", "aesthetics backend reference")
 
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,16 +147,17 @@ class _LaionAesthetic:
         return {"score": float(scores.mean()), "score_min": float(scores.min())}
 
 
-@register
 class Aesthetics(SampleFilter):
     name = "aesthetics"
-    version = "1"
+    version = "2"
     config_class = AestheticsConfig
-    resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
+    requires = ("clip_samples_path",)
+    default_resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
+    gpu_backends: ClassVar[dict[str, float]] = {"reference": 0.25}
     backend_names: ClassVar[dict[str, str]] = {"embedded": "quality-proxy", "reference": "laion-aesthetic-v2"}
     score_column = "aesthetics_score"
 
-    def setup(self) -> None:
+    def setup(self, ctx: StageContext) -> None:
         self._ref = _LaionAesthetic(self.config) if self.config.backend == "reference" else None
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from pydantic import Field
 
 from curation.filters import FilterConfig, SampleFilter, pick
-from curation.stage import Resources, Row, register
+from curation.stage import Resources, Row
 
 
 class MotionConfig(FilterConfig):
@@ -30,16 +29,11 @@ class MotionConfig(FilterConfig):
     reject_camera_only: bool = False
 
 
-_PRESETS = {
-    "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
-    "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
-    "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
-}
-
-
 def _flow(a: np.ndarray, b: np.ndarray, method: str, preset: str = "fast") -> np.ndarray:
+    import cv2
+
     if method == "dis":
-        return cv2.DISOpticalFlow_create(_PRESETS[preset]).calc(a, b, None)
+        return cv2.DISOpticalFlow_create(getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{preset.upper()}")).calc(a, b, None)
     return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
 
@@ -47,6 +41,8 @@ def motion_scores(
     pairs: np.ndarray, valid: np.ndarray, fps: float, method: str = "dis", preset: str = "fast"
 ) -> dict[str, Any]:
     """Mean flow magnitude, camera part and local part, in diagonals per second, over the valid pairs."""
+    import cv2
+
     totals, cameras, locals_ = [], [], []
     for (a, b), ok in zip(pairs, valid, strict=True):
         if not ok:
@@ -81,14 +77,14 @@ def motion_scores(
     }
 
 
-@register
 class Motion(SampleFilter):
     """Flags near-static clips and camera-only motion (shake/pan with nothing moving in the scene)."""
 
     name = "motion"
-    version = "2"
+    version = "3"
     config_class = MotionConfig
-    resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
+    requires = ("clip_samples_path", "clip_fps")
+    default_resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
     score_column = "motion_score"
 
     @property
@@ -98,7 +94,7 @@ class Motion(SampleFilter):
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         idx = pick(len(samples["pairs"]), self.config.max_frames)
-        fps = float(row.get("scenecut_fps") or 25.0)
+        fps = float(row.get("clip_fps") or 25.0)
         c = self.config
         s = motion_scores(samples["pairs"][idx], samples["pair_valid"][idx], fps, c.method, c.dis_preset)
         s["camera_only"] = bool(

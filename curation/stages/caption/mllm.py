@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from curation.subjects import Attribute, CaptionRecord, Relation, Span, Subject
+from curation.stages.caption.schema import Attribute, CaptionRecord, Relation, Span, Subject
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,8 @@ class MLLMError(Exception):
 
 def image_part(rgb: np.ndarray, max_side: int = 448, quality: int = 85) -> dict[str, Any]:
     """An OpenAI-style image content part (JPEG data URL) from an RGB frame."""
+    import cv2
+
     h, w = rgb.shape[:2]
     f = min(1.0, max_side / max(h, w))
     small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
@@ -125,8 +126,9 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.9,
         max_tokens: int = 768,
     ) -> None:
-        from vllm import LLM
+        from curation.errors import require
 
+        LLM = require("vllm", "caption backend vllm").LLM
         self.llm = LLM(
             model=model,
             max_model_len=max_model_len,

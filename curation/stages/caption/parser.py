@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from curation.subjects import Attribute, CaptionRecord, Category, Relation, Span, Subject
+from curation.stages.caption.schema import Attribute, CaptionRecord, Category, Relation, Span, Subject
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*|'s\b|'[A-Za-z]+|[^\sA-Za-z0-9]")
 
