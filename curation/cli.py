@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from curation.errors import CurationError
-from curation.logs import log_to_file, native_stderr_to_file
+from curation.logs import logging_to, native_stderr_to_file
 
 log = logging.getLogger("curation")
 
@@ -115,14 +115,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
     get_stage(args.name)
     cfg = _run_config(args.run, args.config, _apply_common(args, []))
     pipe = Pipeline(cfg, args.run)
-    log_to_file(args.run)
     native_stderr_to_file(args.run)
     selection = None
     if args.selection:
         selection = Path(args.run) / "selections" / f"{args.selection}.parquet"
         if not selection.is_file():
             raise CurationError(f"no selection {args.selection!r} in {args.run}: make it with `curation select`")
-    report = pipe.run_stage(args.name, pipe.runner(), args.rerun, selection, _progress_factory(cfg.progress))
+    with logging_to(args.run):
+        report = pipe.run_stage(args.name, pipe.runner(), args.rerun, selection, _progress_factory(cfg.progress))
     _print_reports([report])
     return 0
 
@@ -199,10 +199,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     _echo(f"{'stage':<{width[0]}}  {'file':<{width[1]}}  {'looked for at':<{width[2]}}  {'present':<7}  source")
     for r in rows:
         _echo(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]:<7}  {r[4]}")
-    _echo(
-        "caption: backend openai/vllm takes a served model name or a model path (caption.model), e.g. "
-        "Qwen/Qwen2.5-VL-7B-Instruct; fetch it with `huggingface-cli download` where a network exists."
-    )
+    if "caption" in registry():
+        _echo(
+            "caption: backend openai/vllm takes a served model name or a model path (caption.model), e.g. "
+            "Qwen/Qwen2.5-VL-7B-Instruct; fetch it with `huggingface-cli download` where a network exists."
+        )
     _echo('Reference backends also need `pip install -e ".[gpu]"`. Embedded backends need no weights.')
     missing = sum(r[3] == "MISSING" for r in rows)
     return 0 if not args.check or not missing else 1

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from curation.errors import ConfigError
-from curation.stage import Kind, StageConfig, registry
+from curation.stage import Kind, Stage, StageConfig, registry
 
 # The built-in pipeline, the one place it is written: video-level checks, the split, then clip filters cheapest
 # first (each stage only sees the clips every earlier stage kept), annotation, and packaging.
@@ -152,3 +152,19 @@ def read_yaml_mapping(path: str | Path, what: str, example: str) -> dict[str, An
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
     data = read_yaml_mapping(path, "config file", "configs/local.yaml") if path is not None else {}
     return build_config(apply_overrides(data, list(overrides or [])))
+
+
+def run_stages(run_dir: str | Path) -> list[Stage[Any]]:
+    """The run's stages in pipeline order, each built with the run's saved config (shards and the report call their
+    hooks with the settings the rows were made with)."""
+    from curation.manifest import pipeline_order
+
+    saved = Path(run_dir) / "config.yaml"
+    reg = registry()
+    names = pipeline_order(Path(run_dir))
+    try:
+        cfg = load_config(saved) if saved.is_file() else build_config({})
+        return [reg[n](cfg.stage_config(n)) for n in names]
+    except ConfigError:  # e.g. a reference backend whose weights are not on this machine: read the run as it was
+        data = read_yaml_mapping(saved, "config file", "RUN/config.yaml")
+        return [reg[n](reg[n].config_class.model_construct(**(data.get(n) or {}))) for n in names]

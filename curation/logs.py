@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -37,10 +39,12 @@ def setup_console(level: int) -> None:
     root.addHandler(handler)
 
 
-def log_to_file(run_dir: str | Path, name: str = "curation") -> Path:
-    """Send every record at INFO and above to `<run>/logs/<name>.log` (once per process and file)."""
+def log_to_file(run_dir: str | Path, name: str = "curation") -> logging.Handler | None:
+    """Send every record at INFO and above to `<run>/logs/<name>.log`; returns the new handler (None when this
+    process already logs there)."""
     path = Path(run_dir) / "logs" / f"{name}.log"
     root = logging.getLogger()
+    handler = None
     if not any(getattr(h, "_curation", None) == str(path) for h in root.handlers):
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")
@@ -51,7 +55,19 @@ def log_to_file(run_dir: str | Path, name: str = "curation") -> Path:
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
     tame_third_party()
-    return path
+    return handler
+
+
+@contextmanager
+def logging_to(run_dir: str | Path) -> Iterator[None]:
+    """`log_to_file` for the duration of a block (one run in a process that may do several)."""
+    handler = log_to_file(run_dir)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
 
 def tame_third_party() -> None:

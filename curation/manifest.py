@@ -25,7 +25,7 @@ from curation.stage import CLIP_FIELDS, Kind, Row, registry
 log = logging.getLogger(__name__)
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"
-BOOKKEEPING = ("status", "reason", "error", "backend", "version", "config_hash", "ts")
+BOOKKEEPING = ("status", "reason", "error", "backend", "version", "config_hash", "upstream", "ts")
 # Tables that are not stages: (key their newest attempt is chosen by, timestamp column).
 SPECIAL_TABLES = {
     "ingest": ("video_id", "ingest_ts"),
@@ -80,15 +80,21 @@ def _table_key(name: str) -> tuple[str, str, str]:
 
 
 def pipeline_order(run_dir: Path) -> list[str]:
-    """Stages in pipeline order: the run's saved config order, then any other installed stage."""
-    order: list[str] = []
+    """The run's stages in pipeline order: its saved config's list; without one (manifests copied on their own),
+    the installed stages that have a table."""
+    reg = registry()
     cfg = run_dir / "config.yaml"
     if cfg.is_file():
         import yaml
 
-        order = list((yaml.safe_load(cfg.read_text()) or {}).get("stages", []))
-    reg = registry()
-    return [n for n in order if n in reg] + [n for n in reg if n not in order]
+        saved = (yaml.safe_load(cfg.read_text()) or {}).get("stages")
+        if saved is None:
+            from curation.config import DEFAULT_STAGES
+
+            saved = DEFAULT_STAGES
+        return [n for n in saved if n in reg]
+    root = run_dir / "manifests"
+    return [n for n in reg if (root / n).is_dir() and any((root / n).glob("part-*.parquet"))]
 
 
 def _arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:

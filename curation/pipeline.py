@@ -18,7 +18,7 @@ import yaml
 from curation.config import PipelineConfig
 from curation.errors import ConfigError
 from curation.ingest import discover
-from curation.logs import log_to_file
+from curation.logs import logging_to
 from curation.manifest import Manifests, atomic_write_bytes
 from curation.runners import Progress, Runner, make_runner
 from curation.stage import Kind, Row, Stage, StageContext, registry
@@ -53,7 +53,6 @@ class Pipeline:
             probe.unlink()
         except OSError as exc:
             raise ConfigError(f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror or exc}") from None
-        log_to_file(self.run_dir)
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False).encode())
 
     def ingest(self, spec: str | None) -> int:
@@ -76,7 +75,8 @@ class Pipeline:
         stages = self.cfg.stages
         return stages[: stages.index(name)] if name in stages else list(stages)
 
-    def inputs_sql(self, name: str, rerun: Rerun = "missing", selection: Path | None = None) -> tuple[str, list[Any]]:
+    def _base_sql(self, name: str, selection: Path | None = None) -> str:
+        """Every row the stage could take: what the earlier stages in `stages` kept (or a selection)."""
         reg = registry()
         cls = reg[name]
         ups = self._upstream(name)
@@ -96,36 +96,43 @@ class Pipeline:
                 conds.append(f"clip_id IN (SELECT clip_id FROM read_parquet('{path}'))")
             else:
                 conds += [f"{u}_status = 'ok'" for u in ups if reg[u].kind == Kind.CLIP]
+        where = " AND ".join(f"({c})" for c in conds)
+        return f"{sql}{' WHERE ' + where if where else ''}"
+
+    def inputs_sql(self, name: str, rerun: Rerun = "missing", selection: Path | None = None) -> tuple[str, list[Any]]:
+        """The rows the stage runs on. A row counts as done only if the stage's row for it was computed from the same
+        upstream values it declares it reads (`requires`, fingerprinted as `_upstream`): after a scene-cut rerun
+        that rewrites a clip's samples, the filters redo that clip even though its id is unchanged."""
+        cls = registry()[name]
         key = cls.key()
+        parts = [f"coalesce(CAST({c} AS VARCHAR), '')" for c in cls.requires]
+        fingerprint = f"md5(concat_ws('|', {', '.join(parts)}))" if parts else "md5('')"
+        base = f"SELECT *, {fingerprint} AS _upstream FROM ({self._base_sql(name, selection)})"
+        mine = f'SELECT 1 FROM "{name}" m WHERE m.{key} = q.{key}'
+        fresh = f"EXISTS ({mine} AND m.{name}_upstream IS NOT DISTINCT FROM q._upstream)"
         params: list[Any] = []
-        mine = f'(SELECT {key} FROM "{name}"'
         if rerun == "missing":
-            conds.append(f"{key} NOT IN {mine} WHERE {key} IS NOT NULL)")
+            cond = f"NOT {fresh}"
         elif rerun == "failed":
-            conds.append(
-                f"({key} NOT IN {mine} WHERE {key} IS NOT NULL) OR {key} IN {mine} WHERE {name}_status = 'error'))"
-            )
+            cond = f"NOT {fresh} OR EXISTS ({mine} AND m.{name}_status = 'error')"
         elif rerun == "stale":
             stage = cls(self.cfg.stage_config(name))
-            conds.append(
-                f"({key} NOT IN {mine} WHERE {key} IS NOT NULL) OR {key} IN {mine} "
-                f"WHERE {name}_version <> ? OR {name}_config_hash <> ?))"
-            )
+            cond = f"NOT {fresh} OR EXISTS ({mine} AND (m.{name}_version <> ? OR m.{name}_config_hash <> ?))"
             params += [stage.version, stage.config_hash]
-        elif rerun != "all":
+        elif rerun == "all":
+            cond = "true"
+        else:
             raise ConfigError(f"--rerun must be one of {', '.join(RERUN_CHOICES)}, got {rerun!r}")
-        where = " AND ".join(f"({c})" for c in conds)
-        return f"SELECT * FROM ({sql}{' WHERE ' + where if where else ''}) ORDER BY {key}", params
+        return f"SELECT * FROM ({base}) q WHERE {cond} ORDER BY {key}", params
 
     def check_requires(self, name: str) -> None:
         """The columns the stage declares it reads must exist upstream; raises ConfigError naming the missing ones."""
         cls = registry()[name]
         if not cls.requires:
             return
-        sql, params = self.inputs_sql(name, "all")
         con = self.manifests.connect()
         try:
-            have = {r[0] for r in con.execute(f"DESCRIBE {sql}", params or None).fetchall()}
+            have = {r[0] for r in con.execute(f"DESCRIBE {self._base_sql(name)}").fetchall()}
         finally:
             con.close()
         missing = [c for c in cls.requires if c not in have]
@@ -196,10 +203,11 @@ class Pipeline:
         self, input_spec: str | None = None, rerun: Rerun = "missing", progress_factory: Any = None
     ) -> list[StageReport]:
         self.prepare()
-        n_new = self.ingest(input_spec)
-        log.info("ingest: %d new input video(s)", n_new)
-        runner = self.runner()
-        return [self.run_stage(name, runner, rerun, None, progress_factory) for name in self.cfg.stages]
+        with logging_to(self.run_dir):
+            n_new = self.ingest(input_spec)
+            log.info("ingest: %d new input video(s)", n_new)
+            runner = self.runner()
+            return [self.run_stage(name, runner, rerun, None, progress_factory) for name in self.cfg.stages]
 
 
 def _fmt(stats: dict[str, float]) -> str:

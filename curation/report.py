@@ -17,9 +17,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from curation.manifest import Manifests, atomic_write_bytes, pipeline_order
+from curation.config import run_stages
+from curation.manifest import Manifests, atomic_write_bytes
 from curation.samples import SAMPLES_COLUMN, read_samples
-from curation.stage import Row, Stage, registry
+from curation.stage import Row, Stage
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,15 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _histograms(m: Manifests) -> list[tuple[str, str]]:
+def _histograms(m: Manifests, stages: list[Stage[Any]]) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = []
-    for stage, cls in registry().items():
-        col = cls.score_column
+    for st in stages:
+        stage, col = st.name, st.score_column
         if col is None or not m.has(stage):
             continue
         rows = m.rows(f'SELECT {col} AS v, {stage}_status AS s FROM "{stage}" WHERE {col} IS NOT NULL')
@@ -98,8 +99,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, samples: in
         "<h2>Clips by status and reason</h2>",
         _table(clips, ["status", "reason", "n"]),
     ]
+    stages = run_stages(run_dir)
     per_stage = []
-    for name in registry():
+    for name in (st.name for st in stages):
         if m.has(name):
             per_stage += m.rows(
                 f"SELECT '{name}' AS stage, {name}_status AS status, {name}_reason AS reason, "
@@ -114,7 +116,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, samples: in
                 runs, ["stage", "runner", "inputs", "ok", "reject", "error", "seconds", "workers", "peak_worker_rss_mb"]
             ),
         ]
-    hists = _histograms(m)
+    hists = _histograms(m, stages)
     if hists:
         parts.append("<h2>Scores</h2>")
         parts += [f'<div class="hist"><img alt="{html.escape(c)}" src="{src}"></div>' for c, src in hists]
@@ -122,8 +124,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, samples: in
         f"SELECT * FROM clips WHERE {SAMPLES_COLUMN} IS NOT NULL ORDER BY (status = 'ok') DESC, clip_id LIMIT ?",
         [samples],
     )
-    reg = registry()
-    stages = [reg[n]() for n in pipeline_order(run_dir)]
     cols = [c.score_column for c in stages if c.score_column]
     cards = []
     for r in rows:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from curation.errors import ConfigError
 from curation.logs import log_to_file, tame_third_party, worker_log_name
 from curation.manifest import Manifests
-from curation.stage import Row, Stage, StageConfig, batched, get_stage, is_storage_error
+from curation.stage import Row, Stage, StageConfig, batched, get_stage, is_fatal
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +104,34 @@ class _RayStageWorker:
     `RayRunner` subclasses it per stage, so actors and operators carry the stage's name."""
 
     def __init__(self, stage_name: str, config: dict[str, Any], run_dir: str) -> None:
-        log_to_file(run_dir, worker_log_name())
-        cls = get_stage(stage_name)
-        cfg = cls.config_class(**config)
-        self.stage = cls(cfg)
-        self.stage.bind(run_dir, limit_native_threads(self.stage.resources().cpus))
-        self.manifests = Manifests(run_dir)
+        self.name = stage_name
+        self.fatal = ""  # an error building the stage is reported with the first batch, as one line in the driver
+        try:
+            log_to_file(run_dir, worker_log_name())
+            cls = get_stage(stage_name)
+            cfg = cls.config_class(**config)
+            self.stage = cls(cfg)
+            self.stage.bind(run_dir, limit_native_threads(self.stage.resources().cpus))
+            self.manifests = Manifests(run_dir)
+        except Exception as exc:
+            if not is_fatal(exc):
+                raise
+            self.fatal = _fatal_record(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [json.loads(p) for p in batch.column("payload").to_pylist()]
-        fatal = ""
+        fatal = self.fatal
         out: list[Row] = []
-        try:
-            out = self.stage.run_batch(rows)
-            self.manifests.write(self.stage.name, out)
-        except (ConfigError, OSError) as exc:
-            if not (isinstance(exc, ConfigError) or is_storage_error(exc)):
-                raise
-            fatal = _fatal_record(exc)
+        if not fatal:
+            try:
+                out = self.stage.run_batch(rows)
+                self.manifests.write(self.stage.name, out)
+            except Exception as exc:
+                if not is_fatal(exc):
+                    raise
+                fatal = _fatal_record(exc)
         tame_third_party()
-        counts = {s: sum(1 for r in out if r.get(f"{self.stage.name}_status") == s) for s in ("ok", "reject", "error")}
+        counts = {s: sum(1 for r in out if r.get(f"{self.name}_status") == s) for s in ("ok", "reject", "error")}
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak, MiB
         return pa.table(
             {

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curation.manifest import BOOKKEEPING, Manifests, pipeline_order
-from curation.stage import Row, Stage, registry
+from curation.config import run_stages
+from curation.manifest import BOOKKEEPING, Manifests
+from curation.stage import Row, Stage
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,22 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def _stages(run_dir: Path) -> list[Stage[Any]]:
-    reg = registry()
-    return [reg[n]() for n in pipeline_order(run_dir)]
-
-
 def sample_json(row: Row, stages: list[Stage[Any]]) -> dict[str, Any]:
     """The per-sample json: ids and source, what each stage contributes, every filter's scores, provenance."""
     scores: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
-    out: dict[str, Any] = {"clip_id": row["clip_id"], "video_id": row["video_id"], "source": row.get("uri")}
+    given = row.get("given_caption")
+    # The keys every sample has (readers such as the trainer rely on them); stages fill them in when they ran.
+    out: dict[str, Any] = {
+        "clip_id": row["clip_id"],
+        "video_id": row["video_id"],
+        "source": row.get("uri"),
+        "caption": given,
+        "caption_origin": "supplied" if given else None,
+        "subjects": [],
+        "relations": [],
+        "tracks": [],
+    }
     for stage in stages:
         name, prefix = stage.name, f"{stage.name}_"
         if row.get(f"{name}_status") is None:
@@ -104,7 +111,7 @@ def write_shards(
     )
     if not rows:
         return []
-    stages = _stages(run_dir)
+    stages = run_stages(run_dir)
     used = [int(_SHARD_RE.search(r["shard"]).group(1)) for r in m.rows("SELECT DISTINCT shard FROM shards")]
     number = max(used, default=-1) + 1
     out_dir = run_dir / "shards"

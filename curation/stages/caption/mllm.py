@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from curation.errors import ConfigError
 from curation.stages.caption.schema import Attribute, CaptionRecord, Relation, Span, Subject
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,11 @@ class OpenAIClient:
                 return str(payload["choices"][0]["message"]["content"])
             except urllib.error.HTTPError as exc:
                 last = exc
+                if exc.code in (401, 403, 404):  # wrong key, model name or endpoint: every request would fail
+                    raise ConfigError(
+                        f"caption endpoint {self.url} answered HTTP {exc.code} ({exc.reason}): check caption.endpoint, "
+                        "caption.model and the API key variable (caption.api_key_env)"
+                    ) from None
                 if exc.code < 500 and exc.code != 429:  # a client error will not go away by retrying
                     raise MLLMError(f"endpoint answered HTTP {exc.code}: {exc.read()[:300]!r}") from None
             except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, json.JSONDecodeError) as exc:
