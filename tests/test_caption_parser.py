@@ -1,4 +1,11 @@
-"""The embedded caption parser against a hand-written gold set (tests/data/caption_gold.jsonl)."""
+"""Caption analysis (spaCy parse + rules) against hand-annotated captions.
+
+- `caption_dev.jsonl`: 110 captions (two annotators, half long MLLM-style), the set the rules were developed on.
+- `caption_test.jsonl`: 55 captions by a third annotator, never used to tune: the honest estimate.
+- `caption_gold.jsonl` / `caption_heldout.jsonl`: the earlier sets (an older convention: no coreference rules), kept
+  as regression guards.
+Convention: `tests/data/caption_guide.md`. F1 is printed for every set (run with -s to see it) and gated.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,9 @@ from collections import Counter
 
 import pytest
 
-from curation.stages.caption.parser import parse_caption
+from curation import parse_caption
+from curation.stages.caption import parser
+from curation.stages.caption.parser import parse_captions
 from curation.stages.caption.schema import CaptionRecord
 from tests.conftest import REPO
 
@@ -17,8 +26,10 @@ def _load(name: str) -> list[dict]:
     return [g for g in rows if "caption" in g]
 
 
-GOLD = _load("caption_gold.jsonl")  # used while writing the parser's rules
-HELDOUT = _load("caption_heldout.jsonl")  # written afterwards, never tuned on
+DEV = _load("caption_dev.jsonl")
+TEST = _load("caption_test.jsonl")
+GOLD = _load("caption_gold.jsonl")
+HELDOUT = _load("caption_heldout.jsonl")
 
 
 def _singular(word: str) -> str:
@@ -33,9 +44,10 @@ def _f1(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
 
 
 def evaluate(gold: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """Precision, recall, F1 of subjects (name, category), attributes (subject, text) and interactions
+    (subject, predicate, object), as multisets per caption."""
     counts = {k: [0, 0, 0] for k in ("subjects", "attributes", "relations")}
-    for g in gold:
-        rec = parse_caption(g["caption"])
+    for g, rec in zip(gold, parse_captions(g["caption"] for g in gold), strict=True):
         pred_s = Counter((_singular(s.name), s.category) for s in rec.subjects)
         gold_s = Counter((_singular(s["name"]), s["category"]) for s in g["subjects"])
         pred_a = Counter((_singular(s.name), a.text.lower()) for s in rec.subjects for a in s.attributes)
@@ -45,58 +57,126 @@ def evaluate(gold: list[dict]) -> dict[str, tuple[float, float, float]]:
             (names[r.subject], r.predicate.lower(), names[r.object]) for r in rec.relations if r.kind == "interaction"
         )
         gold_r = Counter((_singular(a), p.lower(), _singular(b)) for a, p, b in g["relations"])
-        for key, pred, gold in (
+        for key, pred, want in (
             ("subjects", pred_s, gold_s),
             ("attributes", pred_a, gold_a),
             ("relations", pred_r, gold_r),
         ):
-            counts[key][0] += sum((pred & gold).values())
+            counts[key][0] += sum((pred & want).values())
             counts[key][1] += sum(pred.values())
-            counts[key][2] += sum(gold.values())
+            counts[key][2] += sum(want.values())
     return {k: _f1(*v) for k, v in counts.items()}
 
 
-def test_gold_set_size() -> None:
-    assert len(GOLD) >= 40
-
-
-def test_parser_f1_on_gold_set(record_property: pytest.RecordProperty) -> None:
-    scores = evaluate(GOLD)
+def _report(name: str, gold: list[dict], record_property: pytest.RecordProperty) -> dict[str, float]:
+    scores = evaluate(gold)
     for key, (p, r, f) in scores.items():
-        record_property(f"{key}_f1", round(f, 3))
-        print(f"gold {key:>10}: precision {p:.3f} recall {r:.3f} F1 {f:.3f}")
-    assert scores["subjects"][2] >= 0.85
-    assert scores["attributes"][2] >= 0.85
+        record_property(f"{name}_{key}_f1", round(f, 3))
+        print(f"{name:>8} {key:>10}: precision {p:.3f} recall {r:.3f} F1 {f:.3f}  ({len(gold)} captions)")
+    return {k: v[2] for k, v in scores.items()}
 
 
-def test_parser_f1_on_heldout_set(record_property: pytest.RecordProperty) -> None:
-    """Captions the rules were never tuned on: the honest estimate, guarded against regressions."""
-    scores = evaluate(HELDOUT)
-    for key, (p, r, f) in scores.items():
-        record_property(f"heldout_{key}_f1", round(f, 3))
-        print(f"held-out {key:>10}: precision {p:.3f} recall {r:.3f} F1 {f:.3f}")
-    assert scores["subjects"][2] >= 0.7
-    assert scores["attributes"][2] >= 0.7
+def test_sets_are_big_enough_and_mostly_long() -> None:
+    assert len(DEV) + len(TEST) >= 150
+    assert sum(g["style"] == "long" for g in DEV + TEST) * 2 >= len(DEV + TEST)
+    assert sum(len(g["relations"]) for g in TEST) >= 100  # enough relations for a stable held-out F1
 
 
-def test_spans_point_at_the_phrases() -> None:
-    for g in GOLD:
-        rec = parse_caption(g["caption"])
+def test_f1_on_the_development_set(record_property: pytest.RecordProperty) -> None:
+    f1 = _report("dev", DEV, record_property)
+    assert f1["subjects"] >= 0.88 and f1["attributes"] >= 0.85 and f1["relations"] >= 0.70
+
+
+def test_f1_on_the_held_out_set(record_property: pytest.RecordProperty) -> None:
+    """Never tuned on; the gate guards against regressions (measured 0.88 / 0.82 / 0.67 when written)."""
+    f1 = _report("held-out", TEST, record_property)
+    assert f1["subjects"] >= 0.85 and f1["attributes"] >= 0.78 and f1["relations"] >= 0.62
+
+
+def test_f1_on_the_earlier_sets(record_property: pytest.RecordProperty) -> None:
+    gold = _report("gold-v1", GOLD, record_property)
+    held = _report("held-v1", HELDOUT, record_property)
+    assert gold["subjects"] >= 0.9 and gold["attributes"] >= 0.75 and gold["relations"] >= 0.75
+    assert held["subjects"] >= 0.9 and held["attributes"] >= 0.8
+
+
+def test_every_span_indexes_its_text_exactly() -> None:
+    for g, rec in zip(DEV + TEST, parse_captions(g["caption"] for g in DEV + TEST), strict=True):
         CaptionRecord.model_validate(rec.model_dump())  # spans inside the caption, ids consistent
+        cap = g["caption"]
         for s in rec.subjects:
             assert s.span is not None
-            assert s.name.lower() in g["caption"][s.span.start : s.span.end].lower() or s.count > 1
+            word = cap[s.span.start : s.span.end]  # the head noun of its first mention: the name, maybe plural
+            assert word and " " not in word, word
+            assert _singular_lemma(word.lower()) == s.name or word.lower() == s.name, (word, s.name)
             for a in s.attributes:
-                assert a.span is not None and g["caption"][a.span.start : a.span.end] == a.text
+                assert a.span is not None and cap[a.span.start : a.span.end] == a.text
+        for r in rec.relations:
+            if r.kind == "interaction":
+                assert r.span is not None and cap[r.span.start : r.span.end].split()[0] == r.predicate.split()[0]
+
+
+def _singular_lemma(word: str) -> str:
+    return parser._singular(parser._lemma(word, "NOUN", "NNS"))
+
+
+def _by_name(caption: str) -> tuple[CaptionRecord, dict[str, list]]:
+    rec = parse_caption(caption)
+    by: dict[str, list] = {}
+    for s in rec.subjects:
+        by.setdefault(s.name, []).append(s)
+    return rec, by
+
+
+def _rels(rec: CaptionRecord) -> set[tuple[str, str, str]]:
+    names = {s.id: s.name for s in rec.subjects}
+    return {(names[r.subject], r.predicate, names[r.object]) for r in rec.relations if r.kind == "interaction"}
+
+
+def test_apposition_and_pronouns_join_one_subject() -> None:
+    rec, by = _by_name(
+        "In this video, her uncle, a stocky man in a plaid shirt, lifts a crate. He wears muddy boots. "
+        "She laughs. The camera pans slowly."
+    )
+    assert list(by) == ["uncle", "crate"]  # no "man", no "video" or "camera"
+    assert [a.text for a in by["uncle"][0].attributes] == ["stocky", "plaid shirt", "muddy boots"]
+    assert _rels(rec) == {("uncle", "lifts", "crate")}
+
+
+def test_a_hypernym_re_mention_is_the_same_animal() -> None:
+    rec, by = _by_name("A spotted dalmatian chews a rope toy. The dog then drops it and barks at a mail carrier.")
+    assert by["dalmatian"][0].category == "animal" and "dog" not in by
+    assert ("dalmatian", "drops", "toy") in _rels(rec) and ("dalmatian", "barks at", "carrier") in _rels(rec)
+
+
+def test_individuated_plurals_split_and_groups_count() -> None:
+    rec, by = _by_name(
+        "Two boys sit on a dock. The one on the left wears a red cap, and the other holds a fishing rod. "
+        "A pair of swans glide past."
+    )
+    assert len(by["boy"]) == 2 and all(s.count == 1 for s in by["boy"])
+    assert {a.text for s in by["boy"] for a in s.attributes} == {"red cap"}
+    assert by["swan"][0].count == 2 and "pair" not in by
+    assert ("boy", "holds", "rod") in _rels(rec)
+
+
+def test_places_body_parts_adverbs_and_framing_are_not_subjects() -> None:
+    rec, by = _by_name(
+        "The video captures a close-up shot of a nurse who gently rubs her forearms on a bench near the windowsill."
+    )
+    assert list(by) == ["nurse"] and not _rels(rec)
+
+
+def test_coordinated_garments_are_separate_attributes() -> None:
+    _, by = _by_name("A girl in a cream knit sweater and fuzzy socks reads a comic.")
+    assert [a.text for a in by["girl"][0].attributes] == ["cream knit sweater", "fuzzy socks"]
 
 
 def test_example_from_the_issue() -> None:
-    rec = parse_caption(
+    rec, by = _by_name(
         "The man in a light blue shirt holding a laptop, while the woman in a checkered blouse "
         "and beige shorts leans in"
     )
-    by = {s.name: s for s in rec.subjects}
-    assert [a.text for a in by["man"].attributes] == ["light blue shirt"]
-    assert [a.text for a in by["woman"].attributes] == ["checkered blouse", "beige shorts"]
-    rel = [(r.subject, r.predicate, r.object) for r in rec.relations if r.kind == "interaction"]
-    assert rel == [(by["man"].id, "holding", by["laptop"].id)]
+    assert [a.text for a in by["man"][0].attributes] == ["light blue shirt"]
+    assert [a.text for a in by["woman"][0].attributes] == ["checkered blouse", "beige shorts"]
+    assert _rels(rec) == {("man", "holding", "laptop")}

@@ -240,7 +240,7 @@ def test_core_and_inspect_load_no_video_or_vision_library(tmp_path: Path) -> Non
         import curation.manifest, curation.pipeline
         from curation.cli import main
         assert main(["inspect", {str(tmp_path / "run")!r}, "SELECT count(*) AS n FROM videos"]) == 0
-        heavy = sorted(m for m in ("av", "cv2", "scenedetect", "ray", "torch") if m in sys.modules)
+        heavy = sorted(m for m in ("av", "cv2", "scenedetect", "ray", "torch", "spacy") if m in sys.modules)
         print("HEAVY", heavy)
         """
     )

@@ -22,7 +22,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from curation.errors import ConfigError
-from curation.stages.caption.schema import Attribute, CaptionRecord, Relation, Span, Subject
+from curation.stages.caption.record import Draft, build_record
+from curation.stages.caption.schema import CaptionRecord
 
 log = logging.getLogger(__name__)
 
@@ -231,51 +232,28 @@ def _json_block(text: str) -> Any:
         raise MLLMError(f"answer is not valid JSON ({exc})", raw=text) from None
 
 
-def _find(caption: str, phrase: str, start: int = 0) -> Span | None:
-    i = caption.lower().find(phrase.lower(), start)
-    if i < 0 and start:
-        i = caption.lower().find(phrase.lower())
-    return Span(start=i, end=i + len(phrase)) if i >= 0 and phrase else None
-
-
 def parse_record(caption: str, answer: str) -> CaptionRecord:
-    """Validate an extraction answer against the schema and bind its phrases to caption spans."""
+    """Validate an extraction answer against the schema and bind its phrases to caption spans (the same binding and
+    validation as the embedded parser's, `record.build_record`)."""
     data = _json_block(answer)
     if not isinstance(data, dict):
         raise MLLMError("answer is not a JSON object", raw=answer)
     try:
-        subjects = []
-        for k, s in enumerate(data.get("subjects") or []):
-            span = _find(caption, str(s["name"]))
-            attrs = [
-                Attribute(text=str(a), span=_find(caption, str(a), span.start if span else 0))
-                for a in s.get("attributes") or []
-            ]
-            subjects.append(
-                Subject(
-                    id=int(s.get("id", k)),
-                    category=s["category"],
-                    name=str(s["name"]),
-                    span=span,
-                    count=max(1, int(s.get("count") or 1)),
-                    attributes=attrs,
-                )
+        raw = list(data.get("subjects") or [])
+        index = {int(s.get("id", k)): k for k, s in enumerate(raw)}
+        drafts = [
+            Draft(
+                name=str(s["name"]),
+                category=str(s["category"]),
+                count=int(s.get("count") or 1),
+                attributes=[(str(a), None) for a in s.get("attributes") or []],
             )
-        relations = [
-            Relation(kind="attribute", subject=s.id, predicate="has", object=i, span=a.span)
-            for s in subjects
-            for i, a in enumerate(s.attributes)
+            for s in raw
         ]
-        for r in data.get("relations") or []:
-            relations.append(
-                Relation(
-                    kind="interaction",
-                    subject=int(r["subject"]),
-                    predicate=str(r["predicate"]),
-                    object=int(r["object"]),
-                    span=_find(caption, str(r["predicate"])),
-                )
-            )
-        return CaptionRecord(caption=caption, subjects=subjects, relations=relations)
+        interactions = [
+            (index[int(r["subject"])], str(r["predicate"]), index[int(r["object"])], None)
+            for r in data.get("relations") or []
+        ]
+        return build_record(caption, drafts, interactions)
     except (ValidationError, KeyError, TypeError, ValueError) as exc:
         raise MLLMError(f"answer does not fit the schema: {str(exc).splitlines()[0]}", raw=answer) from None

