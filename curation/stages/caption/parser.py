@@ -223,9 +223,15 @@ class _Analysis:
             return "person" if acts else None
         if cat is not None:
             return cat
-        # A noun the lists do not know: what it does (or who it is) decides.
+        # A noun the lists do not know: what it does, wears or who it is decides.
         if any(c.dep_ == "relcl" and any(g.lower_ == "who" for g in c.children) for c in tok.children):
             return "person"
+        for c in tok.children:  # "a jockey in green silks"
+            if (c.dep_ == "prep" and c.lower_ in ("in", "wearing")) or (c.dep_ == "acl" and c.lower_ == "wearing"):
+                if any(
+                    self.lex.category(self.lemma(g)) == "clothing" for g in c.children if g.dep_ in ("pobj", "dobj")
+                ):
+                    return "person"
         if tok.dep_ in ("nsubj", "nsubjpass"):
             verb = self.lemma(tok.head)
             if verb in self.lex.verbs.get("person", ()):
@@ -237,7 +243,8 @@ class _Analysis:
     def is_noun(self, tok: Any) -> bool:
         if tok.pos_ not in ("NOUN", "PROPN") or tok.i in self.pseudo:
             return False
-        return tok.dep_ != "compound" or tok.head.i in self.pseudo
+        # a compound hung on a verb is the verb's subject the parse lost ("A bald eagle swoops")
+        return tok.dep_ != "compound" or tok.head.i in self.pseudo or tok.head.pos_ in ("VERB", "AUX")
 
     def np_children(self, tok: Any) -> list[Any]:
         """A noun's dependents; for the noun before a misparsed verb, also the determiners and modifiers the parse
