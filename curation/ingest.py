@@ -14,9 +14,6 @@ from curation.stage import Row
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".y4m"}
-)
 LIST_EXTENSIONS = frozenset({".csv", ".jsonl", ".txt", ".json"})
 # Caption keys of OpenS2V-style metadata ({key: {"metadata": {"path": ..., "face_cap_qwen": ...}}}), in order.
 OPENS2V_CAPTION_KEYS = ("cap", "caption", "face_cap_qwen", "cap_qwen", "caption_qwen")
@@ -106,6 +103,23 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
     return out
 
 
+def _folder_inputs(folder: Path) -> list[Path]:
+    """Every regular file of a folder, recursively, whatever its extension (probe decides what is a video: raw
+    `.h264`, `.gif` and unknown extensions included), except hidden files and the `.txt` caption beside a file of the
+    same name (taken as that file's caption)."""
+    files = sorted(
+        f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
+    )
+    names = {f.with_suffix("") for f in files if f.suffix.lower() != ".txt"} | {
+        f for f in files if f.suffix.lower() != ".txt"
+    }
+    sidecars = {f for f in files if f.suffix.lower() == ".txt" and f.with_suffix("") in names}
+    skipped = len(sidecars)
+    if skipped:
+        log.info("input %s: %d caption file(s) taken as the captions of the files beside them", folder, skipped)
+    return [f for f in files if f not in sidecars]
+
+
 def discover(spec: str | Path) -> list[Row]:
     """Inputs: a folder, a glob, a video, or a list (.csv / .jsonl with `path` and optional `caption`, .txt with one
     path a line, or OpenS2V-style .json metadata whose caption is taken from cap / face_cap_qwen / ...).
@@ -121,8 +135,7 @@ def discover(spec: str | Path) -> list[Row]:
     entries: list[tuple[str, str | None]]
     source = "list"
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
-        entries = [(_uri(f), None) for f in files]
+        entries = [(_uri(f), None) for f in _folder_inputs(p)]
     elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
         entries = _from_list(p)
     elif p.is_file():
@@ -146,5 +159,5 @@ def discover(spec: str | Path) -> list[Row]:
             {"video_id": video_id(uri), "uri": uri, "given_caption": caption, "given_caption_source": cap_source}
         )
     if not rows:
-        log.warning("input %s matched no video files (extensions: %s)", text, " ".join(sorted(VIDEO_EXTENSIONS)))
+        log.warning("input %s matched no files", text)
     return rows

@@ -144,8 +144,8 @@ class Manifests:
                     sql = f"SELECT *, {', '.join(extra)} FROM ({sql})"
             con.execute(f'CREATE VIEW "{name}" AS {sql}')
         video, split, clip = self._plan()
-        con.execute(f"CREATE VIEW videos AS {self._videos_sql(video, split)}")
         con.execute(f"CREATE VIEW clips AS {self._clips_sql(video, split, clip)}")
+        con.execute(f"CREATE VIEW videos AS {self._videos_sql(video, split)}")
         return con
 
     def _table_sql(self, name: str) -> str:
@@ -199,8 +199,15 @@ class Manifests:
             st = f"v{k}.{n}_status"
             status.append(f"WHEN {st} IS NULL THEN 'pending' WHEN {st} <> 'ok' THEN {st}")
             reason.append(f"WHEN {st} IS NOT NULL AND {st} <> 'ok' THEN '{n}:' || coalesce(v{k}.{n}_reason, '')")
-        status.append("WHEN s.video_status IS NOT NULL THEN s.video_status WHEN s.n_clips IS NULL THEN 'pending'")
-        reason.append(f"WHEN s.video_status IS NOT NULL THEN '{split}:' || coalesce(s.video_reason, '')")
+        status.append(
+            "WHEN s.video_status IS NOT NULL THEN s.video_status WHEN s.n_clips IS NULL THEN 'pending' "
+            "WHEN s.n_clips_ok = 0 THEN 'reject' WHEN k.n_pending = 0 AND k.n_kept = 0 THEN 'reject'"
+        )
+        reason.append(
+            f"WHEN s.video_status IS NOT NULL THEN '{split}:' || coalesce(s.video_reason, '') "
+            f"WHEN s.n_clips = 0 OR s.n_clips_ok = 0 THEN '{split}:no_usable_clips' "
+            "WHEN k.n_pending = 0 AND k.n_kept = 0 THEN 'no_clip_kept'"
+        )
         return _sql("videos").substitute(
             split=split,
             video_columns=cols,

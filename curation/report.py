@@ -1,8 +1,9 @@
 """`curation report RUN`: one self-contained HTML page (no scripts, images inlined) about a run.
 
-Counts per stage and reason, a histogram of every filter score (kept vs rejected at that stage), and a grid of
-sample clips (a frame from the clip's samples, with what each stage found drawn on it: `Stage.draw`) with each
-stage's line about it (`Stage.describe`) and its status.
+Counts per stage and reason, the funnel of every video (clips cut, usable, kept), a histogram of every filter score
+(kept vs rejected at that stage, with the stage's threshold drawn: `Stage.thresholds`), a grid of kept sample clips
+and a few rejected clips per reason (a frame from the clip's samples with what each stage found drawn on it:
+`Stage.draw`; each stage's line about it: `Stage.describe`; its images such as reference crops: `Stage.gallery`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:12px}.card{width:300px;border:1px solid #ddd;padding:6px;font-size:12px}
-.card img{width:100%}.ok{color:#197a19}.reject{color:#a35a00}.error{color:#b00020}.hist{display:inline-block}
+.card img{width:100%}
+.card img.crop{width:auto;height:64px;margin:2px;border:1px solid #ccc}
+.ok{color:#197a19}.reject{color:#a35a00}.error{color:#b00020}.hist{display:inline-block}
 """
 
 
@@ -56,6 +59,9 @@ def _histograms(m: Manifests, stages: list[Stage[Any]]) -> list[tuple[str, str]]
         kept = [r["v"] for r in rows if r["s"] == "ok"]
         rejected = [r["v"] for r in rows if r["s"] != "ok"]
         ax.hist([kept, rejected], bins=20, stacked=True, label=["kept", "rejected"], color=["#3a8f3a", "#d08a2e"])
+        line = st.thresholds().get(col)
+        if line is not None:
+            ax.axvline(line[0], color="#b00020", linestyle="--", linewidth=1.2, label=f"{line[1]} {line[0]:g}")
         ax.set_title(f"{col} (n={len(rows)})", fontsize=10)
         ax.legend(fontsize=8)
         out.append((col, _png(fig)))
@@ -78,6 +84,30 @@ def _thumb(row: Row, stages: list[Stage[Any]]) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf).decode() if ok else None
 
 
+def _card(r: Row, stages: list[Stage[Any]], kind: str) -> str:
+    """A clip: its frame with the stages' findings, status and reason, each stage's line, images, scores."""
+    src = _thumb(r, stages)
+    cols = [c.score_column for c in stages if c.score_column]
+    lines = [d for st in stages if r.get(f"{st.name}_status") is not None and (d := st.describe(r))]
+    images = [g for st in stages if r.get(f"{st.name}_status") is not None for g in st.gallery(r)]
+    scores = ", ".join(f"{k}={r[k]:.3g}" for k in cols if isinstance(r.get(k), float))
+    status = r.get("status") or "pending"
+    crops = "".join(
+        f'<img class="crop" alt="{html.escape(label)}" title="{html.escape(label)}" '
+        f'src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+        for label, mime, data in images
+    )
+    return (
+        f'<div class="card {kind}">{f"<img alt=clip src={src}>" if src else ""}'
+        f'<div class="{html.escape(status)}"><b>{html.escape(status)}</b> '
+        f"{html.escape(r.get('reason') or '')}</div>"
+        f"<div>{html.escape(Path(r['uri']).name)} [{r['clip_start_frame']}, {r['clip_end_frame']})</div>"
+        + "".join(f"<div><i>{html.escape(line)}</i></div>" for line in lines)
+        + (f'<div class="crops">{crops}</div>' if crops else "")
+        + f"<div>{html.escape(scores)}</div></div>"
+    )
+
+
 def _table(rows: list[Row], cols: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
@@ -87,15 +117,23 @@ def _table(rows: list[Row], cols: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None, samples: int = 12) -> Path:
+def build_report(
+    run_dir: str | Path, out: str | Path | None = None, samples: int = 12, rejected_per_reason: int = 2
+) -> Path:
     run_dir = Path(run_dir)
     m = Manifests(run_dir)
     parts = [f"<h1>musa-curation run: {html.escape(str(run_dir))}</h1>"]
     videos = m.rows("SELECT status, count(*) AS n FROM videos GROUP BY 1 ORDER BY 1")
     clips = m.rows("SELECT status, reason, count(*) AS n FROM clips GROUP BY ALL ORDER BY n DESC")
+    funnel = m.rows(
+        "SELECT regexp_extract(uri, '[^/]*$') AS file, status, reason, n_clips, n_clips_ok, n_clips_kept "
+        "FROM videos ORDER BY file"
+    )
     parts += [
         "<h2>Videos</h2>",
         _table(videos, ["status", "n"]),
+        "<h2>Per video: clips cut, usable, kept</h2>",
+        _table(funnel, ["file", "status", "reason", "n_clips", "n_clips_ok", "n_clips_kept"]),
         "<h2>Clips by status and reason</h2>",
         _table(clips, ["status", "reason", "n"]),
     ]
@@ -124,22 +162,17 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, samples: in
         f"SELECT * FROM clips WHERE {SAMPLES_COLUMN} IS NOT NULL ORDER BY (status = 'ok') DESC, clip_id LIMIT ?",
         [samples],
     )
-    cols = [c.score_column for c in stages if c.score_column]
-    cards = []
-    for r in rows:
-        src = _thumb(r, stages)
-        lines = [d for st in stages if r.get(f"{st.name}_status") is not None and (d := st.describe(r))]
-        scores = ", ".join(f"{k}={r[k]:.3g}" for k in cols if isinstance(r.get(k), float))
-        status = r.get("status") or "pending"
-        cards.append(
-            f'<div class="card">{f"<img alt=clip src={src}>" if src else ""}'
-            f'<div class="{html.escape(status)}"><b>{html.escape(status)}</b> '
-            f"{html.escape(r.get('reason') or '')}</div>"
-            f"<div>{html.escape(Path(r['uri']).name)} [{r['clip_start_frame']}, {r['clip_end_frame']})</div>"
-            + "".join(f"<div><i>{html.escape(line)}</i></div>" for line in lines)
-            + f"<div>{html.escape(scores)}</div></div>"
-        )
-    parts += ["<h2>Sample clips</h2>", f'<div class="grid">{"".join(cards)}</div>']
+    parts += ["<h2>Sample clips</h2>", f'<div class="grid">{"".join(_card(r, stages, "sample") for r in rows)}</div>']
+    rejected = m.rows(
+        f"SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY reason ORDER BY clip_id) AS _k FROM clips "
+        f"WHERE status = 'reject' AND {SAMPLES_COLUMN} IS NOT NULL) WHERE _k <= ? ORDER BY reason, clip_id",
+        [rejected_per_reason],
+    )
+    if rejected:
+        parts += [
+            "<h2>Rejected clips, by reason</h2>",
+            f'<div class="grid">{"".join(_card(r, stages, "rejected") for r in rejected)}</div>',
+        ]
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>musa-curation report</title>"
         f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"

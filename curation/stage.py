@@ -253,6 +253,14 @@ class Stage(ABC, Generic[C]):
         """One line about the clip for the report's sample cards."""
         return None
 
+    def gallery(self, row: Row) -> list[tuple[str, str, bytes]]:
+        """(label, mime type, bytes) images about the clip for the report's cards (e.g. reference crops)."""
+        return []
+
+    def thresholds(self) -> dict[str, tuple[float, str]]:
+        """{score column: (value, "min" | "max")}: where the stage's keep/reject line is, for the report."""
+        return {}
+
     # -- provided --------------------------------------------------------------------------------------------
     @property
     def backend(self) -> str:

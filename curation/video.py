@@ -55,6 +55,19 @@ class ScanResult:
     decode_errors: int = 0
     ts_regular: bool = True  # every frame's timestamp is at idx / fps: time-based seeking lands on exact frames
     cuts: list[int] = field(default_factory=list)
+    # decoded presentation time of every frame, seconds from the first frame (idx / fps where a frame has none)
+    times: list[float] = field(default_factory=list)
+
+    def time_of(self, idx: int) -> float:
+        """When decoded frame `idx` is shown, from the first frame; `frames` (one past the last) is the end of the
+        last frame (its time plus the typical frame duration)."""
+        if not self.times:
+            return seconds(idx, self.fps)
+        if idx < len(self.times):
+            return self.times[idx]
+        steps = [b - a for a, b in zip(self.times[-9:], self.times[-8:], strict=False) if b > a]
+        step = sorted(steps)[len(steps) // 2] if steps else (1 / self.fps if self.fps else 0.0)
+        return self.times[-1] + step * (idx - len(self.times) + 1)
 
 
 def detect_size(width: int, height: int) -> tuple[int, int]:
@@ -224,6 +237,7 @@ def scan_video(
         ssize = (0, 0)
         idx = -1
         t0: float | None = None
+        t_first: float | None = None
         half_frame = 0.5 / res.fps
         prev_small: np.ndarray | None = None
 
@@ -245,6 +259,9 @@ def scan_video(
         for frame, small in decoder:
             idx += 1
             t = frame.time
+            if idx == 0:
+                t_first = t
+            res.times.append(t - t_first if t is not None and t_first is not None else idx / res.fps)
             if idx == 0:
                 res.width, res.height = frame.width, frame.height
                 res.rotation = int(getattr(frame, "rotation", 0) or 0)

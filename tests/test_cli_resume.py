@@ -96,8 +96,14 @@ def test_inspect_and_counts(local_run: Path, capsys: pytest.CaptureFixture[str])
         == 0
     )
     out = capsys.readouterr().out
-    assert '"error",1' in out and '"ok",3' in out
     m = Manifests(local_run)
+    kept = m.rows("SELECT count(*) AS n FROM videos WHERE n_clips_kept > 0")[0]["n"]
+    assert '"error",1' in out and f'"ok",{kept}' in out and f'"reject",{3 - kept}' in out
+    # a video is ok only with a clip that survived every stage; otherwise it says why not
+    for v in m.rows("SELECT status, reason, n_clips_ok, n_clips_kept FROM videos WHERE status <> 'error'"):
+        assert (v["status"] == "ok") == (v["n_clips_kept"] > 0), v
+        if v["status"] == "reject":
+            assert v["reason"] in ("scenecut:no_usable_clips", "no_clip_kept"), v
     runs = m.rows("SELECT stage, inputs, ok + reject + error AS n FROM stage_runs ORDER BY stage_runs_ts")
     assert [r["stage"] for r in runs] == DEFAULT_STAGES
     assert runs[0] == {"stage": "probe", "inputs": 4, "n": 4}

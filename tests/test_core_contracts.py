@@ -158,8 +158,7 @@ def test_full_disk_inside_package_ends_the_run(small_run: Path, tmp_path: Path) 
 def test_a_scenecut_rerun_leaves_watermark_scores_equal_to_a_fresh_run(tmp_path: Path, ffmpeg: str) -> None:
     video = make_cut_video(tmp_path / "cuts.mp4", ["testsrc2", "mandelbrot", "rgbtestsrc"], seconds=2.4)
     stages = "stages=[probe, scenecut, watermark]"
-    # every sample of the video votes (no subsampling), so a stale clip's samples would change frames and score
-    common = [stages, "runner=local", "progress=false", "watermark.video_frames=1000"]
+    common = [stages, "runner=local", "progress=false"]  # every clip's samples vote: a stale clip would count
     rerun_dir, fresh_dir = tmp_path / "rerun", tmp_path / "fresh"
     Pipeline(load_config(None, common), rerun_dir).run(str(video))
     short = [*common, "scenecut.max_clip_s=1.0", "scenecut.min_clip_s=0.5"]  # different cuts
@@ -169,7 +168,8 @@ def test_a_scenecut_rerun_leaves_watermark_scores_equal_to_a_fresh_run(tmp_path:
     pipe.run_stage("scenecut", runner, rerun="all")
     pipe.run_stage("watermark", runner)
     Pipeline(load_config(None, short), fresh_dir).run(str(video))
-    q = "SELECT clip_id, watermark_score, watermark_frames FROM clips WHERE watermark_status IS NOT NULL ORDER BY 1"
+    q = "SELECT clip_id, watermark_score, watermark_frames, watermark_shots FROM clips"
+    q += " WHERE watermark_status IS NOT NULL ORDER BY 1"
     got, want = Manifests(rerun_dir).rows(q), Manifests(fresh_dir).rows(q)
     assert len(want) >= 4 and got == want
     assert len(list((rerun_dir / "frames").glob("*/*"))) == 1  # the old cut's samples are gone
@@ -252,17 +252,16 @@ def test_core_and_inspect_load_no_video_or_vision_library(tmp_path: Path) -> Non
 # -- an out-of-tree stage package ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """tests/plugin_example pip-installed (copied first, so the build leaves nothing in the checkout) into a target
-    folder that the CLI subprocesses put on their path: the same entry-point discovery as an install into the venv,
-    without a stage that outlives the test if the session is killed."""
+    """tests/plugin_example pip-installed into this venv (copied first, so the build leaves nothing in the checkout)
+    and uninstalled afterwards. The CLI subprocesses find it through its entry point like any installed stage."""
     tmp = tmp_path_factory.mktemp("plugin")
     shutil.copytree(PLUGIN_SRC, tmp / "src")
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps"]
-    subprocess.run(
-        [*pip, "--no-build-isolation", "--no-index", "--target", str(tmp / "site"), str(tmp / "src")], check=True
-    )
-    path = os.pathsep.join(p for p in (str(tmp / "site"), os.environ.get("PYTHONPATH", "")) if p)
-    yield {"PYTHONPATH": path}
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--no-index", str(tmp / "src")], check=True)
+    try:
+        yield {}
+    finally:
+        subprocess.run([*pip, "uninstall", "-y", "curation-example-stage"], check=True)
 
 
 def _plugin_config(path: Path, **brightness: Any) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from curation.cli import main
-from curation.config import build_config
+from curation.config import build_config, run_stages
 from curation.manifest import Manifests
 from curation.pipeline import Pipeline
 from tests.conftest import VIDEOS
@@ -57,11 +58,24 @@ def test_page_has_the_runs_numbers(report: tuple[Path, Path]) -> None:
         )
     ]
     assert sum(counts) == n_clips
-    for heading in ("Videos", "Per stage", "Stage runs", "Scores", "Sample clips"):
+    headings = ("Videos", "Per video: clips cut, usable, kept", "Per stage", "Stage runs", "Scores", "Sample clips")
+    for heading in (*headings, "Rejected clips, by reason"):
         assert f"<h2>{heading}</h2>" in text
     assert len(re.findall(r'src="data:image/png;base64,', text)) == 2  # motion and ocr histograms
-    assert len(re.findall(r"src=data:image/jpeg;base64,", text)) == 6  # sample clips
+    samples = text.split("<h2>Sample clips</h2>")[1].split("<h2>")[0]
+    assert len(re.findall(r"src=data:image/jpeg;base64,", samples)) == 6 == samples.count('class="card sample"')
     assert "A man in a dark suit walks past a yellow taxi." in text and "man (dark suit)" in text
+    # every reject reason shows up to two examples, and every video its funnel
+    rejected = text.split("<h2>Rejected clips, by reason</h2>")[1]
+    reasons = m.rows("SELECT reason, count(*) AS n FROM clips WHERE status = 'reject' GROUP BY 1")
+    assert rejected.count('class="card rejected"') == sum(min(2, r["n"]) for r in reasons) > 0
+    for r in reasons:
+        assert html.escape(r["reason"]) in rejected
+    funnel = text.split("<h2>Per video: clips cut, usable, kept</h2>")[1].split("<h2>")[0]
+    for v in m.rows("SELECT regexp_extract(uri, '[^/]*$') AS f, n_clips_kept FROM videos"):
+        assert f"<td>{v['f']}</td>" in funnel
+    # threshold lines: the histograms carry the stages' thresholds in their legends (drawn, so checked by the run)
+    assert any(st.thresholds() for st in run_stages(run))
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
 
 
@@ -98,4 +112,4 @@ def test_renders_in_headless_chromium(report: tuple[Path, Path], tmp_path: Path)
         text=True,
         timeout=120,
     ).stdout
-    assert "musa-curation run:" in dom and dom.count('class="card"') == 6
+    assert "musa-curation run:" in dom and dom.count('class="card sample"') == 6

@@ -111,3 +111,9 @@ class Motion(SampleFilter):
         if c.reject_camera_only and s["camera_only"]:
             return "reject", "camera_only"
         return "ok", None
+
+    def thresholds(self) -> dict[str, tuple[float, str]]:
+        out = {self.col("score"): (self.config.min_score, "min")}
+        if self.config.max_score is not None:
+            out[self.col("score")] = (self.config.max_score, "max")
+        return out

@@ -37,7 +37,12 @@ class OcrConfig(FilterConfig):
         description="boxes recognised with less confidence are ignored (the recogniser reads "
         "single glyphs into textures at 0.5-0.8; real text scores > 0.9)",
     )
-    max_box_height: float = Field(0.3, gt=0, le=1, description="boxes taller than this fraction are not text lines")
+    tall_box: float = Field(
+        0.3, gt=0, le=1, description="boxes taller than this share of the frame must read as words to count"
+    )
+    tall_min_chars: int = Field(
+        2, ge=1, description="letters or digits a tall box must read as (the recogniser turns textures into a glyph)"
+    )
     detect_side: int = Field(
         384,
         ge=64,
@@ -107,7 +112,7 @@ class _PaddleOcr:
 
 class Ocr(SampleFilter):
     name = "ocr"
-    version = "3"
+    version = "4"
     config_class = OcrConfig
     requires = ("clip_samples_path",)
     default_resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
@@ -126,12 +131,7 @@ class Ocr(SampleFilter):
         for i in idx:
             rgb = samples["frames"][i]
             h, w = rgb.shape[:2]
-            found = [
-                b
-                for b in self._engine(rgb)
-                if b[2] >= self.config.min_box_score
-                and np.ptp(np.asarray(b[0])[:, 1]) <= self.config.max_box_height * h
-            ]
+            found = [b for b in self._engine(rgb) if b[2] >= self.config.min_box_score and self._is_text(b, h)]
             mask = np.zeros((h, w), np.uint8)  # union of boxes, so overlapping detections are not counted twice
             for box, text, sc in found:
                 cv2.fillPoly(mask, [np.round(np.asarray(box)).astype(np.int32)], 1)
@@ -154,6 +154,12 @@ class Ocr(SampleFilter):
             "boxes": json.dumps(boxes_out, ensure_ascii=False),
         }
 
+    def _is_text(self, box: tuple[Box, str, float], h: int) -> bool:
+        """Big titles are text; a tall box read as a single glyph is a texture (no size ceiling drops big text)."""
+        if np.ptp(np.asarray(box[0])[:, 1]) <= self.config.tall_box * h or not self.config.recognise:
+            return True
+        return sum(ch.isalnum() for ch in box[1]) >= self.config.tall_min_chars
+
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
         return ("reject", "text") if s["text_area"] > self.config.max_text_area else ("ok", None)
 
@@ -165,3 +171,6 @@ class Ocr(SampleFilter):
             if box.get("frame") == frame:
                 pts = np.array([[x * w, y * h] for x, y in box["box"]], np.int32)
                 cv2.polylines(image, [pts], True, (0, 0, 255), 2)
+
+    def thresholds(self) -> dict[str, tuple[float, str]]:
+        return {self.col("text_area"): (self.config.max_text_area, "max")}

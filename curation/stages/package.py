@@ -39,19 +39,23 @@ def ffmpeg_cut_cmd(
 ) -> list[str]:
     """The ffmpeg command that encodes decoded frames [start, start + n) of `uri` (display orientation, even size).
 
-    With regular timestamps it seeks to half a frame before `start` (fast). Otherwise (VFR, AVI packed B-frames)
-    time does not identify a frame, so it selects by decoded-frame number from the start of the file (exact, slower).
+    With regular timestamps it seeks to half a frame before `start` (fast). Otherwise (VFR, dropped frames, AVI packed
+    B-frames) time does not identify a frame, so it selects by decoded-frame number from the start of the file
+    (exact, slower) and keeps each frame's own timestamp, so the clip lasts as long as its span in the source.
     """
     limit = cfg.max_long_side or 1_000_000
     scale = f"scale=w='trunc(min(1,{limit}/max(iw,ih))*iw/2)*2':h='trunc(min(1,{limit}/max(iw,ih))*ih/2)*2'"
-    vf = [scale, "setpts=N/FRAME_RATE/TB"]
     cmd = [cfg.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
-    if ts_regular and start > 0:
-        cmd += ["-ss", f"{(start - 0.5) / fps:.6f}"]
-    elif not ts_regular:
-        vf.insert(0, f"select='between(n,{start},{start + n - 1})'")
+    if ts_regular:
+        vf = [scale, "setpts=N/FRAME_RATE/TB"]
+        if start > 0:
+            cmd += ["-ss", f"{(start - 0.5) / fps:.6f}"]
+        rate = ["-r", f"{fps:.6f}"]
+    else:  # frames by number, each keeping its own timestamp: the clip lasts what the manifest's start/end say
+        vf = [f"select='between(n,{start},{start + n - 1})'", scale, "setpts=PTS-STARTPTS"]
+        rate = []
     cmd += ["-i", uri, "-map", "0:v:0", "-frames:v", str(n), "-fps_mode", "passthrough", "-an", "-sn", "-dn"]
-    cmd += ["-vf", ",".join(vf), "-r", f"{fps:.6f}"]
+    cmd += ["-vf", ",".join(vf), *rate]
     cmd += ["-c:v", cfg.codec, "-preset", cfg.preset, "-crf", str(cfg.crf), "-pix_fmt", "yuv420p"]
     cmd += ["-movflags", "+faststart", "-f", "mp4", str(out)]
     return cmd
@@ -70,7 +74,7 @@ def _raise_storage_error(stderr: str, returncode: int, path: Path) -> None:
 
 class Package(Stage[PackageConfig]):
     name = "package"
-    version = "2"
+    version = "3"
     config_class = PackageConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames", "clip_fps", "clip_ts_regular")
     default_resources = Resources(cpus=0.5, batch_size=2, pool_max=2)

@@ -18,6 +18,9 @@ class ProbeConfig(StageConfig):
     max_fps: float = Field(121.0, gt=0)
     min_duration_s: float = Field(0.5, ge=0)
     max_duration_s: float | None = Field(None, gt=0, description="null: no limit")
+    count_limit: int = Field(
+        2_000_000, ge=1, description="a file that declares no duration has its packets counted, at most this many"
+    )
 
 
 def _bit_depth(pix_fmt: str | None) -> int | None:
@@ -27,7 +30,38 @@ def _bit_depth(pix_fmt: str | None) -> int | None:
     return int(m.group(1)) if m else 8
 
 
-def probe_file(path: str, max_pixels: int | None = None) -> dict[str, Any]:
+def _count_packets(path: str, fps: float, limit: int) -> tuple[int, float]:
+    """(frames, duration) by reading the video stream's packets (no decoding), for files whose header declares
+    neither; at most `limit` packets. A raw stream's packets carry no times: duration is then frames / fps."""
+    import av
+
+    n, lo, hi = 0, None, None
+    with av.open(path) as c:
+        s = c.streams.video[0]
+        for packet in c.demux(s):
+            if packet.size == 0:
+                continue
+            n += 1
+            if packet.pts is not None and s.time_base is not None:
+                t = float(packet.pts * s.time_base)
+                lo, hi = (t if lo is None else min(lo, t)), (t if hi is None else max(hi, t))
+            if n >= limit:
+                break
+    step = 1 / fps if fps else 0.0
+    duration = (hi - lo + step) if lo is not None and hi is not None and hi > lo else n * step
+    return n, duration
+
+
+class NotAVideo(ValueError):
+    """Not a video: FFmpeg cannot read the file (`unreadable`: a document, a truncated file) or it holds no video
+    stream (`not_video`: audio only). A reason of its own in the manifest."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def probe_file(path: str, max_pixels: int | None = None, count_limit: int = 2_000_000) -> dict[str, Any]:
     """Read metadata with PyAV and decode the first frame (which also proves the file is decodable).
 
     A declared size above `max_pixels` is returned without decoding anything (`decoded: False`): a corrupt or
@@ -37,9 +71,13 @@ def probe_file(path: str, max_pixels: int | None = None) -> dict[str, Any]:
 
     if "://" not in path and not Path(path).exists():
         raise FileNotFoundError(f"no such file: {path}")
-    with av.open(path) as c:
+    try:
+        container = av.open(path)
+    except av.error.InvalidDataError as exc:
+        raise NotAVideo("unreadable", f"{type(exc).__name__}: {exc}") from None
+    with container as c:
         if not c.streams.video:
-            raise ValueError(f"no video stream (streams: {', '.join(s.type for s in c.streams) or 'none'})")
+            raise NotAVideo("not_video", f"no video stream (streams: {', '.join(s.type for s in c.streams) or 'none'})")
         s = c.streams.video[0]
         cc = s.codec_context
         rate = s.average_rate or s.guessed_rate
@@ -51,48 +89,34 @@ def probe_file(path: str, max_pixels: int | None = None) -> dict[str, Any]:
         else:
             duration = 0.0
         frames = int(s.frames or 0) or round(duration * fps)
+        duration_from = "container"
+        if duration <= 0 or frames <= 0:  # raw streams, some WebM / live MKV: count what the file holds
+            frames, duration = _count_packets(path, fps, count_limit)
+            duration_from = "packets"
         pix_fmt = cc.pix_fmt if isinstance(cc.pix_fmt, str) else getattr(cc.format, "name", None)
+        meta: dict[str, Any] = {
+            "container": c.format.name,
+            "codec": cc.name,
+            "pix_fmt": pix_fmt,
+            "bit_depth": _bit_depth(pix_fmt),
+            "fps": fps,
+            "frames": frames,
+            "duration_s": duration,
+            "duration_from": duration_from,
+            "audio_streams": len(c.streams.audio),
+            "size_bytes": _size(path),
+        }
         if max_pixels is not None and cc.width * cc.height > max_pixels:
-            return {
-                "container": c.format.name,
-                "codec": cc.name,
-                "pix_fmt": pix_fmt,
-                "bit_depth": _bit_depth(pix_fmt),
-                "width": cc.width,
-                "height": cc.height,
-                "display_width": cc.width,
-                "display_height": cc.height,
-                "rotation": 0,
-                "fps": fps,
-                "frames": frames,
-                "duration_s": duration,
-                "audio_streams": len(c.streams.audio),
-                "size_bytes": _size(path),
-                "decoded": False,
-            }
+            size = {"width": cc.width, "height": cc.height, "display_width": cc.width, "display_height": cc.height}
+            return {**meta, **size, "rotation": 0, "decoded": False}
         first = next(c.decode(s), None)
         if first is None:
             raise ValueError("no decodable video frame")
         rotation = int(getattr(first, "rotation", 0) or 0)
         width, height = first.width, first.height
         display = (height, width) if rotation % 180 else (width, height)
-        return {
-            "container": c.format.name,
-            "codec": cc.name,
-            "pix_fmt": pix_fmt,
-            "bit_depth": _bit_depth(pix_fmt),
-            "width": width,
-            "height": height,
-            "display_width": display[0],
-            "display_height": display[1],
-            "rotation": rotation,
-            "fps": fps,
-            "frames": frames,
-            "duration_s": duration,
-            "audio_streams": len(c.streams.audio),
-            "size_bytes": _size(path),
-            "decoded": True,
-        }
+        size = {"width": width, "height": height, "display_width": display[0], "display_height": display[1]}
+        return {**meta, **size, "rotation": rotation, "decoded": True}
 
 
 def _size(path: str) -> int | None:
@@ -103,14 +127,17 @@ class Probe(Stage[ProbeConfig]):
     """Cheap metadata first, so nothing later decodes a file that cannot be used."""
 
     name = "probe"
-    version = "2"
+    version = "3"
     kind = Kind.VIDEO
     config_class = ProbeConfig
     requires = ("uri",)
     default_resources = Resources(cpus=0.25, batch_size=8, pool_max=2)
 
     def process(self, r: Row) -> Row:
-        meta = probe_file(r["uri"], self.config.max_pixels)  # undecodable input raises: an error row
+        try:
+            meta = probe_file(r["uri"], self.config.max_pixels, self.config.count_limit)  # other failures: error rows
+        except NotAVideo as exc:
+            return self.row(r, "error", exc.reason, str(exc))
         status, reason = self._decide(meta)
         return self.row(r, status, reason, **meta)
 

@@ -8,6 +8,7 @@ and removes the video's older cut folders.
 
 from __future__ import annotations
 
+import math
 import shutil
 from typing import Any, ClassVar, Literal
 
@@ -58,7 +59,7 @@ class Scenecut(Stage[ScenecutConfig]):
     """One video row in, one row per clip out (or one video-level error row, `clip_id` null)."""
 
     name = "scenecut"
-    version = "3"
+    version = "4"
     kind = Kind.SPLIT
     config_class = ScenecutConfig
     requires = ("uri",)
@@ -66,7 +67,7 @@ class Scenecut(Stage[ScenecutConfig]):
     columns: ClassVar[dict[str, str]] = {"scenecut_start_reason": "VARCHAR", "scenecut_sample_frames": "BIGINT[]"}
 
     def process(self, r: Row) -> list[Row]:
-        from curation.video import Segment, scan_video, seconds
+        from curation.video import Segment, scan_video
 
         cfg = self.config
         rows: list[Row] = []
@@ -74,7 +75,8 @@ class Scenecut(Stage[ScenecutConfig]):
         cut = f"{self.version}-{self.config_hash}"  # same settings, same cuts, same folder
         frames_dir = cut_dir(self.ctx.run_dir, r["video_id"], cut)
         fps_hint = float(r.get("probe_fps") or 0) or 25.0
-        max_len = round(cfg.max_clip_s * fps_hint) if cfg.max_clip_s and cfg.split_long else None
+        # floor, not round: at 29.97 fps 15 s is 449.55 frames, and 450 frames would be 15.015 s, over the limit
+        max_len = math.floor(cfg.max_clip_s * fps_hint + 1e-6) if cfg.max_clip_s and cfg.split_long else None
 
         def on_segment(seg: Segment) -> None:
             rows.append(self._clip_row(r, uri, seg, frames_dir))
@@ -93,8 +95,9 @@ class Scenecut(Stage[ScenecutConfig]):
                 shutil.rmtree(old, ignore_errors=True)
         for row in rows:  # per-video facts known only at the end of the pass
             row[self.col("fps")] = res.fps
-            row[self.col("start_s")] = seconds(row[self.col("start_frame")], res.fps)
-            row[self.col("end_s")] = seconds(row[self.col("end_frame")], res.fps)
+            # from the decoded timestamps: right for variable frame rates and dropped frames too
+            row[self.col("start_s")] = res.time_of(row[self.col("start_frame")])
+            row[self.col("end_s")] = res.time_of(row[self.col("end_frame")])
             row[self.col("duration_s")] = row[self.col("end_s")] - row[self.col("start_s")]
             row[self.col("video_frames")] = res.frames
             row[self.col("decode_errors")] = res.decode_errors

@@ -1,13 +1,12 @@
 """`watermark`: static overlays (logos, channel marks, timestamps) burnt into the picture.
 
-- `embedded`: temporal persistence of edges. An overlay keeps its edges in place while the picture around it
-  changes, so over the samples of the clip *and of the other clips of the same video* (overlays survive cuts) the
-  fraction of frames in which each pixel is an edge is computed; pixels that are edges in >= `persistence` of the
-  frames are "persistent". Long straight persistent lines (letterbox bars, frame borders) are removed. The score is
-  the largest persistent-edge density found in a frame corner whose surroundings do change (median temporal
-  standard deviation of its non-persistent pixels >= `min_change`), minus the density in the frame centre. A static
-  camera makes its background persistent too, but nothing around it changes, so it does not count. If the frames
-  barely change at all, nothing can be told apart and the score is 0 with `watermark_static` set.
+- `embedded`: what stays put across different shots. An overlay is drawn on top of every shot of the video, while
+  the scene under it changes from shot to shot, so for each clip (shot) the pixels that are edges in >= `persistence`
+  of its samples are found, and an overlay is what is persistent in every one of the video's visually distinct
+  shots (shots whose median frames differ by more than `distinct_shots` grey levels). Long straight persistent
+  lines (letterbox bars, frame borders) are removed. The score is the largest density of such pixels in a frame
+  corner minus the density in the centre. A single shot, or several cut from one fixed camera, is no evidence of an
+  overlay (a static background persists too): the score is then 0 and `watermark_distinct_shots` says why.
 - `reference`: the LAION watermark classifier (timm EfficientNet-B3 with a 2-class head, weights
   `watermark_model_v1.pt`), mean probability over the clip's samples.
 """
@@ -28,80 +27,82 @@ WORK_WIDTH = 320
 
 
 class WatermarkConfig(FilterConfig):
-    max_score: float = Field(0.03, ge=0, description="reject above (embedded: corner persistent-edge density)")
+    max_score: float = Field(0.03, ge=0, description="reject above (embedded: corner density of cross-shot edges)")
     max_probability: float = Field(0.5, ge=0, le=1, description="reference backend: reject above this probability")
-    persistence: float = Field(0.9, gt=0, le=1, description="fraction of frames a pixel must be an edge in")
+    persistence: float = Field(0.75, gt=0, le=1, description="share of a shot's samples a pixel must be an edge in")
     corner: float = Field(0.3, gt=0, le=0.5, description="corner zone size, as a fraction of width and height")
-    video_frames: int = Field(48, ge=2, description="samples used across the whole video")
-    min_change: float = Field(10.0, ge=0, description="grey-level std the picture around an overlay must show")
+    distinct_shots: float = Field(
+        12.0, ge=0, description="mean grey difference between two shots' median frames for them to count as distinct"
+    )
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("watermark_model_v1.pt", "github.com/LAION-AI/LAION-5B-WatermarkDetection (release weights)"),
     )
 
 
-def _video_frames(row: Row, own: np.ndarray, limit: int) -> np.ndarray:
-    """The samples of every clip of the video's current cut (this clip's from memory), in clip-id order, at a
-    common size: the same frames whichever clip asks, so the score is a property of the video."""
+def _video_shots(row: Row, own: np.ndarray) -> list[np.ndarray]:
+    """Grey samples of every clip of the video's current cut, one array per clip, at a common working size (this
+    clip's from memory): the same shots whichever clip asks, so the score is a property of the video."""
     import cv2
 
-    frames: list[np.ndarray] = []
-    path = row[SAMPLES_COLUMN]
-    for f in cut_sample_paths(row):
-        if str(f) == str(path):
-            frames.extend(own)
-        else:
-            with np.load(f, allow_pickle=False) as z:
-                frames.extend(z["frames"])
     h, w = own.shape[1:3]
     size = (WORK_WIDTH, max(2, round(h * WORK_WIDTH / w)))
-    keep = [frames[i] for i in pick(len(frames), limit)]
-    return np.stack(
-        [
-            cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA)
-            for f in keep
-            if f.shape[:2] == (h, w)
-        ]
-    )
+    path = row[SAMPLES_COLUMN]
+    shots = []
+    for f in cut_sample_paths(row):
+        if str(f) == str(path):
+            frames = own
+        else:
+            with np.load(f, allow_pickle=False) as z:
+                frames = z["frames"]
+        greys = [cv2.resize(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA)
+                 for x in frames if x.shape[:2] == (h, w)]  # fmt: skip
+        if greys:
+            shots.append(np.stack(greys))
+    return shots
 
 
-def persistence_score(
-    greys: np.ndarray, persistence: float = 0.9, corner: float = 0.3, min_change: float = 10.0
+def overlay_score(
+    shots: list[np.ndarray], persistence: float = 0.75, corner: float = 0.3, distinct: float = 12.0
 ) -> dict[str, Any]:
+    """Corner density of the edges that persist in every visually distinct shot (see the module docstring)."""
     import cv2
 
-    n, h, w = greys.shape
-    change = float(np.abs(np.diff(greys.astype(np.int16), axis=0)).mean()) if n > 1 else 0.0
-    edges = np.stack([cv2.dilate(cv2.Canny(g, 80, 160), np.ones((3, 3), np.uint8)) > 0 for g in greys])
-    persist = (edges.mean(0) >= persistence).astype(np.uint8)
+    usable = [g for g in shots if len(g) >= 3]  # persistence needs a few samples of the shot
+    medians = [np.median(g, axis=0) for g in usable]
+    keep: list[int] = []
+    for i, med in enumerate(medians):
+        if all(float(np.abs(med - medians[j]).mean()) > distinct for j in keep):
+            keep.append(i)
+    out: dict[str, Any] = {
+        "score": 0.0,
+        "corner": None,
+        "centre_density": 0.0,
+        "shots": len(shots),
+        "distinct_shots": len(keep),
+        "frames": int(sum(len(g) for g in shots)),
+    }
+    if len(keep) < 2:
+        return out
+    h, w = usable[0].shape[1:]
+    persist = np.ones((h, w), np.uint8)
+    for i in keep:
+        edges = np.stack([cv2.dilate(cv2.Canny(g, 80, 160), np.ones((3, 3), np.uint8)) > 0 for g in usable[i]])
+        persist &= (edges.mean(0) >= persistence).astype(np.uint8)
     lines = cv2.morphologyEx(persist, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (w // 4, 1)))
     lines |= cv2.morphologyEx(persist, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, h // 4)))
     persist &= 1 - cv2.dilate(lines, np.ones((5, 5), np.uint8))
-    std = greys.astype(np.float32).std(0)
     ch, cw = max(1, int(h * corner)), max(1, int(w * corner))
     zones = {
-        "top_left": (slice(0, ch), slice(0, cw)),
-        "top_right": (slice(0, ch), slice(w - cw, w)),
-        "bottom_left": (slice(h - ch, h), slice(0, cw)),
-        "bottom_right": (slice(h - ch, h), slice(w - cw, w)),
+        "top_left": persist[:ch, :cw],
+        "top_right": persist[:ch, w - cw :],
+        "bottom_left": persist[h - ch :, :cw],
+        "bottom_right": persist[h - ch :, w - cw :],
     }
     centre = float(persist[ch:-ch, cw:-cw].mean()) if h > 2 * ch and w > 2 * cw else 0.0
-    density, around = {}, {}
-    for k, z in zones.items():
-        p, s = persist[z], std[z]
-        around[k] = float(np.median(s[p == 0])) if (p == 0).any() else 0.0
-        density[k] = float(p.mean()) if around[k] >= min_change else 0.0
-    where = max(density, key=density.get)
-    static = change < 1.0
-    score = 0.0 if static else max(0.0, density[where] - centre)
-    return {
-        "score": score,
-        "corner": where if score > 0 else None,
-        "centre_density": centre,
-        "corner_change": around[where],
-        "frames": int(n),
-        "change": change,
-        "static": static,
-    }
+    where = max(zones, key=lambda k: float(zones[k].mean()))
+    score = max(0.0, float(zones[where].mean()) - centre)
+    out.update(score=score, corner=where if score > 0 else None, centre_density=centre)
+    return out
 
 
 class _LaionWatermark:
@@ -140,7 +141,7 @@ class _LaionWatermark:
 
 class Watermark(SampleFilter):
     name = "watermark"
-    version = "2"
+    version = "3"
     config_class = WatermarkConfig
     requires = ("clip_samples_path",)
     default_resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
@@ -158,13 +159,16 @@ class Watermark(SampleFilter):
         # The score is a property of the whole video's samples: computed once per video, not once per clip.
         key = tuple(str(p) for p in cut_sample_paths(row))
         if key not in self._cache:
-            greys = _video_frames(row, samples["frames"], self.config.video_frames)
-            self._cache = {
-                key: persistence_score(greys, self.config.persistence, self.config.corner, self.config.min_change)
-            }
+            c = self.config
+            shots = _video_shots(row, samples["frames"])
+            self._cache = {key: overlay_score(shots, c.persistence, c.corner, c.distinct_shots)}
         return dict(self._cache[key])
 
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
         if "probability" in s:
             return ("reject", "watermark") if s["probability"] > self.config.max_probability else ("ok", None)
         return ("reject", "watermark") if s["score"] > self.config.max_score else ("ok", None)
+
+    def thresholds(self) -> dict[str, tuple[float, str]]:
+        c = self.config
+        return {self.col("score"): (c.max_probability if c.backend == "reference" else c.max_score, "max")}

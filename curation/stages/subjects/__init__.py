@@ -179,6 +179,24 @@ class Subjects(Stage[SubjectsConfig]):
                     out.append((f"ref_{t['k']}_{suffix}", (d / t[key]).read_bytes()))
         return out
 
+    def gallery(self, row: Row) -> list[tuple[str, str, bytes]]:
+        """The reference crops written for the clip: what a trainer will condition on."""
+        out = []
+        for suffix, data in self.shard_members(row):
+            if suffix.endswith((".jpg", ".png")):
+                out.append((suffix.rsplit(".", 1)[0], "image/jpeg" if suffix.endswith(".jpg") else "image/png", data))
+        return out
+
+    def describe(self, row: Row) -> str | None:
+        tracks = json.loads(row.get(self.col("tracks")) or "[]")
+        if not tracks:
+            return "tracks: none"
+        kinds = ", ".join(
+            f"{t['k']}:{t['category']}" + (f"->subject {t['subject_id']}" if t.get("subject_id") is not None else "")
+            for t in tracks
+        )
+        return f"tracks: {kinds}"
+
     def draw(self, row: Row, frame: int, image: Any) -> None:
         """Each track's mask at the tracked frame nearest to `frame`, tinted and outlined, with its number."""
         import cv2
