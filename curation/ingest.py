@@ -110,13 +110,16 @@ def _folder_inputs(folder: Path) -> list[Path]:
     files = sorted(
         f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
     )
-    names = {f.with_suffix("") for f in files if f.suffix.lower() != ".txt"} | {
-        f for f in files if f.suffix.lower() != ".txt"
-    }
-    sidecars = {f for f in files if f.suffix.lower() == ".txt" and f.with_suffix("") in names}
-    skipped = len(sidecars)
-    if skipped:
-        log.info("input %s: %d caption file(s) taken as the captions of the files beside them", folder, skipped)
+    return _without_sidecars(files)
+
+
+def _without_sidecars(files: list[Path]) -> list[Path]:
+    """Drop the `.txt` files that are the captions of other files in the list (`clip.txt` / `clip.mp4.txt`)."""
+    others = [f for f in files if f.suffix != ".txt"]
+    names = {f.with_suffix("") for f in others} | set(others)
+    sidecars = {f for f in files if f.suffix == ".txt" and f.with_suffix("") in names}
+    if sidecars:
+        log.info("%d caption file(s) taken as the captions of the files beside them", len(sidecars))
     return [f for f in files if f not in sidecars]
 
 
@@ -141,7 +144,8 @@ def discover(spec: str | Path) -> list[Row]:
     elif p.is_file():
         entries = [(_uri(p), None)]
     elif any(ch in text for ch in "*?["):
-        entries = [(_uri(f), None) for f in sorted(glob.glob(text, recursive=True)) if Path(f).is_file()]
+        matched = [Path(f) for f in sorted(glob.glob(text, recursive=True)) if Path(f).is_file()]
+        entries = [(_uri(f), None) for f in _without_sidecars(matched)]
     else:
         raise ConfigError(f"input {text!r} is not a folder, a video, a glob or a list file (.csv/.jsonl/.txt)")
     rows: list[Row] = []

@@ -190,8 +190,6 @@ class Manifests:
         return cols, joins
 
     def _videos_sql(self, video: list[str], split: str | None) -> str:
-        if split is None:
-            return "SELECT * FROM ingest"
         cols, joins = self._video_parts(video)
         status = ["CASE"]
         reason = ["CASE"]
@@ -199,6 +197,11 @@ class Manifests:
             st = f"v{k}.{n}_status"
             status.append(f"WHEN {st} IS NULL THEN 'pending' WHEN {st} <> 'ok' THEN {st}")
             reason.append(f"WHEN {st} IS NOT NULL AND {st} <> 'ok' THEN '{n}:' || coalesce(v{k}.{n}_reason, '')")
+        if split is None:  # nothing cuts videos here: the video-level stages decide, no clips to count
+            counts = "0 AS n_clips, 0 AS n_clips_ok, 0 AS n_clips_kept"
+            st = f"{' '.join(status)} ELSE 'ok' END" if video else "'pending'"
+            why = f"{' '.join(reason)} END" if video else "NULL::VARCHAR"
+            return f"SELECT i.*, {cols}{counts}, {st} AS status, {why} AS reason FROM ingest i {joins}"
         status.append(
             "WHEN s.video_status IS NOT NULL THEN s.video_status WHEN s.n_clips IS NULL THEN 'pending' "
             "WHEN s.n_clips_ok = 0 THEN 'reject' WHEN k.n_pending = 0 AND k.n_kept = 0 THEN 'reject'"
@@ -218,7 +221,9 @@ class Manifests:
 
     def _clips_sql(self, video: list[str], split: str | None, clip: list[str]) -> str:
         if split is None:  # nothing cuts videos into clips in this install
-            return "SELECT NULL::VARCHAR AS clip_id, NULL::VARCHAR AS video_id, NULL::VARCHAR AS status WHERE false"
+            cols = ["clip_id", "video_id", "uri", "status", "reason"]
+            typed = [f"NULL::VARCHAR AS {c}" for c in cols] + [f"NULL::{t} AS clip_{f}" for f, t in CLIP_FIELDS.items()]
+            return f"SELECT {', '.join(typed)} WHERE false"
         vcols, vjoins = self._video_parts(video)
         aliases = "".join(f"sc.{split}_{f} AS clip_{f},\n    " for f in CLIP_FIELDS)
         stage_cols, joins = "", ""

@@ -59,9 +59,8 @@ def _histograms(m: Manifests, stages: list[Stage[Any]]) -> list[tuple[str, str]]
         kept = [r["v"] for r in rows if r["s"] == "ok"]
         rejected = [r["v"] for r in rows if r["s"] != "ok"]
         ax.hist([kept, rejected], bins=20, stacked=True, label=["kept", "rejected"], color=["#3a8f3a", "#d08a2e"])
-        line = st.thresholds().get(col)
-        if line is not None:
-            ax.axvline(line[0], color="#b00020", linestyle="--", linewidth=1.2, label=f"{line[1]} {line[0]:g}")
+        for value, kind in st.thresholds().get(col, []):
+            ax.axvline(value, color="#b00020", linestyle="--", linewidth=1.2, label=f"{kind} {value:g}")
         ax.set_title(f"{col} (n={len(rows)})", fontsize=10)
         ax.legend(fontsize=8)
         out.append((col, _png(fig)))
@@ -84,12 +83,21 @@ def _thumb(row: Row, stages: list[Stage[Any]]) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf).decode() if ok else None
 
 
+def _gallery(stage: Stage[Any], row: Row) -> list[tuple[str, str, bytes]]:
+    """A stage's images for the card; none when its files are gone (a run directory moved or cleaned)."""
+    try:
+        return stage.gallery(row)
+    except OSError as exc:
+        log.warning("report: %s images of clip %s unavailable: %s", stage.name, row.get("clip_id"), exc)
+        return []
+
+
 def _card(r: Row, stages: list[Stage[Any]], kind: str) -> str:
     """A clip: its frame with the stages' findings, status and reason, each stage's line, images, scores."""
     src = _thumb(r, stages)
     cols = [c.score_column for c in stages if c.score_column]
     lines = [d for st in stages if r.get(f"{st.name}_status") is not None and (d := st.describe(r))]
-    images = [g for st in stages if r.get(f"{st.name}_status") is not None for g in st.gallery(r)]
+    images = [g for st in stages if r.get(f"{st.name}_status") is not None for g in _gallery(st, r)]
     scores = ", ".join(f"{k}={r[k]:.3g}" for k in cols if isinstance(r.get(k), float))
     status = r.get("status") or "pending"
     crops = "".join(

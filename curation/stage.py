@@ -257,8 +257,8 @@ class Stage(ABC, Generic[C]):
         """(label, mime type, bytes) images about the clip for the report's cards (e.g. reference crops)."""
         return []
 
-    def thresholds(self) -> dict[str, tuple[float, str]]:
-        """{score column: (value, "min" | "max")}: where the stage's keep/reject line is, for the report."""
+    def thresholds(self) -> dict[str, list[tuple[float, str]]]:
+        """{score column: [(value, "min" | "max"), ...]}: where the stage's keep/reject lines are, for the report."""
         return {}
 
     # -- provided --------------------------------------------------------------------------------------------

@@ -292,6 +292,9 @@ def scan_video(
         if idx < 0:
             raise ValueError("no decodable video frame")
         res.frames = idx + 1
+        if any(b < a for a, b in zip(res.times, res.times[1:], strict=False)):
+            # times out of order (AVI with packed B-frames reports decode times): they identify no frame; count
+            res.times = [i / res.fps for i in range(res.frames)]
         for cut in detector.post_process(FrameTimecode(idx, fps)):
             c = int(cut.frame_num if hasattr(cut, "frame_num") else cut)
             if seg_start < c < res.frames:

@@ -98,6 +98,7 @@ def test_inspect_and_counts(local_run: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     m = Manifests(local_run)
     kept = m.rows("SELECT count(*) AS n FROM videos WHERE n_clips_kept > 0")[0]["n"]
+    assert kept == 2  # of the three readable inputs, two keep a clip through every stage
     assert '"error",1' in out and f'"ok",{kept}' in out and f'"reject",{3 - kept}' in out
     # a video is ok only with a clip that survived every stage; otherwise it says why not
     for v in m.rows("SELECT status, reason, n_clips_ok, n_clips_kept FROM videos WHERE status <> 'error'"):

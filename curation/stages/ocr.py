@@ -40,6 +40,7 @@ class OcrConfig(FilterConfig):
     tall_box: float = Field(
         0.3, gt=0, le=1, description="boxes taller than this share of the frame must read as words to count"
     )
+    max_box_height: float | None = operational(None, description="deprecated (ocr v3): see tall_box")
     tall_min_chars: int = Field(
         2, ge=1, description="letters or digits a tall box must read as (the recogniser turns textures into a glyph)"
     )
@@ -172,5 +173,5 @@ class Ocr(SampleFilter):
                 pts = np.array([[x * w, y * h] for x, y in box["box"]], np.int32)
                 cv2.polylines(image, [pts], True, (0, 0, 255), 2)
 
-    def thresholds(self) -> dict[str, tuple[float, str]]:
-        return {self.col("text_area"): (self.config.max_text_area, "max")}
+    def thresholds(self) -> dict[str, list[tuple[float, str]]]:
+        return {self.col("text_area"): [(self.config.max_text_area, "max")]}

@@ -73,7 +73,7 @@ def probe_file(path: str, max_pixels: int | None = None, count_limit: int = 2_00
         raise FileNotFoundError(f"no such file: {path}")
     try:
         container = av.open(path)
-    except av.error.InvalidDataError as exc:
+    except (av.error.InvalidDataError, av.error.EOFError) as exc:  # a document, a truncated file
         raise NotAVideo("unreadable", f"{type(exc).__name__}: {exc}") from None
     with container as c:
         if not c.streams.video:

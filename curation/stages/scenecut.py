@@ -93,6 +93,7 @@ class Scenecut(Stage[ScenecutConfig]):
         for old in frames_dir.parent.iterdir() if frames_dir.parent.is_dir() else ():
             if old != frames_dir and old.is_dir():  # an earlier cut's samples: superseded by this attempt
                 shutil.rmtree(old, ignore_errors=True)
+        self._max_len = max_len
         for row in rows:  # per-video facts known only at the end of the pass
             row[self.col("fps")] = res.fps
             # from the decoded timestamps: right for variable frame rates and dropped frames too
@@ -123,11 +124,17 @@ class Scenecut(Stage[ScenecutConfig]):
             samples_path=str(path) if path else None,
         )
 
+    def _sized(self, row: Row) -> bool:
+        """A piece the splitter cut to the frame limit: at a variable frame rate its timestamps may span a little
+        more than `max_clip_s`, and that is no reason to drop it."""
+        n = getattr(self, "_max_len", None)
+        return bool(self.config.split_long and n and row[self.col("num_frames")] <= n)
+
     def _decide(self, row: Row) -> None:
         cfg, dur = self.config, row[self.col("duration_s")]
         if dur < cfg.min_clip_s:
             row[self.col("status")], row[self.col("reason")] = "reject", "too_short"
-        elif cfg.max_clip_s is not None and dur > cfg.max_clip_s + 1e-6:
+        elif cfg.max_clip_s is not None and dur > cfg.max_clip_s + 1e-6 and not self._sized(row):
             row[self.col("status")], row[self.col("reason")] = "reject", "too_long"
         elif not row[self.col("samples_path")]:
             row[self.col("status")], row[self.col("reason")] = "error", "no_samples"

@@ -21,7 +21,7 @@ from pydantic import Field
 from curation.errors import require
 from curation.filters import FilterConfig, SampleFilter, pick
 from curation.samples import SAMPLES_COLUMN, cut_sample_paths
-from curation.stage import Resources, Row, StageContext
+from curation.stage import Resources, Row, StageContext, operational
 
 WORK_WIDTH = 320
 
@@ -34,12 +34,15 @@ class WatermarkConfig(FilterConfig):
     distinct_shots: float = Field(
         12.0, ge=0, description="mean grey difference between two shots' median frames for them to count as distinct"
     )
+    max_shots: int = Field(16, ge=2, description="at most this many of the video's clips (evenly spaced) are compared")
+    video_frames: int | None = operational(None, description="deprecated (watermark v2), ignored")
+    min_change: float | None = operational(None, description="deprecated (watermark v2), ignored")
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("watermark_model_v1.pt", "github.com/LAION-AI/LAION-5B-WatermarkDetection (release weights)"),
     )
 
 
-def _video_shots(row: Row, own: np.ndarray) -> list[np.ndarray]:
+def _video_shots(row: Row, own: np.ndarray, max_shots: int = 16) -> list[np.ndarray]:
     """Grey samples of every clip of the video's current cut, one array per clip, at a common working size (this
     clip's from memory): the same shots whichever clip asks, so the score is a property of the video."""
     import cv2
@@ -48,7 +51,8 @@ def _video_shots(row: Row, own: np.ndarray) -> list[np.ndarray]:
     size = (WORK_WIDTH, max(2, round(h * WORK_WIDTH / w)))
     path = row[SAMPLES_COLUMN]
     shots = []
-    for f in cut_sample_paths(row):
+    paths = cut_sample_paths(row)
+    for f in [paths[i] for i in pick(len(paths), max_shots)]:
         if str(f) == str(path):
             frames = own
         else:
@@ -160,8 +164,10 @@ class Watermark(SampleFilter):
         key = tuple(str(p) for p in cut_sample_paths(row))
         if key not in self._cache:
             c = self.config
-            shots = _video_shots(row, samples["frames"])
-            self._cache = {key: overlay_score(shots, c.persistence, c.corner, c.distinct_shots)}
+            shots = _video_shots(row, samples["frames"], c.max_shots)
+            if len(self._cache) >= 32:  # inputs come in clip-id order, videos interleaved: keep several
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = overlay_score(shots, c.persistence, c.corner, c.distinct_shots)
         return dict(self._cache[key])
 
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
@@ -169,6 +175,6 @@ class Watermark(SampleFilter):
             return ("reject", "watermark") if s["probability"] > self.config.max_probability else ("ok", None)
         return ("reject", "watermark") if s["score"] > self.config.max_score else ("ok", None)
 
-    def thresholds(self) -> dict[str, tuple[float, str]]:
+    def thresholds(self) -> dict[str, list[tuple[float, str]]]:
         c = self.config
-        return {self.col("score"): (c.max_probability if c.backend == "reference" else c.max_score, "max")}
+        return {self.col("score"): [(c.max_probability if c.backend == "reference" else c.max_score, "max")]}

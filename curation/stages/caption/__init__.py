@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from curation.filters import pick
 from curation.samples import load_samples
-from curation.stage import Resources, Row, Stage, StageConfig, StageContext, operational
+from curation.stage import Resources, Row, Stage, StageConfig, StageContext, is_fatal, operational
 from curation.stages.caption.mllm import (
     MLLMError,
     OpenAIClient,
@@ -29,7 +29,7 @@ from curation.stages.caption.mllm import (
     image_part,
     parse_record,
 )
-from curation.stages.caption.parser import parse_caption
+from curation.stages.caption.parser import parse_caption, parse_captions
 from curation.stages.caption.prompts import load_prompt
 from curation.stages.caption.schema import CaptionRecord
 
@@ -73,7 +73,7 @@ def template_caption(row: Row) -> str:
 
 class Caption(Stage[CaptionConfig]):
     name = "caption"
-    version = "2"
+    version = "3"  # 3: the embedded parser works on a dependency parse
     config_class = CaptionConfig
     default_resources = Resources(cpus=0.25, batch_size=16, pool_max=2)
     gpu_backends: ClassVar[dict[str, float]] = {"vllm": 1.0}  # one engine per GPU
@@ -130,8 +130,24 @@ class Caption(Stage[CaptionConfig]):
         return self._out(r, rec, origin)
 
     def process_batch(self, batch: list[Row]) -> list[Row]:
-        """MLLM backends send the whole batch at once (the endpoint batches); the parser goes row by row."""
-        return self._mllm(batch) if self._client is not None else super().process_batch(batch)
+        """MLLM backends send the whole batch at once (the endpoint batches); the parser takes the batch's captions
+        through spaCy together, and falls back to row by row (each failure its own row) if that fails."""
+        if self._client is not None:
+            return self._mllm(batch)
+        texts = [(r.get("given_caption") or "").strip() for r in batch]
+        try:
+            records = dict(
+                zip([i for i, t in enumerate(texts) if t], parse_captions(t for t in texts if t), strict=True)
+            )
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            return super().process_batch(batch)
+        return [
+            self._out(r, records[i], "supplied") if i in records
+            else self._out(r, CaptionRecord(caption=template_caption(r)), "template")
+            for i, r in enumerate(batch)
+        ]  # fmt: skip
 
     def shard_fields(self, row: Row) -> dict[str, Any]:
         text = row.get(self.col("text"))

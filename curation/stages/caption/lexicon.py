@@ -17,11 +17,17 @@ MIN_SUFFIX_WORD = 6
 
 
 def _lines(name: str) -> list[list[str]]:
+    """A list file's entries: the word, then its tags (`m`, `feature`, `generic:...`, `=synonym`)."""
     out = []
-    for line in (DIR / f"{name}.txt").read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate((DIR / f"{name}.txt").read_text(encoding="utf-8").splitlines(), 1):
         line = line.split("#", 1)[0].strip()
-        if line:
-            out.append(line.split())
+        if not line:
+            continue
+        words = line.split()
+        for tag in words[1:]:
+            if not (tag in ("m", "f", "feature") or tag.startswith(("generic:", "=")) or "," in tag):
+                raise ValueError(f"{name}.txt:{n}: {line!r}: one word per entry, then tags (a phrase is not a noun)")
+        out.append(words)
     return out
 
 
@@ -36,6 +42,7 @@ class Lexicon:
     ambiguous: frozenset[str]  # nouns that name a person or a thing ("pitcher", "fan"): context decides
     made_of: frozenset[str]  # material words that make an animal noun a thing ("wooden horse", "plush dinosaur")
     features: frozenset[str]  # body features that describe someone without a modifier ("dreadlocks", "freckles")
+    not_person: frozenset[str]  # words with a person ending that are things ("snowman", "ottoman", "checklist")
     bodypart: frozenset[str]
     clothing: frozenset[str]
     place: frozenset[str]
@@ -54,14 +61,16 @@ class Lexicon:
         for name in ("bodypart", "clothing", "place", "abstract"):
             if w in getattr(self, name):
                 return name
-        if len(w) >= MIN_SUFFIX_WORD and w.endswith(PERSON_SUFFIXES):
+        if len(w) >= MIN_SUFFIX_WORD and w.endswith(PERSON_SUFFIXES) and w not in self.not_person:
             return "person"
         return None
 
     def gender(self, lemma: str) -> str:
         w = lemma.lower()
-        g = self.person.get(w, "")
-        if not g and w.endswith(("woman", "women")):
+        if w in self.person:
+            return self.person[w]  # a listed noun's gender stands, "" included ("human")
+        g = ""
+        if w.endswith(("woman", "women")):
             return "f"
         if not g and w.endswith(("man", "men")) and len(w) > 3:
             return "m"
@@ -104,6 +113,7 @@ def lexicon() -> Lexicon:
         ambiguous=frozenset(w[0].lower() for w in _lines("ambiguous")),
         made_of=frozenset(w[0].lower() for w in _lines("made_of")),
         features=frozenset(w[0].lower() for w in _lines("bodypart") if "feature" in w[1:]),
+        not_person=frozenset(w[0].lower() for w in _lines("not_person")),
         bodypart=frozenset(w[0].lower() for w in _lines("bodypart")),
         clothing=frozenset(w[0].lower() for w in _lines("clothing")),
         place=frozenset(w[0].lower() for w in _lines("place")),

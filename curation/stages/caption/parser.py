@@ -85,7 +85,7 @@ def _pipelines() -> tuple[Any, Any, Any]:
         coarse = _CoarsePos(_pos_rules(patterns), morph)
         pipe = spacy.load(name, exclude=["ner", "attribute_ruler", "lemmatizer"])
         # Keep hyphenated words whole ("middle-aged", "grey-haired", "T-shirt"): one modifier, one attribute.
-        infixes = [p for p in pipe.Defaults.infixes if "(?:-|–|—|--|---|——|~)" not in p]
+        infixes = [p.replace("(?:-|–|—|--|---|——|~)", "(?:–|—|--|---|——|~)") for p in pipe.Defaults.infixes]
         pipe.tokenizer.infix_finditer = compile_infix_regex(infixes).finditer
         return pipe, coarse, full.get_pipe("lemmatizer")
     raise ConfigError(
@@ -296,14 +296,15 @@ class _Analysis:
         for c in tok.children:
             if c.dep_ == "nummod":
                 w = c.lower_
-                if w.isdigit():
-                    return max(1, int(w))
+                if w.isdecimal():
+                    return min(max(1, int(w)), 1000)
                 if w in NUMBERS:
                     return NUMBERS[w]
         return None
 
     def new_entity(self, tok: Any, cat: str, count: int | None) -> Entity:
-        lemma = _singular(self.lemma(tok))
+        lemma = self.lemma(tok)
+        lemma = _singular(lemma) if cat == "person" else lemma
         plural = tok.tag_ in ("NNS", "NNPS") or lemma in self.lex.group
         n = count or self.number(tok) or (2 if plural else 1)
         ent = Entity(
@@ -353,8 +354,8 @@ class _Analysis:
         if cat == "person" and lemma in self.lex.group:
             fits = [e for e in earlier if e.category == "person" and e.plural]
             return fits[-1] if fits else None
-        if cat == "person" and lemma in GENERIC_PEOPLE:
-            g = self.lex.gender(lemma)
+        if cat == "person" and lemma in GENERIC_PEOPLE and not any(c.dep_ == "poss" for c in children):
+            g = self.lex.gender(lemma)  # "the boy" is the toddler from before; "her baby" is someone new
             fits = [e for e in earlier if e.category == "person" and not e.plural and e.gender in ("", g or e.gender)]
             return fits[-1] if fits else None
         if cat is None and lemma in self.lex.object_generic:
@@ -391,6 +392,10 @@ class _Analysis:
         w = tok.lower_
         if w not in INDIVIDUATORS or tok.pos_ not in ("NUM", "PRON", "NOUN", "ADJ"):
             return False
+        prev = self.doc[tok.i - 1].lower_ if tok.i else ""
+        if (w == "other" and prev == "each") or (w == "another" and prev == "one") or (w == "one" and tok.i + 1 < len(
+            self.doc) and self.doc[tok.i + 1].lower_ == "another"):  # fmt: skip
+            return False  # "hug each other", "help one another": reciprocity, not a member
         if w in ("other", "another", "first", "second", "third") and tok.head.pos_ in ("NOUN", "PROPN") and \
                 tok.dep_ == "amod":  # fmt: skip
             return False  # "the other dog": the noun carries the mention
@@ -425,7 +430,6 @@ class _Analysis:
         g = PRONOUNS.get(w)
         if g is None:
             return None
-        cands = [e for e in self.entities if e.head.i < tok.i and not (e.members and e.members[0] is not e)]
         cands = [e for e in self.entities if e.head.i < tok.i]
         if g in ("m", "f"):
             people = [e for e in cands if e.category == "person" and not e.plural and e.gender in ("", g)]

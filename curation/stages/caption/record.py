@@ -4,6 +4,7 @@ derived, and the record validated."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from curation.stages.caption.schema import Attribute, CaptionRecord, Relation, Span, Subject
@@ -24,11 +25,9 @@ def find_span(caption: str, phrase: str, start: int = 0) -> tuple[int, int] | No
     """Where `phrase` occurs in the caption (case-insensitive), preferring the first occurrence at or after `start`."""
     if not phrase:
         return None
-    low, p = caption.lower(), phrase.lower()
-    i = low.find(p, start)
-    if i < 0 and start:
-        i = low.find(p)
-    return (i, i + len(phrase)) if i >= 0 else None
+    pattern = re.compile(re.escape(phrase), re.IGNORECASE)  # on the caption itself: lower() can change lengths
+    m = pattern.search(caption, start) or (pattern.search(caption) if start else None)
+    return (m.start(), m.end()) if m else None
 
 
 def build_record(
