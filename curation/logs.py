@@ -47,7 +47,7 @@ def log_to_file(run_dir: str | Path, name: str = "curation") -> logging.Handler 
     handler = None
     if not any(getattr(h, "_curation", None) == str(path) for h in root.handlers):
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
+        handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # no file until something is logged
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter(FORMAT))
         handler._curation = str(path)  # type: ignore[attr-defined]
