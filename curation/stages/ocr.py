@@ -41,6 +41,9 @@ class OcrConfig(FilterConfig):
         0.3, gt=0, le=1, description="boxes taller than this share of the frame must read as words to count"
     )
     max_box_height: float | None = operational(None, description="deprecated (ocr v3): see tall_box")
+    overlay_frames: float = Field(
+        0.75, gt=0, le=1, description="a box in the same place in this share of the sampled frames is overlay-like"
+    )
     tall_min_chars: int = Field(
         2, ge=1, description="letters or digits a tall box must read as (the recogniser turns textures into a glyph)"
     )
@@ -111,9 +114,38 @@ class _PaddleOcr:
         return out
 
 
+def _rect(box: dict[str, Any]) -> tuple[float, float, float, float]:
+    xs, ys = [p[0] for p in box["box"]], [p[1] for p in box["box"]]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    ix, iy = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _mark_overlays(boxes: list[dict[str, Any]], n_frames: int, share: float) -> float:
+    """Mark each box `overlay` when a box covers the same place (IoU >= 0.5) in at least `share` of the sampled
+    frames: captions, timestamps and channel names stay put while the picture moves; text on things in the scene
+    moves with them (a fixed camera makes both stay put: then this tells nothing). Returns the largest overlay area
+    of a frame (normalised box areas summed)."""
+    rects = [_rect(b) for b in boxes]
+    frames = [b["frame"] for b in boxes]
+    need = max(2, round(share * n_frames)) if n_frames > 1 else n_frames + 1
+    per_frame: dict[int, float] = {}
+    for i, (b, r) in enumerate(zip(boxes, rects, strict=True)):
+        seen = {frames[j] for j, q in enumerate(rects) if _iou(r, q) >= 0.5}
+        b["overlay"] = len(seen) >= need
+        if b["overlay"]:
+            per_frame[frames[i]] = per_frame.get(frames[i], 0.0) + (r[2] - r[0]) * (r[3] - r[1])
+    return round(max(per_frame.values(), default=0.0), 5)
+
+
 class Ocr(SampleFilter):
     name = "ocr"
-    version = "4"
+    version = "5"
     config_class = OcrConfig
     requires = ("clip_samples_path",)
     default_resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
@@ -147,11 +179,14 @@ class Ocr(SampleFilter):
                 if text:
                     texts.append(text)
             areas.append(float(mask.mean()))
+        overlay_area = _mark_overlays(boxes_out, len(idx), self.config.overlay_frames)
         return {
             "text_area": float(max(areas)),
             "text_area_mean": float(np.mean(areas)),
             "frames_with_text": int(sum(a > 0 for a in areas)),
             "texts": sorted(set(texts)),
+            "overlay_area": overlay_area,
+            "overlay_texts": sorted({b["text"] for b in boxes_out if b["overlay"] and b["text"]}),
             "boxes": json.dumps(boxes_out, ensure_ascii=False),
         }
 
