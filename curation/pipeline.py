@@ -45,7 +45,9 @@ class Pipeline:
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create the run directory and save the effective config next to the manifests."""
+        """Create the run directory and save the effective config next to the manifests (once per pipeline)."""
+        if getattr(self, "_prepared", False):
+            return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / ".write-test"
@@ -54,6 +56,7 @@ class Pipeline:
         except OSError as exc:
             raise ConfigError(f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror or exc}") from None
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False).encode())
+        self._prepared = True
 
     def ingest(self, spec: str | None) -> int:
         """Record new input videos; returns how many were new. Known videos keep their first row."""

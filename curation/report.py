@@ -55,17 +55,25 @@ def _histograms(m: Manifests, stages: list[Stage[Any]]) -> list[tuple[str, str]]
         rows = m.rows(f'SELECT {col} AS v, {stage}_status AS s FROM "{stage}" WHERE {col} IS NOT NULL')
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(4, 2.6))
-        kept = [r["v"] for r in rows if r["s"] == "ok"]
-        rejected = [r["v"] for r in rows if r["s"] != "ok"]
-        ax.hist([kept, rejected], bins=20, stacked=True, label=["kept", "rejected"], color=["#3a8f3a", "#d08a2e"])
-        for value, kind in st.thresholds().get(col, []):
-            ax.axvline(value, color="#b00020", linestyle="--", linewidth=1.2, label=f"{kind} {value:g}")
-        ax.set_title(f"{col} (n={len(rows)})", fontsize=10)
-        ax.legend(fontsize=8)
+        fig = histogram(col, [(r["v"], r["s"]) for r in rows], st.thresholds().get(col, []))
         out.append((col, _png(fig)))
         plt.close(fig)
     return out
+
+
+def histogram(col: str, values: list[tuple[float, str]], lines: list[tuple[float, str]]) -> Any:
+    """A score's histogram, kept vs rejected stacked, with the stage's threshold lines drawn."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 2.6))
+    kept = [v for v, s in values if s == "ok"]
+    rejected = [v for v, s in values if s != "ok"]
+    ax.hist([kept, rejected], bins=20, stacked=True, label=["kept", "rejected"], color=["#3a8f3a", "#d08a2e"])
+    for value, kind in lines:
+        ax.axvline(value, color="#b00020", linestyle="--", linewidth=1.2, label=f"{kind} {value:g}")
+    ax.set_title(f"{col} (n={len(values)})", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _thumb(row: Row, stages: list[Stage[Any]]) -> str | None:

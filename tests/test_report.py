@@ -74,8 +74,18 @@ def test_page_has_the_runs_numbers(report: tuple[Path, Path]) -> None:
     funnel = text.split("<h2>Per video: clips cut, usable, kept</h2>")[1].split("<h2>")[0]
     for v in m.rows("SELECT regexp_extract(uri, '[^/]*$') AS f, n_clips_kept FROM videos"):
         assert f"<td>{v['f']}</td>" in funnel
-    # threshold lines: the histograms carry the stages' thresholds in their legends (drawn, so checked by the run)
-    assert any(st.thresholds() for st in run_stages(run))
+    # threshold lines: each filter's histogram draws its keep/reject lines where its config puts them
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from curation.report import histogram
+
+    motion = next(st for st in run_stages(run) if st.name == "motion")
+    lines = motion.thresholds()["motion_score"]
+    assert lines == [(motion.config.min_score, "min")]
+    fig = histogram("motion_score", [(0.001, "reject"), (0.2, "ok")], lines)
+    drawn = [ln.get_xdata()[0] for ln in fig.axes[0].lines]
+    assert drawn == [motion.config.min_score]
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
 
 

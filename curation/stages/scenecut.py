@@ -93,7 +93,6 @@ class Scenecut(Stage[ScenecutConfig]):
         for old in frames_dir.parent.iterdir() if frames_dir.parent.is_dir() else ():
             if old != frames_dir and old.is_dir():  # an earlier cut's samples: superseded by this attempt
                 shutil.rmtree(old, ignore_errors=True)
-        self._max_len = max_len
         for row in rows:  # per-video facts known only at the end of the pass
             row[self.col("fps")] = res.fps
             # from the decoded timestamps: right for variable frame rates and dropped frames too
@@ -104,7 +103,7 @@ class Scenecut(Stage[ScenecutConfig]):
             row[self.col("decode_errors")] = res.decode_errors
             row[self.col("rotation")] = res.rotation
             row[self.col("ts_regular")] = res.ts_regular
-            self._decide(row)
+            self._decide(row, max_len)
         return rows
 
     def _clip_row(self, r: Row, uri: str, seg: Any, frames_dir: Any) -> Row:
@@ -124,17 +123,14 @@ class Scenecut(Stage[ScenecutConfig]):
             samples_path=str(path) if path else None,
         )
 
-    def _sized(self, row: Row) -> bool:
-        """A piece the splitter cut to the frame limit: at a variable frame rate its timestamps may span a little
-        more than `max_clip_s`, and that is no reason to drop it."""
-        n = getattr(self, "_max_len", None)
-        return bool(self.config.split_long and n and row[self.col("num_frames")] <= n)
-
-    def _decide(self, row: Row) -> None:
+    def _decide(self, row: Row, max_len: int | None) -> None:
+        """Length limits. A piece the splitter cut to `max_len` frames is never too long: at a variable frame rate
+        its timestamps may span a little more than `max_clip_s`, and that is no reason to drop it."""
         cfg, dur = self.config, row[self.col("duration_s")]
+        sized = bool(max_len and row[self.col("num_frames")] <= max_len)
         if dur < cfg.min_clip_s:
             row[self.col("status")], row[self.col("reason")] = "reject", "too_short"
-        elif cfg.max_clip_s is not None and dur > cfg.max_clip_s + 1e-6 and not self._sized(row):
+        elif cfg.max_clip_s is not None and dur > cfg.max_clip_s + 1e-6 and not sized:
             row[self.col("status")], row[self.col("reason")] = "reject", "too_long"
         elif not row[self.col("samples_path")]:
             row[self.col("status")], row[self.col("reason")] = "error", "no_samples"
