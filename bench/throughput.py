@@ -1,10 +1,15 @@
 """End-to-end throughput on the embedded profile: a generated corpus through every default stage on Ray.
 
-    python bench/throughput.py [--videos 25 50] [--set ocr.threads=0 ...]
+    python bench/throughput.py [--videos 25 50] [--set ocr.threads=0 ...] [--baseline GIT_REV]
 
 Each video is 5 scenes x 2 s (320x240, 25 fps) from different ffmpeg test sources, so scene cut yields ~5 clips a
 video. For each corpus size it reports clips/s end to end and the peak RSS of each stage's workers (measured in the
 workers, from `stage_runs`); the largest corpus must not need more memory per worker than the smallest.
+
+`--baseline REV` also runs the code of an earlier commit on the same corpus sizes, in the same invocation (its tree
+is exported with `git archive` and run in a subprocess with its own Ray cluster), and reports new / baseline clips/s.
+The installed package's entry points name stages the old tree may lack; a `sitecustomize` put first on the
+subprocess's PYTHONPATH (driver and Ray workers alike) hides those, so the old tree runs exactly its own stages.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,11 +61,51 @@ def run_once(inputs: Path, out: Path, overrides: list[str]) -> dict[str, object]
     }
 
 
+_SHIM = """
+import importlib.metadata as _md
+import os as _os
+
+_orig = _md.entry_points
+
+
+def _exists(module):
+    base = _os.path.join(_os.environ["CURATION_BASELINE_ROOT"], *module.split("."))
+    return _os.path.isdir(base) or _os.path.isfile(base + ".py")
+
+
+def entry_points(**kw):
+    eps = _orig(**kw)
+    if kw.get("group") != "curation.stages":
+        return eps
+    return _md.EntryPoints([e for e in eps if _exists(e.module)])
+
+
+_md.entry_points = entry_points
+"""
+
+
+def run_baseline(rev: str, videos: list[int], tmpd: Path) -> dict[int, dict[str, object]]:
+    """The same benchmark on commit `rev`'s code, in a subprocess."""
+    root = tmpd / "baseline"
+    root.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    shim = tmpd / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_SHIM)
+    env = dict(os.environ, PYTHONPATH=f"{shim}:{root}", CURATION_BASELINE_ROOT=str(root))
+    out = tmpd / "baseline.json"
+    cmd = [sys.executable, str(root / "bench" / "throughput.py"), "--videos", *map(str, videos), "--json", str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=root)
+    return {int(k): v for k, v in json.loads(out.read_text())["runs"].items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, nargs="+", default=[25, 50])
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "throughput.json")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (ocr.threads=0)")
+    ap.add_argument("--baseline", metavar="GIT_REV", help="also run this commit's code and report the ratio")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     import ray
@@ -71,12 +118,23 @@ def main() -> int:
             corpus(inputs, n)
             results[n] = run_once(inputs, Path(tmpd) / f"run{n}", args.set)
             print(f"{n} videos: {json.dumps({k: v for k, v in results[n].items() if k != 'stages'})}", flush=True)
+        ray.shutdown()
+        base = run_baseline(args.baseline, args.videos, Path(tmpd)) if args.baseline else None
     small, big = results[min(results)], results[max(results)]
-    report = {
+    report: dict[str, object] = {
         "overrides": args.set,
         "runs": results,
         "memory_ratio_largest_vs_smallest": round(big["peak_worker_rss_mb"] / small["peak_worker_rss_mb"], 3),
     }
+    for r in results.values():
+        stages = {s["stage"]: s["seconds"] for s in r["stages"]}  # type: ignore[union-attr]
+        r["subjects_share_of_wall"] = round(stages.get("subjects", 0.0) / float(r["wall_s"]), 3)  # type: ignore[arg-type]
+    if base is not None:
+        report["baseline"] = {"rev": args.baseline, "runs": base}
+        report["clips_per_s_ratio"] = {
+            n: round(float(results[n]["clips_per_s"]) / float(base[n]["clips_per_s"]), 2)  # type: ignore[arg-type]
+            for n in results
+        }
     print(json.dumps(report, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

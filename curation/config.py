@@ -14,7 +14,20 @@ from curation.stage import Kind, Stage, StageConfig, registry
 
 # The built-in pipeline, the one place it is written: video-level checks, the split, then clip filters cheapest
 # first (each stage only sees the clips every earlier stage kept), annotation, and packaging.
-DEFAULT_STAGES = ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "caption", "subjects", "package"]
+DEFAULT_STAGES = [
+    "probe",
+    "scenecut",
+    "motion",
+    "aesthetics",
+    "watermark",
+    "ocr",
+    "nsfw",
+    "dedup",
+    "caption",
+    "subjects",
+    "identity",
+    "package",
+]
 
 
 class RayConfig(BaseModel):

@@ -126,6 +126,13 @@ class Pipeline:
             cond = "true"
         else:
             raise ConfigError(f"--rerun must be one of {', '.join(RERUN_CHOICES)}, got {rerun!r}")
+        group = cls(self.cfg.stage_config(name)).grouping()
+        if group == "video_id":  # a group is redone whole when any member needs it
+            sql = f"SELECT * FROM ({base}) q WHERE video_id IN (SELECT video_id FROM ({base}) q WHERE {cond})"
+            return f"{sql} ORDER BY video_id, {key}", params
+        if group == "run":
+            sql = f"SELECT * FROM ({base}) q WHERE EXISTS (SELECT 1 FROM ({base}) q WHERE {cond})"
+            return f"{sql} ORDER BY video_id, {key}", params
         return f"SELECT * FROM ({base}) q WHERE {cond} ORDER BY {key}", params
 
     def check_requires(self, name: str) -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from curation.errors import ConfigError
 from curation.logs import log_to_file, tame_third_party, worker_log_name
 from curation.manifest import Manifests
-from curation.stage import Row, Stage, StageConfig, batched, get_stage, is_fatal
+from curation.stage import Row, Stage, StageConfig, get_stage, is_fatal
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class LocalRunner:
     ) -> dict[str, float]:
         stage = stage_cls(cfg).bind(run_dir)
         manifests = Manifests(run_dir)
-        for batch in batched(rows, stage.resources().batch_size):
+        for batch in stage.batches(rows):
             manifests.write(stage.name, stage.run_batch(batch))
             tame_third_party()  # libraries loaded in setup may have added console handlers
             if progress:
@@ -119,7 +119,10 @@ class _RayStageWorker:
             self.fatal = _fatal_record(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [json.loads(p) for p in batch.column("payload").to_pylist()]
+        rows: list[Row] = []
+        for p in batch.column("payload").to_pylist():  # a row, or a whole group of a grouped stage
+            item = json.loads(p)
+            rows.extend(item if isinstance(item, list) else [item])
         fatal = self.fatal
         out: list[Row] = []
         if not fatal:
@@ -203,13 +206,19 @@ class RayRunner:
             1, min(res.pool_max, int((total_cpus - 0.5) / max(res.cpus, 0.01)) if res.cpus else res.pool_max)
         )
         pool_min = min(res.pool_min, pool_max)
-        payload = [{"payload": json.dumps(r, default=str)} for r in rows]
+        stage = stage_cls(cfg)
+        if stage.grouping() is None:
+            payload = [{"payload": json.dumps(r, default=str)} for r in rows]
+            batch_size = res.batch_size
+        else:  # one item per group, so a batch is always a whole group
+            payload = [{"payload": json.dumps(g, default=str)} for g in stage.batches(rows)]
+            batch_size = 1
         ds = ray.data.from_items(payload, override_num_blocks=max(1, min(len(payload), 64)))
         worker = type(f"stage_{stage_cls.name}", (_RayStageWorker,), {"__module__": __name__})
         ds = ds.map_batches(
             worker,
             fn_constructor_args=(stage_cls.name, cfg.model_dump(mode="json"), str(run_dir)),
-            batch_size=res.batch_size,
+            batch_size=batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=pool_min, max_size=pool_max),
             num_cpus=res.cpus,

@@ -25,9 +25,7 @@ def cut_dir(run_dir: Path, video_id: str, cut: str) -> Path:
     return run_dir / "frames" / video_id / cut
 
 
-def save_samples(
-    path: Path, frames: np.ndarray, indices: list[int], pairs: np.ndarray, pair_valid: np.ndarray
-) -> None:
+def save_samples(path: Path, frames: np.ndarray, indices: list[int], pairs: np.ndarray, pair_valid: np.ndarray) -> None:
     buf = io.BytesIO()
     np.savez(buf, frames=frames, indices=np.asarray(indices, np.int64), pairs=pairs, pair_valid=pair_valid)
     atomic_write_bytes(path, buf.getvalue())

@@ -77,13 +77,15 @@ def sample_json(row: Row, stages: list[Stage[Any]]) -> dict[str, Any]:
 
 
 def sample_members(row: Row, stages: list[Stage[Any]]) -> list[tuple[str, bytes]]:
-    """(member name, bytes) of a clip: the json first, then each stage's files in pipeline order."""
+    """(member name, bytes) of a clip: the json first, then each stage's files in pipeline order. A later stage's
+    file of the same name replaces an earlier one's (as its `shard_fields` do): `identity` swaps in references
+    from another clip for the ones `subjects` cut from the clip itself."""
     meta = json.dumps(sample_json(row, stages), ensure_ascii=False, sort_keys=True).encode()
-    members = [(f"{row['clip_id']}.json", meta)]
+    members: dict[str, bytes] = {f"{row['clip_id']}.json": meta}
     for stage in stages:
         if row.get(f"{stage.name}_status") is not None:
-            members += [(f"{row['clip_id']}.{suffix}", data) for suffix, data in stage.shard_members(row)]
-    return members
+            members.update((f"{row['clip_id']}.{suffix}", data) for suffix, data in stage.shard_members(row))
+    return list(members.items())
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -166,6 +166,9 @@ class Stage(ABC, Generic[C]):
     score_column: ClassVar[str | None] = None
     # Fields of a scoring stage that are payload, not scores (JSON, paths): kept out of the shard json's scores.
     not_scores: ClassVar[tuple[str, ...]] = ()
+    # A stage whose rows decide together (identity across a video's clips, duplicates across the run) groups them:
+    # "video_id" (a video's rows) or "run" (every row); see `grouping` and `process_group`.
+    group_by: ClassVar[str | None] = None
 
     def __init__(self, config: C | None = None) -> None:
         self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
@@ -217,9 +220,38 @@ class Stage(ABC, Generic[C]):
     def process(self, row: Row) -> Row | list[Row]:
         """The work: one input row -> its output row (a SPLIT stage: a list of clip rows)."""
 
+    def grouping(self) -> str | None:
+        """How rows are grouped for this config: None (row by row), "video_id" or "run". The runners hand a grouped
+        stage one whole group per batch, and a rerun redoes a whole group when any member needs it."""
+        return self.group_by
+
+    def process_group(self, rows: list[Row]) -> list[Row]:
+        """A grouped stage's work: every row of one group -> one output row each, in order. The default runs
+        `process` row by row."""
+        return [self.process(r) for r in rows]  # type: ignore[misc]
+
+    def batches(self, rows: list[Row]) -> Iterator[list[Row]]:
+        """The batches the runners hand to `run_batch`: `batch_size` rows, or one group per batch."""
+        g = self.grouping()
+        if g is None:
+            yield from batched(rows, self.resources().batch_size)
+            return
+        groups: dict[Any, list[Row]] = {}
+        for r in rows:
+            groups.setdefault(r.get(g) if g != "run" else None, []).append(r)
+        yield from groups.values()
+
     def process_batch(self, batch: list[Row]) -> list[Row]:
         """`process` over a batch, each item's failure captured as its own error row. Override to batch model calls
-        (then a failure that escapes makes every row of the batch an error row)."""
+        (then a failure that escapes makes every row of the batch an error row). A grouped stage gets one group
+        and runs `process_group` on it; if that raises, every row of the group is an error row."""
+        if self.grouping() is not None:
+            try:
+                return self.process_group(batch)
+            except Exception as exc:
+                if is_fatal(exc):
+                    raise
+                return [self.error_row(r, exc) for r in batch]
         out: list[Row] = []
         for r in batch:
             try:

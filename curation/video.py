@@ -358,25 +358,74 @@ def decoded_frames(container: av.container.InputContainer) -> Iterator[av.VideoF
 
 
 def read_clip_frames(
-    path: str | IO[bytes], start: int, positions: list[int], rotation: int = 0, long_side: int | None = None
+    path: str | IO[bytes],
+    start: int,
+    positions: list[int],
+    rotation: int = 0,
+    long_side: int | None = None,
+    seek: bool = False,
 ) -> dict[int, np.ndarray]:
     """BGR frames at clip-relative `positions` of the clip starting at decoded frame `start`, display-oriented.
     `path` may also be an open binary file (e.g. an mp4 read from a shard).
 
     Frames are numbered by `decoded_frames` (like the scene-cut pass), so packed-B-frame AVIs and VFR files agree
-    with the manifest.
+    with the manifest. With `seek` (only for files whose timestamps are regular: frame i at start + i / fps, which
+    the scene-cut pass records as `ts_regular`), decoding starts at the keyframe before the clip instead of at the
+    file's start, and frames are identified by their timestamps; if that does not find every wanted frame, it falls
+    back to decoding from the start.
     """
     want = {start + p: p for p in positions}
-    last = max(want) if want else -1
+    if not want:
+        return {}
+    if seek and start > 0:
+        got = _read_by_seeking(path, want, rotation, long_side)
+        if got is not None:
+            return got
+        if not isinstance(path, str):
+            path.seek(0)
+    last = max(want)
     out: dict[int, np.ndarray] = {}
     with av.open(path) as container:
         for idx, frame in enumerate(decoded_frames(container)):
             if idx in want:
-                w, h = frame.width, frame.height
-                if long_side and max(w, h) > long_side:
-                    s = long_side / max(w, h)
-                    w, h = max(2, round(w * s)), max(2, round(h * s))
-                out[want[idx]] = _rotate(frame.to_ndarray(format="bgr24", width=w, height=h), rotation)
+                out[want[idx]] = _to_bgr(frame, rotation, long_side)
             if idx >= last:
                 break
     return out
+
+
+def _to_bgr(frame: av.VideoFrame, rotation: int, long_side: int | None) -> np.ndarray:
+    w, h = frame.width, frame.height
+    if long_side and max(w, h) > long_side:
+        s = long_side / max(w, h)
+        w, h = max(2, round(w * s)), max(2, round(h * s))
+    return _rotate(frame.to_ndarray(format="bgr24", width=w, height=h), rotation)
+
+
+def _read_by_seeking(
+    path: str | IO[bytes], want: dict[int, int], rotation: int, long_side: int | None
+) -> dict[int, np.ndarray] | None:
+    """`want` (decoded index -> key) by seeking to the keyframe before the first and numbering frames by their
+    timestamps; None when a wanted frame was not seen (the caller decodes from the start instead)."""
+    first, last = min(want), max(want)
+    out: dict[int, np.ndarray] = {}
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if fps <= 0 or stream.time_base is None:
+            return None
+        # frame i is at t0 + i / fps, t0 the stream's first timestamp (audio may start the container earlier)
+        t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        target = t0 + max(0.0, (first - 1) / fps)  # a frame early: the keyframe search is by timestamp
+        container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+        for frame in decoded_frames(container):
+            if frame.time is None:
+                return None
+            idx = round((frame.time - t0) * fps)
+            if idx > first and not out:  # landed past the first wanted frame
+                return None
+            if idx in want:
+                out[want[idx]] = _to_bgr(frame, rotation, long_side)
+            if idx >= last:
+                break
+    return out if len(out) == len(want) else None

@@ -83,12 +83,13 @@ def test_bad_item_is_a_row_not_an_exception(name: str, tmp_path: Path) -> None:
         assert all(r[f"{name}_status"] == "error" and r[f"{name}_error"] for r in out)
 
 
-# Stages whose work needs the input video or its frame samples (caption's embedded backend reads neither).
-READS_MEDIA = {"probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "subjects", "package"}
+# Stages whose work needs the input video or its frame samples (caption's embedded backend reads neither; identity
+# reads the subjects' manifest rows).
+READS_MEDIA = {"probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "nsfw", "dedup", "subjects", "package"}
 
 
 def test_every_media_stage_is_listed() -> None:
-    assert READS_MEDIA <= set(NAMES) and set(NAMES) - READS_MEDIA == {"caption"}
+    assert READS_MEDIA <= set(NAMES) and set(NAMES) - READS_MEDIA == {"caption", "identity"}
 
 
 def test_stage_actors_size_native_thread_pools_to_their_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,11 +99,13 @@ def test_faces_found_where_people_face_the_camera(run: dict[str, list[Row]]) -> 
     assert max(r["subjects_faces"] for r in run["face_recognition_short_hamilton_clip.mp4"]) >= 1
     (bedroom,) = run["sam2_bedroom.mp4"]
     assert bedroom["subjects_faces"] >= 1
-    for rows in run.values():  # a face reference exists exactly for the tracks that have a big-enough face
+    for rows in run.values():  # a face reference exists exactly for the tracks with a face that passed the gates
         for r in rows:
             for t in json.loads(r["subjects_tracks"]):
                 has = (Path(r["subjects_dir"]) / f"ref_{t['k']}_face.jpg").exists()
-                assert has == bool(t["face_ref"]) == bool(t["face_px"] and t["face_px"] >= 32)
+                passed = [f for f in t["faces"].values() if f["ok"]]
+                assert has == bool(t["face_ref"]) == bool(passed)
+                assert all(f["px"] >= 32 and f["score"] >= 0.7 and f["layout_ok"] for f in passed)
 
 
 def test_tracks_link_to_caption_subjects(run: dict[str, list[Row]]) -> None:
@@ -138,15 +140,16 @@ def test_quality_gates() -> None:
     tiny = Track(k=0, boxes={0: (0, 0, 2, 2), 1: (0, 0, 2, 2)})
     tiny.masks = {i: np.pad(np.ones((2, 2), np.uint8), ((0, 48), (0, 98))) for i in (0, 1)}
     tiny.faces = {0: (0, 0, 2, 2)}
-    info = _describe(tiny, [0, 5], grid, 1.0, cfg)
+    frames = [np.zeros((50, 100, 3), np.uint8)] * 2
+    info = _describe(tiny, [0, 5], grid, 1.0, cfg, frames)
     assert "mask_too_small" in info["gates"] and "face_too_small" in info["gates"]
     jumpy = Track(k=1)
     a, b = np.zeros((50, 100), np.uint8), np.zeros((50, 100), np.uint8)
     a[:, :20], b[:, 60:] = 1, 1
     jumpy.masks, jumpy.boxes = {0: a, 1: b}, {0: (0, 0, 20, 50), 1: (60, 0, 100, 50)}
-    assert _describe(jumpy, [0, 5], grid, 1.0, cfg)["gates"] == ["track_unstable"]
+    assert _describe(jumpy, [0, 5], grid, 1.0, cfg, frames)["gates"] == ["track_unstable"]
     whole = Track(k=2, masks={0: np.ones((50, 100), np.uint8)}, boxes={0: (0, 0, 100, 50)})
-    assert _describe(whole, [0], grid, 1.0, cfg)["gates"] == ["mask_too_large"]
+    assert _describe(whole, [0], grid, 1.0, cfg, frames)["gates"] == ["mask_too_large"]
     with pytest.raises(ValueError, match="min_subjects"):
         SubjectsConfig(min_subjects=3, max_subjects=2)
 

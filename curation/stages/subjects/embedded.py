@@ -1,11 +1,11 @@
-"""Embedded subject detection and mask tracks: classical vision only (OpenCV < 5), no model downloads.
+"""Embedded subject detection and mask tracks on CPU, no model downloads.
 
-What it does, honestly: Haar cascades find faces (frontal, and profile both ways), the HOG people detector finds
-upright people, and a camera-compensated median background over the clip's frames finds what moves. Those cues are
-merged into person / object candidates per frame, associated across frames by box overlap into tracks, and each
-candidate's mask is cut out by GrabCut seeded with the moving pixels. It works on footage where subjects move or
-face the camera; a still subject seen from behind is missed. The reference backend (insightface + SAM2) is the one
-to use for production-quality masks.
+What it does: YuNet (a learned face detector shipped compiled inside the `yuface` wheel) finds faces with landmarks,
+the HOG people detector finds upright people, and a camera-compensated median background over the clip's frames
+finds what moves. Those cues are merged into person / object candidates per frame, associated across frames by box
+overlap into tracks, and each candidate's mask is cut out by GrabCut seeded with the moving pixels. A still subject
+seen from behind that HOG misses is missed. The reference backend (insightface + SAM2) gives production-quality
+masks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from curation.masks import box_iou, mask_box, mask_iou
+from curation.stages.subjects.faces import Face, FaceDetector
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the grid they belong to
 
@@ -27,7 +28,7 @@ class Candidate:
     box: Box
     kind: str  # "person" | "object"
     mask: np.ndarray | None = None
-    faces: list[Box] = field(default_factory=list)
+    faces: list[tuple[Box, Face]] = field(default_factory=list)  # (grid box, the detection in frame pixels)
     score: float = 0.0
 
 
@@ -37,6 +38,7 @@ class Track:
     boxes: dict[int, Box] = field(default_factory=dict)  # frame position -> box (mask grid)
     masks: dict[int, np.ndarray] = field(default_factory=dict)
     faces: dict[int, Box] = field(default_factory=dict)  # frame position -> largest face (mask grid)
+    face_info: dict[int, Face] = field(default_factory=dict)  # the same faces, in decoded-frame pixels
     person_votes: int = 0
 
     @property
@@ -70,39 +72,31 @@ class EmbeddedDetector:
         detect_long_side: int = 640,
         mask_long_side: int = 320,
         min_face_px: int = 16,
-        profile_faces: bool = True,
+        face_cue_score: float = 0.6,
         hog_min_weight: float = 0.5,
         motion_threshold: int = 25,
         min_blob_area: float = 0.004,
         grabcut_iters: int = 2,
+        background_frames: int = 11,
     ) -> None:
         self.detect_long_side, self.mask_long_side = detect_long_side, mask_long_side
-        self.min_face_px, self.profile_faces, self.hog_min_weight = min_face_px, profile_faces, hog_min_weight
+        self.min_face_px, self.face_cue_score, self.hog_min_weight = min_face_px, face_cue_score, hog_min_weight
         self.motion_threshold, self.min_blob_area, self.grabcut_iters = motion_threshold, min_blob_area, grabcut_iters
-        root = cv2.data.haarcascades
-        self._frontal = cv2.CascadeClassifier(root + "haarcascade_frontalface_default.xml")
-        self._profile = cv2.CascadeClassifier(root + "haarcascade_profileface.xml")
-        if self._frontal.empty() or self._profile.empty():
-            raise RuntimeError(f"OpenCV's Haar cascades are missing under {root}: install opencv-python-headless<5")
+        self.background_frames = background_frames
+        self._faces = FaceDetector(detect_long_side, min_score=0.5)
         self._hog = cv2.HOGDescriptor()
         self._hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
 
     # -- cues ------------------------------------------------------------------------------------------------
-    def faces(self, bgr: np.ndarray) -> list[Box]:
-        grey = cv2.equalizeHist(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
-        w = grey.shape[1]
-        ms = (self.min_face_px, self.min_face_px)
-        found: list[Box] = [
-            tuple(map(float, (x, y, x + s, y + t)))
-            for x, y, s, t in self._frontal.detectMultiScale(grey, 1.15, 5, minSize=ms)
-        ]  # type: ignore[misc]
-        if self.profile_faces:
-            for x, y, s, t in self._profile.detectMultiScale(grey, 1.15, 5, minSize=ms):
-                found.append((float(x), float(y), float(x + s), float(y + t)))
-            for x, y, s, t in self._profile.detectMultiScale(cv2.flip(grey, 1), 1.15, 5, minSize=ms):
-                found.append((float(w - x - s), float(y), float(w - x), float(y + t)))
-        keep = _nms(found, [(b[2] - b[0]) for b in found])
-        return [found[i] for i in keep]
+    def faces(self, bgr: np.ndarray) -> list[Face]:
+        """Faces (decoded-frame pixels) that count as a person cue: confident, not cut off by the frame edge, and at
+        least `min_face_px` tall at detection size."""
+        s = self._faces.long_side / max(bgr.shape[:2])
+        return [
+            f
+            for f in self._faces.detect(bgr)
+            if f.score >= self.face_cue_score and f.quality["inside"] >= 0.9 and f.height * s >= self.min_face_px
+        ]
 
     def people(self, bgr: np.ndarray) -> list[tuple[Box, float]]:
         rects, weights = self._hog.detectMultiScale(bgr, winStride=(8, 8), padding=(8, 8), scale=1.05)
@@ -115,7 +109,8 @@ class EmbeddedDetector:
         return [cands[i] for i in keep]
 
     def foreground(self, small: list[np.ndarray]) -> list[np.ndarray]:
-        """Moving pixels of each frame: difference to the median of the other frames warped onto it."""
+        """Moving pixels of each frame: difference to the median of a few other frames, spread over the clip, warped
+        onto it (`background_frames` of them: the median needs a handful, and each costs an alignment)."""
         blurred = [cv2.GaussianBlur(f, (5, 5), 0) for f in small]
         greys = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in blurred]
         orb = cv2.ORB_create(800)
@@ -125,9 +120,7 @@ class EmbeddedDetector:
         out = []
         for i in range(len(small)):
             warped = []
-            for j in range(len(small)):
-                if j == i:
-                    continue
+            for j in _spread([j for j in range(len(small)) if j != i], self.background_frames):
                 m = _align(feats[j], feats[i], matcher)
                 warped.append(
                     blurred[j] if m is None else cv2.warpAffine(blurred[j], m, (w, h), borderMode=cv2.BORDER_REFLECT)
@@ -170,7 +163,8 @@ class EmbeddedDetector:
         def grid(b: Box) -> Box:
             return (b[0] * to_grid, b[1] * to_grid, b[2] * to_grid, b[3] * to_grid)
 
-        faces = [grid(b) for b in self.faces(det)]
+        to_grid_frame = sw / frame.shape[1]
+        faces = [(tuple(v * to_grid_frame for v in f.box), f) for f in self.faces(frame)]
         people = [(grid(b), sc) for b, sc in self.people(det)]
         cands: list[Candidate] = [Candidate(b, "object", score=0.5) for b in self.blobs(fg)]
         for b, sc in people:
@@ -180,16 +174,16 @@ class EmbeddedDetector:
                     c.kind, c.score = "person", max(c.score, sc)
             else:
                 cands.append(Candidate(b, "person", score=sc))
-        for f in faces:
+        for f, face in faces:
             cx, cy = (f[0] + f[2]) / 2, (f[1] + f[3]) / 2
             host = [c for c in cands if c.box[0] <= cx <= c.box[2] and c.box[1] <= cy <= c.box[3]]
             if host:
-                host[0].faces.append(f)
+                host[0].faces.append((f, face))
                 host[0].kind = "person"
                 continue
             fw, fh = f[2] - f[0], f[3] - f[1]  # a face without a body cue: a body box from head proportions
             body = (max(0.0, cx - 1.6 * fw), max(0.0, f[1] - 0.3 * fh), min(sw, cx + 1.6 * fw), min(sh, f[1] + 6 * fh))
-            cands.append(Candidate(body, "person", faces=[f], score=0.6))
+            cands.append(Candidate(body, "person", faces=[(f, face)], score=face.score))
         out: list[Candidate] = []
         for c in cands:  # one candidate holding several faces side by side is several people
             out.extend(_split_by_faces(c) if len(c.faces) > 1 else [c])
@@ -282,12 +276,20 @@ class EmbeddedDetector:
         return kept, size
 
 
+def _spread(items: list[int], n: int) -> list[int]:
+    """At most n items, evenly spaced over the list."""
+    if len(items) <= n:
+        return items
+    return [items[round(k * (len(items) - 1) / (n - 1))] for k in range(n)] if n > 1 else items[:1]
+
+
 def _extend(t: Track, i: int, c: Candidate) -> None:
     t.boxes[i] = c.box
     assert c.mask is not None
     t.masks[i] = c.mask
     if c.faces:
-        t.faces[i] = max(c.faces, key=lambda f: f[2] - f[0])
+        box, face = max(c.faces, key=lambda f: f[1].score * f[1].height)
+        t.faces[i], t.face_info[i] = box, face
     t.person_votes += c.kind == "person"
 
 
@@ -394,8 +396,8 @@ def _absorb_fragments(cands: list[Candidate]) -> list[Candidate]:
 
 
 def _split_by_faces(c: Candidate) -> list[Candidate]:
-    faces = sorted(c.faces, key=lambda f: f[0] + f[2])
-    centres = [(f[0] + f[2]) / 2 for f in faces]
+    faces = sorted(c.faces, key=lambda f: f[0][0] + f[0][2])
+    centres = [(f[0][0] + f[0][2]) / 2 for f in faces]
     edges = [c.box[0]] + [(a + b) / 2 for a, b in itertools.pairwise(centres)] + [c.box[2]]
     return [
         Candidate((edges[i], c.box[1], edges[i + 1], c.box[3]), "person", faces=[f], score=c.score)
