@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import build_config
+from curation.masks import box_iou
 from curation.pipeline import Pipeline
 from curation.stage import Row
 from curation.stages.identity import Identity, cluster
@@ -36,13 +37,6 @@ PEOPLE_VIDEOS = [
     "mmaction2_demo.mp4",
     "imageio_cockatoo_yuv420.mp4",
 ]
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / u if u > 0 else 0.0
 
 
 def _frame(video: str, index: int) -> np.ndarray:
@@ -68,13 +62,13 @@ def test_detector_finds_labelled_faces_and_few_known_non_faces_pass_the_crop_che
                 if (lab["box"][3] - lab["box"][1]) * h < 40 or lab["person"].startswith("unknown"):
                     continue
                 total += 1
-                if any(_iou(lab["box"], b) >= 0.3 for b in boxes):
+                if any(box_iou(lab["box"], b) >= 0.3 for b in boxes):
                     found += 1
                 else:
                     missed.append((video, fr, lab["person"]))
             for nf in f["nonfaces"]:
                 for x, b in zip(faces, boxes, strict=True):
-                    if _iou(nf["box"], b) >= 0.5 and x.score >= 0.7 and x.layout_ok and x.quality["inside"] >= 0.9:
+                    if box_iou(nf["box"], b) >= 0.5 and x.score >= 0.7 and x.layout_ok and x.quality["inside"] >= 0.9:
                         gated_nonfaces.append((video, fr, round(x.score, 2)))
     recall = found / total
     print(f"labelled faces >= 40 px found: {found}/{total} = {recall:.2f}; missed: {missed}")
@@ -132,7 +126,7 @@ def _labelled_to_tracks(rows: list[Row]) -> list[tuple[str, str, Any]]:
                 best, hit = 0.25, None
                 for t in json.loads(clip["subjects_tracks"] or "[]"):
                     for p in sorted(t["faces"], key=lambda p: abs(int(p) - rel))[:3]:
-                        v = _iou(t["faces"][p]["box"], lab["box"])
+                        v = box_iou(t["faces"][p]["box"], lab["box"])
                         if abs(int(p) - rel) <= reach and v >= best:
                             best, hit = v, (clip["clip_id"], t["k"], idt.get(str(t["k"]), {}).get("identity_id"))
                 out.append((video, lab["person"], hit))
@@ -182,7 +176,7 @@ def test_no_face_crop_on_known_non_faces_and_every_crop_passed_the_gates(people_
             src = r["clip_start_frame"] + t["face_ref_frame"]
             for fr, f in LABELS.get(video, {}).get("frames", {}).items():
                 if abs(int(fr) - src) <= 2:
-                    assert not any(_iou(nf["box"], face["box"]) >= 0.5 for nf in f["nonfaces"]), (video, fr)
+                    assert not any(box_iou(nf["box"], face["box"]) >= 0.5 for nf in f["nonfaces"]), (video, fr)
     assert crops >= 10
     cockatoo = [r for r in rows if r["uri"].endswith("cockatoo_yuv420.mp4")]
     assert cockatoo and not any(t.get("face_ref") for r in cockatoo for t in json.loads(r["subjects_tracks"] or "[]"))
@@ -286,19 +280,29 @@ def test_dedup_flags_reencode_rescale_and_recut_but_not_distinct_videos(tmp_path
     distinct += ["dvr_scan_traffic_camera.mp4", "opencv_samples_vtest.avi", "mmaction2_S001C001P001R001A001_rgb.avi"]
     for name in distinct:
         (folder / name).symlink_to(media(name))
-    cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut", "dedup"]})
+    cfg = build_config(
+        {
+            "runner": "local",
+            "progress": False,
+            "stages": ["probe", "scenecut", "aesthetics", "dedup"],
+            "aesthetics": {"min_score": 1.0},  # every clip reaches dedup
+        }
+    )
     pipe = Pipeline(cfg, tmp_path / "run")
     pipe.run(str(folder))
     rows = pipe.manifests.rows(  # clips the scene cut kept (too-short pieces never reach dedup)
         "SELECT uri, clip_id, dedup_status, dedup_reason, dedup_kept_clip FROM clips WHERE dedup_status IS NOT NULL"
     )
     by = {r["clip_id"]: r for r in rows}
-    status = {}
+    status: dict[str, list[Row]] = {}
     for r in rows:
         status.setdefault(Path(r["uri"]).name, []).append(r)
+    # same pixels and length: the original's better aesthetics score makes it the copy kept (crf 35 scores lower)
+    (original,) = status["sam2_01_dog.mp4"]
+    assert original["dedup_status"] == "ok"
     for copy in ("reencode.mp4", "rescale.mp4", "recut.mp4"):
         assert all(r["dedup_status"] == "reject" and r["dedup_reason"] == "duplicate" for r in status[copy]), copy
-        assert all(Path(by[r["dedup_kept_clip"]]["uri"]).name != copy for r in status[copy])
+        assert all(by[r["dedup_kept_clip"]] is original for r in status[copy])
     for name in distinct:
         assert all(r["dedup_status"] == "ok" for r in status[name]), name
 

@@ -4,9 +4,9 @@ Each clip's frame samples get a 64-bit perceptual hash (DCT of the 32x32 grey fr
 against their median): re-encoding and rescaling change a few bits, different footage about half. Two clips are
 duplicates when at least `min_matched` of the shorter clip's sampled frames have a frame in the other clip within
 `max_bits` bits, which also catches a clip cut again with other start and end points. Clips are visited best first
-(source pixels, then length); a clip that duplicates one already kept is rejected as `duplicate`, with the kept
-clip in `dedup_kept_clip`. Candidate pairs come from 16-bit bands of the hashes, so the work grows with the
-corpus, not with its square.
+(source pixels, then length, then the aesthetics score when that stage ran); a clip that duplicates one already
+kept is rejected as `duplicate`, with the kept clip in `dedup_kept_clip`. Candidate pairs come from 16-bit bands of
+the hashes: a clip is compared only with kept clips that share a band value with one of its frames.
 
 Clips of one source video are not compared with each other: the scene cut makes them disjoint in time, and a static
 camera's two halves are different footage. The stage sees the whole run at once (`group_by = "run"`).
@@ -117,11 +117,13 @@ class Dedup(Stage[DedupConfig]):
 
 
 def _preference(r: Row) -> tuple[Any, ...]:
-    """Which copy to keep: more source pixels, then longer, then fewer decode errors, then the id (stable)."""
+    """Which copy to keep: more source pixels, then longer, then the better `aesthetics` score when that stage ran
+    before (a low-bitrate re-encode scores lower), then fewer decode errors, then the id (stable)."""
     pixels = float(r.get("probe_width") or 0) * float(r.get("probe_height") or 0)
     return (
         -pixels,
         -float(r.get("clip_duration_s") or 0),
+        -float(r.get("aesthetics_score") or 0),
         float(r.get("scenecut_decode_errors") or 0),
         str(r.get("clip_id")),
     )

@@ -72,15 +72,16 @@ class Identity(Stage[IdentityConfig]):
         items = _face_tracks(rows)
         labels = cluster(items, self.config.max_distance)
         prefix = "run" if self.config.scope == "run" else str(rows[0].get("video_id"))[:12]
-        order: dict[int, str] = {}
-        for lab in labels:  # ids numbered by first appearance
-            order.setdefault(lab, f"{prefix}-{len(order)}")
-        ident = {(ci, t["k"]): order[lab] for (ci, t), lab in zip(items, labels, strict=True)}
+        names: dict[int, str] = {}  # cluster label -> id, numbered by first appearance
+        for lab in labels:
+            names.setdefault(lab, f"{prefix}-{len(names)}")
+        ident = {(ci, t["k"]): names[lab] for (ci, t), lab in zip(items, labels, strict=True)}
+        n = len(names)
         for ci, r in enumerate(rows):  # a face track without a usable descriptor is still one person: its own id
             for t in json.loads(r.get("subjects_tracks") or "[]"):
                 if t.get("faces") and (ci, t["k"]) not in ident:
-                    ident[(ci, t["k"])] = f"{prefix}-{len(order)}"
-                    order[-1 - len(order)] = ident[(ci, t["k"])]
+                    ident[(ci, t["k"])] = f"{prefix}-{n}"
+                    n += 1
         out = []
         for ci, r in enumerate(rows):
             tracks = json.loads(r.get("subjects_tracks") or "[]")
