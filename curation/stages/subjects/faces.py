@@ -21,9 +21,7 @@ import cv2
 import numpy as np
 
 from curation.errors import ConfigError
-from curation.stages.subjects import DETECTOR_MODEL, EMBEDDING_MODEL
-
-EMBEDDING_DIM = 128
+from curation.stages.subjects import EMBEDDING_MODEL
 
 
 @dataclass
@@ -35,7 +33,6 @@ class Face:
     landmarks: np.ndarray  # [5, 2]: two eyes, nose tip, two mouth corners (detector order)
     quality: dict[str, float] = field(default_factory=dict)
     layout_ok: bool = False
-    embedding: np.ndarray | None = None
 
     @property
     def height(self) -> float:
@@ -103,8 +100,6 @@ def blur_score(crop: np.ndarray) -> float:
 class FaceDetector:
     """YuNet on a frame scaled to `long_side` (small frames are scaled up so faces reach the detector's range)."""
 
-    model = DETECTOR_MODEL
-
     def __init__(self, long_side: int = 640, min_score: float = 0.5) -> None:
         try:
             import yuface
@@ -154,9 +149,6 @@ def _dlib_models() -> Path:
 
 class FaceEmbedder:
     """dlib's 128-d ResNet descriptor: two faces of one person are typically within Euclidean 0.6."""
-
-    model = EMBEDDING_MODEL
-    dim = EMBEDDING_DIM
 
     def __init__(self) -> None:
         try:
