@@ -1,4 +1,4 @@
-"""`curation` command line: run, stage, select, inspect, report, models, samples, train.
+"""`curation` command line: run, stage, select, inspect, report, models, samples, train, sample, export-model.
 
 Bad configuration exits 1 with a one-line message; `--debug` shows the traceback instead.
 """
@@ -229,12 +229,7 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the relational Wan on a run's shards; rerunning the same command resumes from the newest checkpoint."""
-    try:
-        import diffusers  # noqa: F401
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        raise CurationError(f"curation train needs the train extra ({exc}): pip install -e '.[train]'") from None
+    _train_extra("train")
     from curation.train.config import load_train_config
     from curation.train.loop import Trainer
 
@@ -245,12 +240,73 @@ def cmd_train(args: argparse.Namespace) -> int:
         mask = f" mask={rec['mask']:.4f}" if "mask" in rec else ""
         _echo(f"step {rec['step']:6d}  loss={rec['loss']:.4f} flow={rec['flow']:.4f}{mask}  epoch={rec['epoch']}")
 
-    history = trainer.fit(args.steps, show)
+    try:
+        history = trainer.fit(args.steps, show)
+    finally:
+        trainer.close()
+    if trainer.rank != 0:
+        return 0
     ck = trainer.checkpoints()
     _echo(
         f"trained {len(history)} step(s) to step {trainer.step}; checkpoint {ck[-1] if ck else None}; "
         f"metrics {trainer.out / 'metrics.jsonl'}"
     )
+    return 0
+
+
+def _train_extra(cmd: str) -> None:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise CurationError(f"curation {cmd} needs the train extra ({exc}): pip install -e '.[train]'") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Generate a video from a trained checkpoint, a caption and reference images."""
+    _train_extra("sample")
+    from curation.train.sample import generate, load_trained, parse_reference, write_mp4
+
+    refs = [parse_reference(r) for r in args.ref]
+    model, enc, cfg, src = load_trained(args.checkpoint, args.device)
+    if args.size:
+        h, _, w = args.size.lower().partition("x")
+        if not (h.isdigit() and w.isdigit()):
+            raise CurationError(f"--size {args.size}: write HEIGHTxWIDTH, e.g. 480x832")
+        height, width = int(h), int(w)
+    else:
+        height, width = cfg.data.buckets[0]
+    frames = args.frames or cfg.data.frames[0]
+    video = generate(
+        model,
+        enc,
+        cfg,
+        args.caption,
+        refs,
+        frames,
+        height,
+        width,
+        args.steps,
+        args.guidance,
+        args.shift,
+        args.negative,
+        args.seed,
+        args.device,
+    )
+    out = write_mp4(video, args.out, args.fps)
+    _echo(f"wrote {out}: {len(video)} frames {width}x{height} at {args.fps} fps from {src}")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    """The trained transformer in diffusers format, without optimizer state."""
+    _train_extra("export-model")
+    from curation.train.sample import export_model
+
+    out = export_model(args.checkpoint, args.out, args.dtype)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    _echo(f"exported {out} ({size / 1e6:.1f} MB): transformer/ (diffusers), relational.safetensors, relational.json")
     return 0
 
 
@@ -314,6 +370,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="train until this many steps in all (default: the config's steps)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     t.set_defaults(func=cmd_train)
+
+    sa = sub.add_parser("sample", help="generate a video from a trained checkpoint, a caption and reference images")
+    sa.add_argument("checkpoint", help="training --out folder (newest checkpoint), a step-* folder or an export")
+    sa.add_argument("--caption", required=True)
+    sa.add_argument(
+        "--ref",
+        action="append",
+        default=[],
+        metavar="PHRASE=IMAGE[,FACE]",
+        help="a subject: its phrase as written in the caption, its crop and optionally its face crop (repeatable)",
+    )
+    sa.add_argument("--out", required=True, help="mp4 to write")
+    sa.add_argument("--frames", type=int, help="4n+1 (default: the config's longest frame bucket)")
+    sa.add_argument("--size", help="HEIGHTxWIDTH, multiples of 16 (default: the config's first bucket)")
+    sa.add_argument("--steps", type=int, default=50, help="sampler steps (Wan: 50)")
+    sa.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (Wan: 5.0)")
+    sa.add_argument("--shift", type=float, default=3.0, help="flow shift (Wan: 3.0 at 480p, 5.0 at 720p)")
+    sa.add_argument("--negative", default="", help="negative prompt")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--fps", type=int, default=16, help="frame rate written (Wan2.1: 16)")
+    sa.add_argument("--device", default="cpu")
+    sa.set_defaults(func=cmd_sample)
+
+    ex = sub.add_parser("export-model", help="a trained checkpoint's transformer in diffusers format")
+    ex.add_argument("checkpoint", help="training --out folder (newest checkpoint) or a step-* folder")
+    ex.add_argument("--out", required=True, help="folder to write")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ex.set_defaults(func=cmd_export_model)
 
     g = sub.add_parser("samples", help="generate small sample videos (cuts, text, motion) to try the pipeline on")
     g.add_argument("out", help="folder to write them to")

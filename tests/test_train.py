@@ -14,10 +14,23 @@ torch = pytest.importorskip("torch")
 from curation.cli import main  # noqa: E402
 from curation.errors import ConfigError  # noqa: E402
 from curation.train.config import build_train_config, load_train_config  # noqa: E402
-from curation.train.loop import Trainer, mask_kl, token_masks  # noqa: E402
+from curation.train.loop import Trainer, mask_l2, token_masks  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 TINY = REPO / "configs" / "train_tiny.yaml"
+
+
+def _captions(run: Path) -> list[str]:
+    """Captions of the clips in a run's shards."""
+    import tarfile
+
+    caps = []
+    for shard in sorted((run / "shards").glob("shard-*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".json") and not m.name.endswith(".masks.json"):
+                    caps.append(json.loads(tf.extractfile(m).read())["caption"])  # type: ignore[union-attr]
+    return caps
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -35,7 +48,12 @@ def test_cli_trains_and_the_loss_goes_down(overfit_run: Path, tmp_path: Path, ca
     last = sum(r["loss"] for r in m[-10:]) / 10
     assert last < 0.6 * first, (first, last)
     assert sum(r["flow"] for r in m[-10:]) < 0.5 * sum(r["flow"] for r in m[:10])
-    assert all("mask" in r for r in m) and max(r["subjects"] for r in m) >= 2
+    assert all({"mask", "mask_self", "mask_cross"} <= set(r) for r in m) and max(r["subjects"] for r in m) >= 2
+    # the mask term (both attentions, on) falls too: every clip is in every step, so first and last compare alike
+    assert sum(r["mask"] for r in m[-10:]) < 0.95 * sum(r["mask"] for r in m[:10]), [r["mask"] for r in m]
+    # umT5 ran once per caption (step 1 sees all of them); every later step read the text cache
+    assert m[0]["text_encoded"] == m[-1]["text_encoded"] == len({r for r in _captions(overfit_run)})
+    assert len(list((out / "text-cache").rglob("*.pt"))) == m[0]["text_encoded"]
     assert (out / "checkpoints" / "step-00000060" / "model.pt").is_file()
     assert "step     60" in capsys.readouterr().out
     assert main(args) == 0  # rerun: already at 60 steps, nothing more is trained
@@ -54,24 +72,28 @@ def test_resumed_training_equals_uninterrupted(overfit_run: Path, tmp_path: Path
     assert second.fit(6) and second.step == 6
     a, b = straight.model.state_dict(), second.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(tmp_path / "a")]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(tmp_path / "b")]
+    local = {"seconds", "text_encoded"}  # this process's clock and umT5 calls (the resumed one reads the cache)
+    strip = [{k: v for k, v in r.items() if k not in local} for r in _metrics(tmp_path / "a")]
+    assert strip == [{k: v for k, v in r.items() if k not in local} for r in _metrics(tmp_path / "b")]
+    assert _metrics(tmp_path / "b")[-1]["text_encoded"] == 0
     assert [p.name for p in second.checkpoints()] == ["step-00000006"]  # keep_checkpoints=1
 
 
 def test_mask_loss_pulls_attention_onto_the_mask(overfit_run: Path, tmp_path: Path) -> None:
-    """On a fixed batch and noise, descending the mask loss alone makes it fall: gradients reach the attention."""
+    """On a fixed batch and noise, descending the mask loss alone makes both terms fall: gradients reach the
+    self-attention routing (S) and the cross-attention routing (A)."""
     cfg = load_train_config(TINY, ["optim.lr=0.003"])
     tr = Trainer(cfg, str(overfit_run / "shards"), str(tmp_path))
     batch = next(b for b, _ in tr.stream.batches() if b["mask_valid"].any())
     values = []
     for _ in range(30):
         tr.opt.zero_grad()
-        mk = tr.losses(batch, step=0)["mask"]
-        mk.backward()
+        ls = tr.losses(batch, step=0)
+        ls["mask"].backward()
         tr.opt.step()
-        values.append(float(mk.detach()))
-    assert values[-1] < 0.3 * values[0], values
+        values.append((float(ls["mask_self"].detach()), float(ls["mask_cross"].detach())))
+    assert values[-1][0] < 0.5 * values[0][0], values
+    assert values[-1][1] < 0.5 * values[0][1], values
 
 
 def test_token_masks_follow_wans_latent_frames() -> None:
@@ -84,11 +106,17 @@ def test_token_masks_follow_wans_latent_frames() -> None:
     assert target.shape == ok.shape == (1, 1, 12)
     assert target[0, 0].tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
     assert ok[0, 0].tolist() == [True] * 8 + [False] * 4
-    mass = torch.tensor([[[0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.5, 0.5, 0.5, 0.5]]])
-    good = mask_kl(mass, target, ok)
-    bad = mask_kl(mass.flip(-1), target, ok)
-    assert good is not None and bad is not None and good < bad
-    assert mask_kl(mass, torch.zeros_like(target), ok) is None
+    share = target[0, 0].clone()
+    good = mask_l2(share.view(1, 1, 12, 1).expand(1, 2, 12, 1), target, ok)  # [B, H, Nv, K]: both heads on the mask
+    bad = mask_l2(share.flip(-1).view(1, 1, 12, 1).expand(1, 2, 12, 1), target, ok)
+    faint = mask_l2((0.01 * share).view(1, 1, 12, 1).expand(1, 2, 12, 1), target, ok)
+    assert good is not None and bad is not None and faint is not None
+    assert float(good) == 0 and float(bad) > 0.2
+    assert float(faint) > 0.2  # the right shape with almost no attention is not good enough (it was under KL)
+    one_head = torch.stack([share, torch.zeros(12)]).view(1, 2, 12, 1)
+    # every head counts: (0 + 2/8) / 2 per head; averaging the heads' maps first would give (1/2)^2 x 2/8
+    assert abs(float(mask_l2(one_head, target, ok)) - 0.125) < 1e-6
+    assert mask_l2(one_head, target, torch.zeros_like(ok)) is None  # no mask frame: no term
 
 
 def test_bad_train_configs_fail_early_with_the_fix(tmp_path: Path) -> None:
@@ -125,6 +153,8 @@ def test_gradient_checkpointing_and_bf16_train_the_same_model(overfit_run: Path,
     assert abs(l0 - l1) < 1e-6 and abs(m0 - m1) < 1e-6
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1, strict=True))
     bf = Trainer(load_train_config(TINY, ["model.mixed_precision=bf16"]), shards, str(tmp_path / "bf"))
+    assert {p.dtype for p in bf.enc.vae.parameters()} == {torch.float32}  # the VAE stays fp32, as diffusers has it
+    assert {p.dtype for p in bf.enc.text_encoder.parameters()} == {torch.bfloat16}
     lb = float(bf.losses(batch, step=0)["loss"].detach())
     assert abs(lb - l0) < 0.1 * l0, (lb, l0)
 
@@ -155,3 +185,100 @@ def test_pretrained_tokenizer_maps_caption_spans_through_offsets(tmp_path: Path)
         "white",
         "top",
     ]
+
+
+def test_text_cache_runs_umt5_once_per_caption_and_returns_what_it_computed(overfit_run: Path, tmp_path: Path) -> None:
+    shards = str(overfit_run / "shards")
+    tr = Trainer(load_train_config(TINY), shards, str(tmp_path / "a"))
+    batch = next(b for b, _ in tr.stream.batches())
+    first = tr.text_states(batch)
+    n = len(set(batch["captions"]))
+    assert tr.text_encoded == n  # each distinct caption once
+    again = tr.text_states(batch)
+    assert tr.text_encoded == n  # all read from the cache
+    assert torch.equal(first, again)
+    with torch.no_grad():  # what umT5 gives for the batch, straight
+        ids, valid = batch["text_ids"], batch["text_valid"]
+        fresh = tr.enc.text_encoder(input_ids=ids, attention_mask=valid.long()).last_hidden_state
+    assert torch.allclose(again, fresh * valid[..., None], atol=1e-5)
+    assert (again[~valid] == 0).all()
+    # a different encoder (another seed of the tiny model) never reads these entries
+    other = Trainer(
+        load_train_config(TINY, ["seed=1", f"data.text_cache_dir={tmp_path / 'a' / 'text-cache'}"]),
+        shards,
+        str(tmp_path / "b"),
+    )
+    other.text_states(batch)
+    assert other.text_encoded == n
+    off = Trainer(load_train_config(TINY, ["data.text_cache=false"]), shards, str(tmp_path / "c"))
+    off.text_states(batch)
+    off.text_states(batch)
+    assert off.text_encoded == 2 * n and not (tmp_path / "c" / "text-cache").exists()
+
+
+def _umt5_kind_tokenizer(folder: Path) -> None:
+    """A sentencepiece unigram model trained here on the development captions, wrapped the way umT5's
+    tokenizer.json is built (Unigram model, sentencepiece's precompiled normaliser, Metaspace, `</s>` appended):
+    umT5's own vocabulary cannot be downloaded here."""
+    import io
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFCoreTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    rows = [json.loads(x) for x in (REPO / "tests" / "data" / "caption_dev.jsonl").read_text().splitlines()]
+    text = [r["caption"] for r in rows if "caption" in r]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text),
+        model_writer=buf,
+        vocab_size=800,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    tok = HFCoreTokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=2))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap), normalizers.Replace(Regex(" {2,}"), " ")]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    assert tok.encode(text[0]).ids[:-1] == sp.encode(text[0])  # the same pieces sentencepiece itself cuts
+
+
+def test_caption_spans_map_through_a_sentencepiece_tokenizer_of_umt5s_kind(tmp_path: Path) -> None:
+    """Each subject's and attribute's character span selects exactly the sentencepiece tokens of its words: every
+    character of the span is covered, and no selected token carries a letter from outside it."""
+    from curation.stages.caption.parser import parse_caption
+    from curation.train.text import HFTokenizer, span_tokens, subject_spans
+
+    _umt5_kind_tokenizer(tmp_path / "tok")
+    tok = HFTokenizer(str(tmp_path / "tok"))
+    rows = [json.loads(x) for x in (REPO / "tests" / "data" / "caption_test.jsonl").read_text().splitlines()]
+    checked = 0
+    for caption in [r["caption"] for r in rows if "caption" in r][:15]:
+        enc = tok.encode(caption, 512)
+        for subject in parse_caption(caption).model_dump()["subjects"]:
+            for a, b in subject_spans(subject):
+                sel = span_tokens(enc, [(a, b)])
+                got = [enc.offsets[i] for i in range(len(enc.ids)) if sel[i]]
+                assert got, (caption[a:b], caption)
+                covered = set().union(*(range(x, y) for x, y in got))
+                assert set(range(a, b)) - {i for i in range(a, b) if caption[i].isspace()} <= covered
+                outside = {i for i in covered if not a <= i < b}
+                assert all(caption[i].isspace() for i in outside), (caption[a:b], [caption[x:y] for x, y in got])
+                checked += 1
+    assert checked > 60

@@ -50,6 +50,16 @@ class ModelConfig(_Strict):
     mixed_precision: Literal["no", "bf16"] = "no"
     max_subjects: int = Field(4, ge=0, le=16, description="reference groups per sample (extra subjects dropped)")
     face_refs: bool = Field(True, description="a second reference slot per subject for its face crop")
+    cross_attention: Literal["hard", "soft"] = Field(
+        "soft",
+        description="references' cross-attention: hard (own words + context only) or soft (LumosX: every word, "
+        "own words biased up, other subjects' down)",
+    )
+    soft_ratio: float = Field(0.1, ge=0, description="soft cross-attention: bias = ratio x |score| x template")
+    soft_pool: int = Field(8, ge=1, description="soft cross-attention: reference queries averaged over pool x pool")
+    text_encoder_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="umT5's weights (null: bfloat16 under mixed_precision bf16, else float32); VAE is fp32"
+    )
 
     @model_validator(mode="after")
     def _path(self) -> ModelConfig:
@@ -85,6 +95,8 @@ class DataConfig(_Strict):
     prefetch: int = Field(
         2, ge=0, description="batches decoded ahead in a background thread while the model steps (0: none)"
     )
+    text_cache: bool = Field(True, description="keep each caption's umT5 embedding on disk and reuse it")
+    text_cache_dir: str | None = Field(None, description="where (null: OUT/text-cache, beside the checkpoints)")
     rank: int = Field(0, ge=0, description="this process's share of the shards (distributed training)")
     world_size: int = Field(1, ge=1)
 
@@ -115,9 +127,10 @@ class OptimConfig(_Strict):
 class LossConfig(_Strict):
     timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     flow_shift: float = Field(1.0, gt=0, description="shifts sampled noise levels up (Wan uses 3-5 at inference)")
-    mask_weight: float = Field(0.1, ge=0, description="weight of the mask (attention routing) loss")
+    mask_weight: float = Field(0.1, ge=0, description="weight of the mask (attention routing) loss; 0: off")
+    mask_self_weight: float = Field(1.0, ge=0, description="its self-attention term: ||S_i - M_i||^2")
+    mask_cross_weight: float = Field(1.0, ge=0, description="its cross-attention term: ||A_i - M_i||^2")
     mask_layers: list[int] | None = Field(None, description="blocks whose attention is supervised; null: all")
-    mask_queries: int = Field(1024, ge=1, description="video tokens read per layer for the mask loss (strided)")
 
 
 class TrainConfig(_Strict):

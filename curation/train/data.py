@@ -84,9 +84,12 @@ class ShardStream:
     def __init__(
         self, shards: list[str], cfg: DataConfig, tokenizer: Tokenizer, seed: int, max_subjects: int, face_refs: bool
     ) -> None:
-        self.shards = shards[cfg.rank :: cfg.world_size]
-        if not self.shards:
-            raise ConfigError(f"rank {cfg.rank} of {cfg.world_size} gets no shard: {len(shards)} shard(s) in all")
+        if not shards:
+            raise ConfigError("no shard to read")
+        # each rank reads its own shards; with fewer shards than ranks, every rank reads them all and keeps every
+        # world_size-th sample (same seeded order everywhere, so the ranks' samples never overlap)
+        self.split_samples = len(shards) < cfg.world_size
+        self.shards = list(shards) if self.split_samples else shards[cfg.rank :: cfg.world_size]
         self.cfg = cfg
         self.tok = tokenizer
         self.seed = seed
@@ -102,7 +105,12 @@ class ShardStream:
         order = list(self.shards)
         random.Random(f"{self.seed}:shards:{epoch}").shuffle(order)
         ds = wds.WebDataset(order, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
-        yield from ds
+        if not self.split_samples:
+            yield from ds
+            return
+        for i, sample in enumerate(ds):
+            if i % self.cfg.world_size == self.cfg.rank:
+                yield sample
 
     def _plan(self, sample: dict[str, Any]) -> Plan | None:
         key = sample["__key__"]

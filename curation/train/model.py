@@ -5,8 +5,9 @@ How references enter the model: each subject's crops (masked subject, face) are 
 patch-embedded with the DiT's own patch embedding, then appended to the video tokens. Every token runs through the
 unchanged Wan blocks; only the attention processors differ (`RelationalProcessor`, rules in
 `curation.train.relational`). Subject k's tokens get RoPE positions on a frame of their own after the video
-(t = frames + k: groups are far apart in time and cohesive inside), plus a learned group embedding and slot
-embedding (both zero-initialised, so with no references the model is exactly the pretrained Wan; a test checks it).
+(t = frames + k: groups are far apart in time and cohesive inside; its face crop shifted diagonally in (h, w) from
+its subject crop, as LumosX does: `token_positions`), plus a learned group embedding and slot embedding (both
+zero-initialised, so with no references the model is exactly the pretrained Wan; a test checks it).
 """
 
 from __future__ import annotations
@@ -25,22 +26,20 @@ from curation.train.relational import (
     Layout,
     blocked_cross_attention,
     blocked_self_attention,
-    cross_attention_mask,
-    dense_attention,
-    group_attention_mass,
-    self_attention_mask,
+    dense_cross_attention,
+    dense_self_attention,
 )
 
 
 class RelationalContext:
     """What the attention processors of one forward pass share: the token layout and the mask-loss capture."""
 
-    def __init__(self) -> None:
+    def __init__(self, cross_mode: str = "hard", soft_ratio: float = 0.1, soft_pool: int = 8) -> None:
         self.layout: Layout | None = None
         self.capture_layers: set[int] = set()
-        self.queries: torch.Tensor | None = None
-        self.captured: list[torch.Tensor] = []
+        self.captured: list[tuple[str, torch.Tensor]] = []
         self.dense = False  # run the dense masked specification instead of the blocked kernels (tests, bench)
+        self.cross_mode, self.soft_ratio, self.soft_pool = cross_mode, soft_ratio, soft_pool
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,19 +74,39 @@ class RelationalProcessor:
         if rotary_emb is not None:
             q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D]
-        lay = self.ctx.layout
+        lay, ctx = self.ctx.layout, self.ctx
         if lay is None or lay.n_subjects == 0:
             out = F.scaled_dot_product_attention(q, k, v)
-        elif self.ctx.dense:
-            mask = cross_attention_mask(lay) if self.cross else self_attention_mask(lay)
-            out = dense_attention(q, k, v, mask)
         else:
-            out = blocked_cross_attention(q, k, v, lay) if self.cross else blocked_self_attention(q, k, v, lay)
-        if not self.cross and lay is not None and lay.n_subjects and self.layer in self.ctx.capture_layers:
-            assert self.ctx.queries is not None
-            self.ctx.captured.append(group_attention_mass(q, k, lay, self.ctx.queries))
+            routing = self.layer in ctx.capture_layers
+            if self.cross:
+                fn = dense_cross_attention if ctx.dense else blocked_cross_attention
+                out, maps = fn(q, k, v, lay, routing, ctx.cross_mode, ctx.soft_ratio, ctx.soft_pool)
+            else:
+                out, maps = (dense_self_attention if ctx.dense else blocked_self_attention)(q, k, v, lay, routing)
+            if maps is not None:
+                ctx.captured.append(("cross" if self.cross else "self", maps))
         out = out.transpose(1, 2).flatten(2).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def token_positions(grid: tuple[int, int, int], n_subjects: int, ref_grid: tuple[int, int], slots: int) -> torch.Tensor:
+    """[N, 3] RoPE (t, h, w) positions of the video tokens followed by each subject's reference tokens.
+
+    Video token (f, h, w) -> (f, h, w). Subject k takes the frame after the video plus k (t = F + k), as LumosX
+    does; within it, its image s (0: subject crop, 1: face crop) is shifted diagonally by s image sizes,
+    (h + s * rh, w + s * rw), so two crops of one subject never share a position.
+    """
+    f, h, w = grid
+    tf, th, tw = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
+    pos = [torch.stack([tf.flatten(), th.flatten(), tw.flatten()], dim=1)]
+    rh, rw = ref_grid
+    gh, gw = torch.meshgrid(torch.arange(rh), torch.arange(rw), indexing="ij")
+    one = torch.stack([gh.flatten(), gw.flatten()], dim=1)
+    group = torch.cat([one + torch.tensor([s * rh, s * rw]) for s in range(slots)])
+    for k in range(n_subjects):
+        pos.append(torch.cat([torch.full((group.shape[0], 1), f + k), group], dim=1))
+    return torch.cat(pos)
 
 
 @dataclass
@@ -102,7 +121,15 @@ class Encoders:
 class RelationalWan(nn.Module):
     """WanTransformer3DModel + reference tokens + relational attention."""
 
-    def __init__(self, transformer: Any, max_subjects: int, slots: int) -> None:
+    def __init__(
+        self,
+        transformer: Any,
+        max_subjects: int,
+        slots: int,
+        cross_mode: str = "hard",
+        soft_ratio: float = 0.1,
+        soft_pool: int = 8,
+    ) -> None:
         super().__init__()
         if transformer.config.added_kv_proj_dim is not None or transformer.config.image_dim is not None:
             raise ConfigError(
@@ -112,7 +139,7 @@ class RelationalWan(nn.Module):
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.group_embed = nn.Parameter(torch.zeros(max(1, max_subjects), dim))
         self.slot_embed = nn.Parameter(torch.zeros(slots, dim))
-        self.ctx = RelationalContext()
+        self.ctx = RelationalContext(cross_mode, soft_ratio, soft_pool)
         self.gradient_checkpointing = False
         for i, block in enumerate(transformer.blocks):
             block.attn1.set_processor(RelationalProcessor(self.ctx, cross=False, layer=i))
@@ -122,23 +149,11 @@ class RelationalWan(nn.Module):
     def patch(self) -> tuple[int, int, int]:
         return tuple(self.transformer.config.patch_size)  # type: ignore[return-value]
 
-    def rope(self, grid: tuple[int, int, int], n_subjects: int, ref_grid: tuple[int, int], per_group: int) -> Any:
-        """cos/sin [1, N, 1, D] for the video grid followed by n_subjects groups of reference tokens.
-
-        Video token (f, h, w) -> positions (f, h, w); reference token (h, w) of any slot of subject k -> (F + k, h, w).
-        """
+    def rope(self, grid: tuple[int, int, int], n_subjects: int, ref_grid: tuple[int, int], slots: int) -> Any:
+        """cos/sin [1, N, 1, D] for the video grid followed by n_subjects groups of reference tokens
+        (positions from `token_positions`)."""
         r = self.transformer.rope
-        f, h, w = grid
-        dev = r.freqs_cos.device
-        tf, th, tw = torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij")
-        pos = [torch.stack([tf.flatten(), th.flatten(), tw.flatten()], dim=1)]
-        rh, rw = ref_grid
-        slots = per_group // (rh * rw)
-        gh, gw = torch.meshgrid(torch.arange(rh), torch.arange(rw), indexing="ij")
-        one = torch.stack([gh.flatten(), gw.flatten()], dim=1).repeat(slots, 1)
-        for k in range(n_subjects):
-            pos.append(torch.cat([torch.full((one.shape[0], 1), f + k), one], dim=1))
-        p = torch.cat(pos).to(dev)
+        p = token_positions(grid, n_subjects, ref_grid, slots).to(r.freqs_cos.device)
         if int(p.max()) >= r.freqs_cos.shape[0]:
             raise ConfigError(f"positions up to {int(p.max())} exceed the RoPE table ({r.freqs_cos.shape[0]})")
         sizes = [r.t_dim, r.h_dim, r.w_dim]
@@ -156,13 +171,13 @@ class RelationalWan(nn.Module):
         subject_text: torch.Tensor | None = None,
         text_valid: torch.Tensor | None = None,
         capture_layers: set[int] | None = None,
-        mask_queries: int = 1024,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
         """latents [B, C, F, H, W]; ref_latents [B, K, S, C, 1, h, w] with ref_valid [B, K, S]; subject_text
         [B, K, L] (caption tokens of each subject's phrase); text_valid [B, L].
 
-        Returns the prediction for the video latents and, for each captured block, each subject's attention mass
-        over (strided) video tokens [B, K, Q]."""
+        Returns the prediction for the video latents and, for each attention of each captured block, ("self" or
+        "cross", routing maps [B, H, Nv, K]): each head's share of every video token's attention on each subject's
+        references (self) or words (cross)."""
         t = self.transformer
         b, _, f, h, w = latents.shape
         pt, ph, pw = self.patch
@@ -170,7 +185,7 @@ class RelationalWan(nn.Module):
         tokens = t.patch_embedding(latents).flatten(2).transpose(1, 2)
         n_video = tokens.shape[1]
         k = 0 if ref_latents is None else int(ref_latents.shape[1])
-        ref_grid = (1, 1)
+        ref_grid, slots = (1, 1), 1
         layout: Layout | None = None
         if k:
             assert ref_latents is not None and ref_valid is not None and subject_text is not None
@@ -180,25 +195,24 @@ class RelationalWan(nn.Module):
             r = r.reshape(b, k, s, -1, r.shape[-1])
             if text_valid is None:
                 text_valid = torch.ones(b, text_states.shape[1], dtype=torch.bool, device=latents.device)
-            layout = Layout(n_video, k, s, r.shape[3], ref_valid, subject_text, text_valid)
+            layout = Layout(n_video, k, s, r.shape[3], ref_valid, subject_text, text_valid, ref_grid)
+            slots = s
             r = r + self.group_embed[:k, None, None, :].to(r.dtype) + self.slot_embed[None, :s, None, :].to(r.dtype)
             tokens = torch.cat([tokens, r.reshape(b, -1, r.shape[-1])], dim=1)
         tokens = tokens.contiguous()
-        rope = self.rope(grid, k, ref_grid, layout.group_size if layout else 1)
+        rope = self.rope(grid, k, ref_grid, slots)
         temb, proj, text, _ = t.condition_embedder(timestep, text_states, None)
         proj = proj.unflatten(1, (6, -1))
 
         capture = set(capture_layers or ()) if layout else set()
-        queries = torch.linspace(0, n_video - 1, min(n_video, mask_queries)).round().long()
-        self.ctx.queries = queries
-        captured: list[torch.Tensor] = []
+        captured: list[tuple[str, torch.Tensor]] = []
         for block in t.blocks:
-            args = (block, tokens, text, proj, rope, layout, capture, queries)
+            args = (block, tokens, text, proj, rope, layout, capture)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens, *cap = checkpoint(self._block, *args, use_reentrant=False)
             else:
                 tokens, *cap = self._block(*args)
-            captured.extend(cap)
+            captured.extend(zip(cap[0::2], cap[1::2], strict=True))
 
         video = tokens[:, :n_video]
         shift, scale = (t.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
@@ -216,20 +230,27 @@ class RelationalWan(nn.Module):
         rope: Any,
         layout: Layout | None,
         capture: set[int],
-        queries: torch.Tensor,
     ) -> Any:
         """One Wan block; returns its output and what its processors captured.
 
         The layout and capture settings are arguments, not state left on the context, so that gradient
         checkpointing's recomputation in backward runs exactly the forward it replaces.
         """
-        self.ctx.layout, self.ctx.capture_layers, self.ctx.queries = layout, capture, queries
+        self.ctx.layout, self.ctx.capture_layers = layout, capture
         self.ctx.captured = []
         try:
             out = block(tokens, text, proj, rope)
-            return (out, *self.ctx.captured)
+            # flat (kind, maps, kind, maps, ...): checkpoint() passes tensors through, and strings ride along
+            return (out, *(x for kind, maps in self.ctx.captured for x in (kind, maps)))
         finally:
             self.ctx.layout, self.ctx.captured = None, []
+
+
+def relational(dit: Any, cfg: ModelConfig) -> RelationalWan:
+    """Wrap a Wan transformer with the reference tokens and attention rules `cfg` asks for."""
+    return RelationalWan(
+        dit, cfg.max_subjects, 2 if cfg.face_refs else 1, cfg.cross_attention, cfg.soft_ratio, cfg.soft_pool
+    )
 
 
 def build_tiny(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[RelationalWan, Encoders]:
@@ -282,8 +303,7 @@ def build_tiny(cfg: ModelConfig, seed: int, vocab_size: int) -> tuple[Relational
         )
     finally:
         torch.random.set_rng_state(gen_state)
-    model = RelationalWan(dit, cfg.max_subjects, 2 if cfg.face_refs else 1)
-    return model, Encoders(vae, te, ByteTokenizer())
+    return relational(dit, cfg), Encoders(vae, te, ByteTokenizer())
 
 
 def build_pretrained(cfg: ModelConfig) -> tuple[RelationalWan, Encoders]:
@@ -298,8 +318,7 @@ def build_pretrained(cfg: ModelConfig) -> tuple[RelationalWan, Encoders]:
     dit = WanTransformer3DModel.from_pretrained(root, subfolder="transformer")
     vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae")
     te = UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder")
-    model = RelationalWan(dit, cfg.max_subjects, 2 if cfg.face_refs else 1)
-    return model, Encoders(vae, te, HFTokenizer(f"{root}/tokenizer"))
+    return relational(dit, cfg), Encoders(vae, te, HFTokenizer(f"{root}/tokenizer"))
 
 
 def build(cfg: ModelConfig, seed: int) -> tuple[RelationalWan, Encoders]:

@@ -8,14 +8,20 @@ tokens each). The rules:
   So references stay cohesive (a subject's face and body crops see each other), never mix with another subject, and
   stay clean conditions (they do not read the noisy video). Padding (a missing face crop, an absent subject) is
   never attended to.
-- cross-attention: video tokens attend to the whole caption, as in Wan; reference tokens of subject k attend to the
-  caption tokens of subject k's phrase and attributes plus the context tokens no subject owns, never to another
-  subject's phrase.
+- cross-attention, two modes (`model.cross_attention`): video tokens attend to the whole caption, as in Wan.
+  "hard": reference tokens of subject k attend to the caption tokens of subject k's phrase and attributes plus the
+  context tokens no subject owns, never to another subject's phrase. "soft" (as LumosX does): reference tokens read
+  every real caption token, with an additive bias on the logits, ratio x |score| x (+1 on k's own words, minus the
+  mean of the other subjects' ownership on theirs, 0 on context), where the score is computed from the reference
+  queries averaged over `pool` x `pool` windows of each crop.
 
-Both rules are written twice: as dense boolean masks (`self_attention_mask`, `cross_attention_mask`: the
-specification, used by the tests and as the dense baseline of `bench/attention.py`) and as the blocked computation
-the model runs (`blocked_self_attention`, `blocked_cross_attention`), which never materialises the masked-out
-blocks. Tests check that the two agree.
+Both rules are written twice: as dense specifications (`self_attention_mask`, `cross_attention_mask`,
+`dense_self_attention`, `dense_cross_attention`: used by the tests and as the dense baseline of
+`bench/attention.py`) and as the blocked computation the model runs (`blocked_self_attention`,
+`blocked_cross_attention`), which never materialises the masked-out blocks. Tests check that the two agree.
+
+Both can also return the routing maps the mask loss supervises: for every head and video token, the share of its
+self-attention on each subject's reference tokens (S) and of its cross-attention on each subject's words (A).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class Layout:
     ref_valid: torch.Tensor  # [B, K, S] bool
     subject_text: torch.Tensor  # [B, K, L] bool
     text_valid: torch.Tensor  # [B, L] bool
+    ref_grid: tuple[int, int] | None = None  # (h, w) tokens of one reference image; None: per_slot x 1
 
     @property
     def group_size(self) -> int:
@@ -116,16 +123,58 @@ def subject_text_allowed(layout: Layout) -> torch.Tensor:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q, k, v: [B, H, N, D]; mask broadcastable to [B, H, Nq, Nk] (bool, True = attend)."""
+    """q, k, v: [B, H, N, D]; mask broadcastable to [B, H, Nq, Nk] (bool, True = attend; or float, added)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One masked SDPA over the whole sequence: the specification (and the dense baseline of the benchmark)."""
-    return _sdpa(q, k, v, mask[:, None])
+    """One masked SDPA over the whole sequence: the specification (and the dense baseline of the benchmark).
+    A [B, Nq, Nk] mask applies to every head; a [B, H, Nq, Nk] float mask is a per-head additive bias."""
+    return _sdpa(q, k, v, mask[:, None] if mask.dim() == 3 else mask)
 
 
-def blocked_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
+# -- routing maps (what the mask loss reads) --------------------------------------------------------------------
+# The share of a video token's attention that lands on subject k's keys is softmax(QK^T) @ I_k, with I_k the
+# indicator of k's keys. Appending the K indicators to V as extra channels gives every video token's output and all
+# its shares from the same attention call: exact, for every token and head, at K / D extra cost.
+
+
+def group_indicator(layout: Layout) -> torch.Tensor:
+    """[B, N, K]: 1 on the real reference tokens of subject k in the self-attention sequence."""
+    nv, k, g = layout.n_video, layout.n_subjects, layout.group_size
+    ind = torch.zeros(layout.batch, layout.n_total, k, device=layout.ref_valid.device)
+    ok = layout.ref_token_valid().float()
+    for s in range(k):
+        ind[:, nv + s * g : nv + (s + 1) * g, s] = ok[:, s]
+    return ind
+
+
+def text_indicator(layout: Layout) -> torch.Tensor:
+    """[B, L, K]: 1 on the caption tokens of subject k's phrase and attributes."""
+    return (layout.subject_text & layout.text_valid[:, None, :]).transpose(1, 2).float()
+
+
+def _with_routing(v: torch.Tensor, indicator: torch.Tensor | None) -> torch.Tensor:
+    if indicator is None:
+        return v
+    b, h = v.shape[:2]
+    return torch.cat([v, indicator.to(v.dtype)[:, None].expand(b, h, -1, -1)], dim=-1)
+
+
+def _split_routing(out: torch.Tensor, d: int, nv: int, routing: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not routing:
+        return out, None
+    return out[..., :d], out[:, :, :nv, d:]
+
+
+Attention = tuple[torch.Tensor, torch.Tensor | None]
+"""The attention output [B, H, N, D] and, when asked for, the routing maps [B, H, Nv, K]: for each head and video
+token, the share of its attention on each subject's references (self) or on each subject's words (cross)."""
+
+
+def blocked_self_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, routing: bool = False
+) -> Attention:
     """The relational self-attention without the masked-out blocks.
 
     q, k, v: [B, H, N, D] in layout order. Two SDPA calls: video queries over all real keys, and each subject's
@@ -133,10 +182,11 @@ def blocked_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     """
     nv, kk, g = layout.n_video, layout.n_subjects, layout.group_size
     if kk == 0:
-        return _sdpa(q, k, v, None)
+        return _sdpa(q, k, v, None), None
     b, h, _, d = q.shape
     key_ok = layout.key_valid()[:, None, None, :]  # [B, 1, 1, N]
-    out_v = _sdpa(q[:, :, :nv], k, v, key_ok)
+    vv = _with_routing(v, group_indicator(layout) if routing else None)
+    out_v, maps = _split_routing(_sdpa(q[:, :, :nv], k, vv, key_ok), d, nv, routing)
     qr = q[:, :, nv:].reshape(b, h, kk, g, d).transpose(1, 2).reshape(b * kk, h, g, d)
     kr = k[:, :, nv:].reshape(b, h, kk, g, d).transpose(1, 2).reshape(b * kk, h, g, d)
     vr = v[:, :, nv:].reshape(b, h, kk, g, d).transpose(1, 2).reshape(b * kk, h, g, d)
@@ -144,34 +194,108 @@ def blocked_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     own = torch.where(own.any(dim=1, keepdim=True), own, torch.ones_like(own))
     out_r = _sdpa(qr, kr, vr, own[:, None, None, :])
     out_r = out_r.reshape(b, kk, h, g, d).transpose(1, 2).reshape(b, h, kk * g, d)
-    return torch.cat([out_v, out_r], dim=2)
+    return torch.cat([out_v, out_r], dim=2), maps
 
 
-def blocked_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The relational cross-attention: video queries over the whole caption (no mask, as Wan), reference queries
-    of subject k over `subject_text_allowed[k]`. q: [B, H, N, D]; k, v: [B, H, L, D]."""
+def dense_self_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, routing: bool = False
+) -> Attention:
+    """The specification of `blocked_self_attention`: one SDPA under `self_attention_mask`."""
+    d = q.shape[-1]
+    vv = _with_routing(v, group_indicator(layout) if routing else None)
+    return _split_routing(dense_attention(q, k, vv, self_attention_mask(layout)), d, layout.n_video, routing)
+
+
+# -- cross-attention: hard mask or LumosX-style soft bias ------------------------------------------------------
+
+
+def soft_text_template(layout: Layout) -> torch.Tensor:
+    """[B, K, L] in [-1, 1]: +1 on subject k's own words, minus the mean ownership of the other present subjects
+    on theirs, 0 on shared context and padding. Subjects without any reference image (batch padding) count for
+    nobody."""
+    present = layout.ref_valid.any(dim=2)  # [B, K]
+    own = (layout.subject_text & layout.text_valid[:, None, :] & present[..., None]).float()
+    others = present.sum(dim=1).sub(1).clamp_min(1).float()[:, None, None]
+    return (own - (own.sum(dim=1, keepdim=True) - own) / others) * present[..., None]
+
+
+def pool_reference_queries(q_ref: torch.Tensor, layout: Layout, pool: int) -> torch.Tensor:
+    """Average reference queries over `pool` x `pool` windows of each reference image's token grid (windows at the
+    edge average what they cover), each token taking its window's mean. q_ref: [B, H, K*G, D]."""
+    rh, rw = layout.ref_grid or (layout.per_slot, 1)
+    if pool <= 1 or rh * rw == 1:
+        return q_ref
+    b, h, _, d = q_ref.shape
+    imgs = layout.n_subjects * layout.slots
+    x = q_ref.reshape(b, h, imgs, rh, rw, d).permute(0, 1, 2, 5, 3, 4).reshape(-1, d, rh, rw)
+    x = F.avg_pool2d(x.float(), pool, pool, ceil_mode=True).to(q_ref.dtype)
+    x = x.repeat_interleave(pool, dim=2).repeat_interleave(pool, dim=3)[:, :, :rh, :rw]
+    return x.reshape(b, h, imgs, d, rh, rw).permute(0, 1, 2, 4, 5, 3).reshape(b, h, imgs * rh * rw, d)
+
+
+def soft_cross_bias(q_ref: torch.Tensor, k: torch.Tensor, layout: Layout, ratio: float, pool: int) -> torch.Tensor:
+    """[B, H, K*G, L] additive logits for the reference queries (LumosX's soft relational cross-attention).
+
+    bias = ratio * |pooled score| * template: a reference reads its own subject's words more strongly and the other
+    subjects' words more weakly, in proportion to how strongly it already reads them; every real word stays
+    readable. Padding gets -inf.
+    """
+    g = layout.group_size
+    pooled = pool_reference_queries(q_ref, layout, pool)
+    scores = (pooled.float() @ k.float().transpose(-1, -2)) * q_ref.shape[-1] ** -0.5
+    tmpl = soft_text_template(layout).repeat_interleave(g, dim=1)[:, None]  # [B, 1, K*G, L]
+    bias = ratio * scores.abs() * tmpl
+    return bias.masked_fill(~layout.text_valid[:, None, None, :], float("-inf")).to(q_ref.dtype)
+
+
+def blocked_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    routing: bool = False,
+    mode: str = "hard",
+    ratio: float = 0.1,
+    pool: int = 8,
+) -> Attention:
+    """The relational cross-attention: video queries over the whole caption (no mask, as Wan); reference queries of
+    subject k over `subject_text_allowed[k]` (mode "hard") or over every real word with `soft_cross_bias` (mode
+    "soft"). q: [B, H, N, D]; k, v: [B, H, L, D]."""
     nv, kk, g = layout.n_video, layout.n_subjects, layout.group_size
     if kk == 0:
-        return _sdpa(q, k, v, None)
-    out_v = _sdpa(q[:, :, :nv], k, v, None)
-    allowed = subject_text_allowed(layout).repeat_interleave(g, dim=1)  # [B, K*G, L]
-    out_r = _sdpa(q[:, :, nv:], k, v, allowed[:, None])
-    return torch.cat([out_v, out_r], dim=2)
+        return _sdpa(q, k, v, None), None
+    d = q.shape[-1]
+    vv = _with_routing(v, text_indicator(layout) if routing else None)
+    out_v, maps = _split_routing(_sdpa(q[:, :, :nv], k, vv, None), d, nv, routing)
+    if mode == "soft":
+        out_r = _sdpa(q[:, :, nv:], k, v, soft_cross_bias(q[:, :, nv:], k, layout, ratio, pool))
+    else:
+        allowed = subject_text_allowed(layout).repeat_interleave(g, dim=1)  # [B, K*G, L]
+        out_r = _sdpa(q[:, :, nv:], k, v, allowed[:, None])
+    return torch.cat([out_v, out_r], dim=2), maps
 
 
-def group_attention_mass(q: torch.Tensor, k: torch.Tensor, layout: Layout, queries: torch.Tensor) -> torch.Tensor:
-    """Share of each chosen video query's self-attention that lands on each subject's reference tokens.
-
-    q, k: [B, H, N, D]; `queries`: indices of the video tokens to read (a subset keeps the cost at
-    len(queries) * N). Returns [B, K, len(queries)], averaged over heads; the mask loss turns it into a map.
-    """
-    nv, kk, g = layout.n_video, layout.n_subjects, layout.group_size
-    b, h, _, d = q.shape
-    scores = q[:, :, queries] @ k.transpose(-1, -2) * d**-0.5  # [B, H, Q, N]
-    scores = scores.masked_fill(~layout.key_valid()[:, None, None, :], float("-inf"))
-    probs = scores.float().softmax(dim=-1)[..., nv:]  # mass on reference tokens only
-    mass = probs.reshape(b, h, len(queries), kk, g).sum(dim=-1).mean(dim=1)  # [B, Q, K]
-    return mass.transpose(1, 2)
+def dense_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    routing: bool = False,
+    mode: str = "hard",
+    ratio: float = 0.1,
+    pool: int = 8,
+) -> Attention:
+    """The specification of `blocked_cross_attention`: one SDPA over every row, with the hard mask or with the
+    soft bias on the reference rows (video rows unbiased)."""
+    d, nv = q.shape[-1], layout.n_video
+    vv = _with_routing(v, text_indicator(layout) if routing else None)
+    if mode == "soft":
+        b, h, n = q.shape[:3]
+        mask = torch.zeros(b, h, n, k.shape[2], dtype=q.dtype, device=q.device)
+        mask[:, :, nv:] = soft_cross_bias(q[:, :, nv:], k, layout, ratio, pool)
+    else:
+        mask = cross_attention_mask(layout)
+    return _split_routing(dense_attention(q, k, vv, mask), d, nv, routing)
 
 
 def attention_flops(n_video: int, n_subjects: int, group: int, n_text: int, dim: int) -> dict[str, float]:
