@@ -184,7 +184,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from curation.stage import registry
 
     overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides) if args.config else None
+    cfg = load_config(args.config, overrides) if args.config or overrides else None
     rows = []
     for name, cls in registry().items():
         needs = getattr(cls.config_class, "reference_weights", ())
@@ -192,7 +192,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             continue
         stage_cfg = cfg.stage_config(name) if cfg else cls.config_class()
         root = Path(args.models_dir or getattr(stage_cfg, "models_dir", "models")).expanduser()
-        for file, source in needs:
+        files = stage_cfg.weights() if hasattr(stage_cfg, "weights") else needs
+        for file, source in files:
             present = (root / file).exists()
             rows.append((name, file, str(root / file), "yes" if present else "MISSING", source))
     width = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4

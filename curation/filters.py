@@ -32,12 +32,17 @@ class FilterConfig(StageConfig):
     # (file name inside models_dir, where to get it) for the reference backend; set by each filter's config
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = ()
 
+    def weights(self) -> tuple[tuple[str, str], ...]:
+        """(file, source) this config's reference backend reads; a config whose files depend on its settings
+        overrides it."""
+        return self.reference_weights
+
     @model_validator(mode="after")
     def _reference_weights_present(self) -> FilterConfig:
         if self.backend == "reference":
             missing = [
                 f"{Path(self.models_dir) / name} (get it from {source})"
-                for name, source in self.reference_weights
+                for name, source in self.weights()
                 if not (Path(self.models_dir) / name).exists()
             ]
             if missing:

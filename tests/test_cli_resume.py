@@ -78,7 +78,7 @@ def test_models_lists_reference_weights(tmp_path: Path, capsys: pytest.CaptureFi
     }
     assert " yes " in lines["watermark_model_v1.pt"] and "MISSING" in lines["sac+logos+ava1-l14-linearMSE.pth"]
     assert "improved-aesthetic-predictor" in lines["sac+logos+ava1-l14-linearMSE.pth"]
-    assert str(tmp_path / "ViT-L-14.pt") in lines["ViT-L-14.pt"]
+    assert str(tmp_path / "open_clip_model.safetensors") in lines["open_clip_model.safetensors"]
     assert main(["models", "--models-dir", str(tmp_path), "--check"]) == 1
 
 

@@ -153,3 +153,18 @@ def test_views_bind_when_every_scenecut_row_is_an_error(tmp_path: Path) -> None:
     assert m.rows("SELECT scenecut_video_status AS s FROM videos") == []  # no ingest row: nothing joined
     assert m.rows("SELECT count(*) AS n FROM clips WHERE clip_start_frame IS NULL")[0]["n"] == 0
     assert write_shards(tmp_path, "package", 100, 2**31) == []
+
+
+def test_models_dir_is_not_frozen_into_the_saved_run_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run saved on one machine and continued on another reads weights from the second machine's folder."""
+    import yaml
+
+    monkeypatch.setenv("CURATION_MODELS", "/machine-a/models")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(build_config({"ocr": {"models_dir": "/named/here"}}).dump()))
+    data = yaml.safe_load(saved.read_text())
+    assert "models_dir" not in data["aesthetics"] and data["ocr"]["models_dir"] == "/named/here"
+    monkeypatch.setenv("CURATION_MODELS", "/machine-b/models")
+    cfg = load_config(saved)
+    assert cfg.stage_config("aesthetics").models_dir == "/machine-b/models"
+    assert cfg.stage_config("ocr").models_dir == "/named/here"  # a folder the config named stays

@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from curation.errors import require
+from curation.errors import require, torch_device
 from curation.filters import FilterConfig, SampleFilter, pick
 from curation.stage import Resources, Row, StageContext
 
@@ -30,6 +31,39 @@ WEIGHTS = {
 }
 
 
+CLIP_SOURCE = (
+    "huggingface.co/timm/vit_large_patch14_clip_224.openai (open_clip_model.safetensors: OpenAI's ViT-L/14 as a "
+    "state dict)"
+)
+
+
+def is_torchscript(path: Path) -> bool:
+    """True for a TorchScript archive (a zip holding `constants.pkl` or `code/`), as OpenAI's CLIP .pt files are."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def laion_mlp(torch: Any) -> Any:
+    """The improved-aesthetic-predictor head, in its published layout, so its `layers.N` keys load: Linear(768,
+    1024), Dropout(0.2), Linear(1024, 128), Dropout(0.2), Linear(128, 64), Dropout(0.1), Linear(64, 16),
+    Linear(16, 1); no activations."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Linear(768, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+
+
 class AestheticsConfig(FilterConfig):
     min_score: float = Field(
         4.0,
@@ -38,13 +72,25 @@ class AestheticsConfig(FilterConfig):
         description="clips below are rejected (Open-Sora keeps >= 4.5 "
         "with the LAION predictor; the proxy is calibrated to a similar range)",
     )
-    clip_model: str = "ViT-L-14"
-    clip_pretrained_file: str = "ViT-L-14.pt"
+    clip_model: str = Field(
+        "ViT-L-14-quickgelu", description="open_clip model name; OpenAI's weights need the QuickGELU variant"
+    )
+    clip_pretrained_file: str = "open_clip_model.safetensors"
     mlp_file: str = "sac+logos+ava1-l14-linearMSE.pth"
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("ViT-L-14.pt", "OpenAI CLIP ViT-L/14 weights (open_clip 'openai' tag)"),
+        ("open_clip_model.safetensors", CLIP_SOURCE),
         ("sac+logos+ava1-l14-linearMSE.pth", "github.com/christophschuhmann/improved-aesthetic-predictor"),
     )
+
+    @model_validator(mode="after")
+    def _state_dict_not_torchscript(self) -> AestheticsConfig:
+        path = Path(self.models_dir) / self.clip_pretrained_file
+        if self.backend == "reference" and path.is_file() and is_torchscript(path):
+            raise ValueError(
+                f"{path} is a TorchScript archive (OpenAI's ViT-L-14.pt), which open_clip 3 refuses to load; use the "
+                f"state-dict file instead: {CLIP_SOURCE}"
+            )
+        return self
 
 
 def _ramp(x: float, lo: float, hi: float) -> float:
@@ -114,24 +160,18 @@ def quality_proxy(frames: np.ndarray, source_size: tuple[int, int] | None) -> di
 class _LaionAesthetic:
     """Reference backend: open_clip ViT-L/14 + the LAION MLP head (imported lazily from the `gpu` extra)."""
 
-    def __init__(self, cfg: AestheticsConfig) -> None:
+    def __init__(self, cfg: AestheticsConfig, gpus: float) -> None:
         open_clip = require("open_clip", "aesthetics backend reference")
         torch = require("torch", "aesthetics backend reference")
 
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch_device(torch, gpus, "aesthetics")
         model, _, preprocess = open_clip.create_model_and_transforms(
             cfg.clip_model, pretrained=f"{cfg.models_dir}/{cfg.clip_pretrained_file}", device=self.device
         )
         self.model, self.preprocess = model.eval(), preprocess
-        sd = torch.load(f"{cfg.models_dir}/{cfg.mlp_file}", map_location=self.device)
-        dims = [768, 1024, 128, 64, 16, 1]
-        layers: list[Any] = []
-        for i in range(len(dims) - 1):
-            layers.append(torch.nn.Linear(dims[i], dims[i + 1]))
-            if i < 2:
-                layers.append(torch.nn.Dropout(0.2 if i == 0 else 0.1))
-        mlp = torch.nn.Sequential(*layers)
+        sd = torch.load(f"{cfg.models_dir}/{cfg.mlp_file}", map_location=self.device, weights_only=True)
+        mlp = laion_mlp(torch)
         mlp.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})
         self.mlp = mlp.to(self.device).eval()
 
@@ -158,7 +198,7 @@ class Aesthetics(SampleFilter):
     score_column = "aesthetics_score"
 
     def setup(self, ctx: StageContext) -> None:
-        self._ref = _LaionAesthetic(self.config) if self.config.backend == "reference" else None
+        self._ref = _LaionAesthetic(self.config, self.resources().gpus) if self.config.backend == "reference" else None
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         frames = samples["frames"][pick(len(samples["frames"]), self.config.max_frames)]

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from curation.errors import require
+from curation.errors import require, torch_device
 from curation.filters import FilterConfig, SampleFilter, pick
 from curation.samples import SAMPLES_COLUMN, cut_sample_paths
 from curation.stage import Resources, Row, StageContext, operational
@@ -112,12 +112,12 @@ def overlay_score(
 class _LaionWatermark:
     """Reference backend (imported lazily from the `gpu` extra)."""
 
-    def __init__(self, cfg: WatermarkConfig) -> None:
+    def __init__(self, cfg: WatermarkConfig, gpus: float) -> None:
         timm = require("timm", "watermark backend reference")
         torch = require("torch", "watermark backend reference")
 
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch_device(torch, gpus, "watermark")
         model = timm.create_model("efficientnet_b3a", pretrained=False, num_classes=2)
         model.classifier = torch.nn.Sequential(
             torch.nn.Linear(in_features=1536, out_features=625),
@@ -154,7 +154,7 @@ class Watermark(SampleFilter):
     score_column = "watermark_score"
 
     def setup(self, ctx: StageContext) -> None:
-        self._ref = _LaionWatermark(self.config) if self.config.backend == "reference" else None
+        self._ref = _LaionWatermark(self.config, self.resources().gpus) if self.config.backend == "reference" else None
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:

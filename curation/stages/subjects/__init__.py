@@ -42,6 +42,20 @@ EMBEDDING_MODEL = "dlib_face_recognition_resnet_model_v1"
 __all__ = ["Subjects", "SubjectsConfig", "link_subjects"]
 
 
+SAM2_SOURCE = "https://github.com/facebookresearch/sam2#download-checkpoints"
+SAM2_CHECKPOINTS = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+
+
+def sam2_checkpoint(config: str) -> str:
+    """The checkpoint file that goes with a SAM2 model config: configs/sam2.1/sam2.1_hiera_t.yaml ->
+    sam2.1_hiera_tiny.pt (the names SAM2's download script uses)."""
+    stem = Path(config).stem  # sam2.1_hiera_t
+    base, _, size = stem.rpartition("_")
+    if size not in SAM2_CHECKPOINTS or not base:
+        raise ValueError(f"sam2_config {config!r}: expected a SAM2 hiera config ending in _t, _s, _b+ or _l")
+    return f"{base}_{SAM2_CHECKPOINTS[size]}.pt"
+
+
 class SubjectsConfig(FilterConfig):
     track_frames: int = Field(12, ge=2, le=128, description="evenly spaced clip frames that get masks")
     decode_long_side: int = Field(1280, ge=64, description="frames are decoded at most this large (crops)")
@@ -62,9 +76,14 @@ class SubjectsConfig(FilterConfig):
     sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_l.yaml", description="reference: SAM2 model config")
 
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("sam2/sam2.1_hiera_large.pt", "https://github.com/facebookresearch/sam2#download-checkpoints"),
+        ("sam2/sam2.1_hiera_large.pt", SAM2_SOURCE),
         ("insightface/models/buffalo_l", "https://github.com/deepinsight/insightface/tree/master/python-package"),
     )
+
+    def weights(self) -> tuple[tuple[str, str], ...]:
+        """The SAM2 checkpoint follows `sam2_config` (tiny config, tiny checkpoint)."""
+        sam = f"sam2/{sam2_checkpoint(self.sam2_config)}"
+        return ((sam, SAM2_SOURCE), *(w for w in self.reference_weights if not w[0].startswith("sam2/")))
 
     @model_validator(mode="after")
     def _sizes(self) -> SubjectsConfig:
@@ -72,6 +91,7 @@ class SubjectsConfig(FilterConfig):
             raise ValueError(f"min_subjects ({self.min_subjects}) is above max_subjects ({self.max_subjects})")
         if self.min_mask_area >= self.max_mask_area:
             raise ValueError("min_mask_area must be below max_mask_area")
+        sam2_checkpoint(self.sam2_config)  # a config name it cannot pair with a checkpoint fails here
         return self
 
 
@@ -104,7 +124,7 @@ class Subjects(Stage[SubjectsConfig]):
         if c.backend == "reference":
             from curation.stages.subjects.reference import Reference
 
-            self._ref = Reference(c)
+            self._ref = Reference(c, self.resources().gpus)
 
     def process(self, r: Row) -> Row:
         from curation.video import read_clip_frames
