@@ -30,7 +30,12 @@ class Reference:
         device = torch_device(torch, gpus, "subjects")
         self._torch = torch
         self._device = device
-        self._faces = FaceAnalysis(name="buffalo_l", root=str(root / "insightface"))
+        # boxes only: the other four buffalo_l models (landmarks, gender/age, recognition) are not needed here;
+        # onnxruntime's CUDA provider on a GPU worker (the GPU image installs onnxruntime-gpu)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self._faces = FaceAnalysis(
+            name="buffalo_l", root=str(root / "insightface"), allowed_modules=["detection"], providers=providers
+        )
         self._faces.prepare(ctx_id=0 if device == "cuda" else -1, det_size=(640, 640))
         self._sam = build_sam2_video_predictor(
             c.sam2_config, str(root / "sam2" / sam2_checkpoint(c.sam2_config)), device=device
