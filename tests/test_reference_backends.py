@@ -102,3 +102,27 @@ def test_the_sam2_checkpoint_follows_the_sam2_config(tmp_path: Path, capsys: pyt
     )
     out = capsys.readouterr().out
     assert "sam2/sam2.1_hiera_tiny.pt" in out and "sam2.1_hiera_large.pt" not in out
+
+
+def test_paddleocr3_results_become_boxes_and_the_models_are_named_per_folder(tmp_path: Path) -> None:
+    """PaddleOCR (and paddlepaddle) are not installed here: the result below is written in the shape PaddleOCR 3
+    documents for `predict` (one mapping per image: rec_polys as 4x2 int arrays, rec_texts, rec_scores)."""
+    import numpy as np
+
+    from curation.stages.ocr import OcrConfig, paddle_boxes
+
+    result = [
+        {
+            "rec_polys": [np.array([[10, 20], [90, 20], [90, 40], [10, 40]], np.int16)],
+            "rec_texts": ["NEWS 24"],
+            "rec_scores": [0.97],
+            "dt_polys": [np.zeros((4, 2))],
+        }
+    ]
+    assert paddle_boxes(result) == [([[10.0, 20.0], [90.0, 20.0], [90.0, 40.0], [10.0, 40.0]], "NEWS 24", 0.97)]
+    assert paddle_boxes([]) == [] and paddle_boxes(None) == []
+    (tmp_path / "paddleocr" / "PP-OCRv5_server_det").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"paddleocr/PP-OCRv5_server_rec \(get it from huggingface\.co/PaddlePaddle"):
+        OcrConfig(backend="reference", models_dir=str(tmp_path))
+    (tmp_path / "paddleocr" / "PP-OCRv5_server_rec").mkdir()
+    assert OcrConfig(backend="reference", models_dir=str(tmp_path)).weights()[1][0] == "paddleocr/PP-OCRv5_server_rec"

@@ -61,9 +61,21 @@ class OcrConfig(FilterConfig):
         "per core in-process; 0: a thread per core. Per core cuts one worker's wall by 15% for 80% more CPU, which "
         "parallel workers pay for",
     )
+    det_model: str = Field("PP-OCRv5_server_det", description="reference: PaddleOCR 3 text detection model name")
+    rec_model: str = Field("PP-OCRv5_server_rec", description="reference: PaddleOCR 3 text recognition model name")
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("paddleocr", "PaddleOCR's model downloads (det/rec inference models), copied into models_dir/paddleocr"),
+        ("paddleocr", "PaddleOCR 3's official inference models (huggingface.co/PaddlePaddle/<model name>)"),
     )
+
+    def weights(self) -> tuple[tuple[str, str], ...]:
+        """One folder per model, named like the model (what PaddleOCR 3 downloads into ~/.paddlex/official_models)."""
+        return tuple(
+            (
+                f"paddleocr/{m}",
+                f"huggingface.co/PaddlePaddle/{m} (or PaddleOCR 3's download), into models_dir/paddleocr",
+            )
+            for m in (self.det_model, self.rec_model)
+        )
 
 
 Box = list[list[float]]
@@ -100,18 +112,38 @@ class _RapidOcr:
 
 
 class _PaddleOcr:
-    def __init__(self, cfg: OcrConfig) -> None:
+    """PaddleOCR 3: detection + recognition only (the document orientation, unwarping and text-line orientation
+    sub-models are off: they are for scanned pages, and they would download at start), models read from
+    models_dir/paddleocr/<model name>."""
+
+    def __init__(self, cfg: OcrConfig, gpus: float) -> None:
         PaddleOCR = require("paddleocr", "ocr backend reference").PaddleOCR
 
         root = f"{cfg.models_dir}/paddleocr"
-        self.engine = PaddleOCR(det_model_dir=f"{root}/det", rec_model_dir=f"{root}/rec", use_angle_cls=False)
+        self.engine = PaddleOCR(
+            text_detection_model_name=cfg.det_model,
+            text_detection_model_dir=f"{root}/{cfg.det_model}",
+            text_recognition_model_name=cfg.rec_model,
+            text_recognition_model_dir=f"{root}/{cfg.rec_model}",
+            use_doc_orientation_classify=False,
+            use_doc_unwarping=False,
+            use_textline_orientation=False,
+            device="gpu:0" if gpus > 0 else "cpu",
+        )
 
     def __call__(self, rgb: np.ndarray) -> list[tuple[Box, str, float]]:
-        out = []
-        for page in self.engine.ocr(rgb[..., ::-1], cls=False) or []:
-            for box, (text, score) in page or []:
-                out.append((box, text, float(score)))
-        return out
+        return paddle_boxes(self.engine.predict(np.ascontiguousarray(rgb[..., ::-1])))
+
+
+def paddle_boxes(results: Any) -> list[tuple[Box, str, float]]:
+    """PaddleOCR 3's `predict` output (one result mapping per image, with `rec_polys`, `rec_texts`, `rec_scores`)
+    -> (4-point box, text, score) per recognised line."""
+    out = []
+    for res in results or []:
+        polys, texts, scores = res["rec_polys"], res["rec_texts"], res["rec_scores"]
+        for poly, text, score in zip(polys, texts, scores, strict=True):
+            out.append(([[float(x), float(y)] for x, y in np.asarray(poly).reshape(-1, 2)], str(text), float(score)))
+    return out
 
 
 def _rect(box: dict[str, Any]) -> tuple[float, float, float, float]:
@@ -154,7 +186,8 @@ class Ocr(SampleFilter):
     score_column = "ocr_text_area"
 
     def setup(self, ctx: StageContext) -> None:
-        self._engine = _PaddleOcr(self.config) if self.config.backend == "reference" else _RapidOcr(self.config, ctx)
+        ref = self.config.backend == "reference"
+        self._engine = _PaddleOcr(self.config, self.resources().gpus) if ref else _RapidOcr(self.config, ctx)
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         import cv2
