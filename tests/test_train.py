@@ -50,7 +50,7 @@ def test_cli_trains_and_the_loss_goes_down(overfit_run: Path, tmp_path: Path, ca
     assert sum(r["flow"] for r in m[-10:]) < 0.5 * sum(r["flow"] for r in m[:10])
     assert all({"mask", "mask_self", "mask_cross"} <= set(r) for r in m) and max(r["subjects"] for r in m) >= 2
     # the mask term (both attentions, on) falls too: every clip is in every step, so first and last compare alike
-    assert sum(r["mask"] for r in m[-10:]) < 0.95 * sum(r["mask"] for r in m[:10]), [r["mask"] for r in m]
+    assert sum(r["mask"] for r in m[-10:]) < 0.9 * sum(r["mask"] for r in m[:10]), [r["mask"] for r in m]
     # umT5 ran once per caption (step 1 sees all of them); every later step read the text cache
     assert m[0]["text_encoded"] == m[-1]["text_encoded"] == len({r for r in _captions(overfit_run)})
     assert len(list((out / "text-cache").rglob("*.pt"))) == m[0]["text_encoded"]

@@ -99,3 +99,16 @@ def test_export_loads_in_diffusers_and_generates_the_same_video(trained: Path, t
     assert saved["scale_shift_table"].dtype == torch.float32  # diffusers keeps these in fp32
     with pytest.raises(ConfigError, match="no checkpoint"):
         load_trained(tmp_path)
+
+
+def test_a_reference_binds_to_its_phrase_and_the_attributes_the_parser_gives_it() -> None:
+    from curation.train.sample import caption_spans
+
+    caption = "A man in a dark suit talks to a woman with red hair beside a desk."
+    man = (caption.index("man"), caption.index("man") + 3)
+    texts = {caption[a:b] for a, b in caption_spans(caption, man)}
+    assert "man" in texts and any("dark suit" in t for t in texts) and not any("red hair" in t for t in texts)
+    woman = (caption.index("woman"), caption.index("woman") + 5)
+    assert any("red hair" in caption[a:b] for a, b in caption_spans(caption, woman))
+    desk = (caption.index("beside"), caption.index("beside") + 6)  # names no subject: just the words given
+    assert caption_spans(caption, desk) == [desk]

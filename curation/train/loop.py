@@ -117,6 +117,14 @@ class TextCache:
         os.replace(tmp, p)
 
 
+def _weights_identity(path: str | None) -> list[Any]:
+    """What identifies a pretrained text encoder for the cache: its folder, and each file's name, size and mtime
+    under text_encoder/ and tokenizer/ (replacing the weights in place changes the key)."""
+    root = Path(path or "")
+    files = sorted(f for part in ("text_encoder", "tokenizer") for f in (root / part).rglob("*") if f.is_file())
+    return [str(root.resolve()), *[(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
+
 def _init_distributed(device: str) -> tuple[int, int]:
     """(rank, world size): torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT) starts the process group,
     nccl on CUDA, gloo on CPU; without it, one process."""
@@ -199,7 +207,9 @@ class Trainer:
         if cfg.data.text_cache:
             root = Path(cfg.data.text_cache_dir) if cfg.data.text_cache_dir else self.out / "text-cache"
             ident = {
-                "model": cfg.model.path if cfg.model.kind == "pretrained" else cfg.model.tiny.model_dump(),
+                "model": _weights_identity(cfg.model.path)
+                if cfg.model.kind == "pretrained"
+                else cfg.model.tiny.model_dump(),
                 "seed": cfg.seed if cfg.model.kind == "tiny" else None,
                 "dtype": te_dtype,
                 "text_len": cfg.data.text_len,
@@ -266,7 +276,8 @@ class Trainer:
     def losses(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         e = self.encode(batch)
         x0 = e["latents"]
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        # each rank its own noise and noise levels (rank 0 draws what a single process draws)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + self.rank * 1_000_000_007)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         lc = self.cfg.loss
         b = x0.shape[0]
@@ -429,7 +440,7 @@ class Trainer:
         t0 = time.perf_counter()
         batches = prefetched(self.stream.batches(self.loader_state), self.cfg.data.prefetch)
         # closing: the prefetch thread stops however the loop ends (done, error, interrupt)
-        metrics_path = self.out / ("metrics.jsonl" if self.rank == 0 else f".metrics-rank{self.rank}.jsonl")
+        metrics_path = self.out / "metrics.jsonl" if self.rank == 0 else Path(os.devnull)  # rank 0 logs the means
         with metrics_path.open("a") as metrics, closing(batches):
             for batch, st in batches:
                 ls = self.train_step(batch)

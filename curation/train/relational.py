@@ -136,7 +136,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 # -- routing maps (what the mask loss reads) --------------------------------------------------------------------
 # The share of a video token's attention that lands on subject k's keys is softmax(QK^T) @ I_k, with I_k the
 # indicator of k's keys. Appending the K indicators to V as extra channels gives every video token's output and all
-# its shares from the same attention call: exact, for every token and head, at K / D extra cost.
+# its shares from the same attention call: exact, for every token and head, at about 8 / D extra cost (K channels,
+# padded to a multiple of 8 for the GPU kernels).
 
 
 def group_indicator(layout: Layout) -> torch.Tensor:
@@ -155,16 +156,27 @@ def text_indicator(layout: Layout) -> torch.Tensor:
 
 
 def _with_routing(v: torch.Tensor, indicator: torch.Tensor | None) -> torch.Tensor:
+    """V with the K indicator channels appended, zero-padded to a multiple of 8 channels: GPU memory-efficient
+    attention kernels need that (flash needs V as wide as Q and is out either way); without it SDPA falls back to
+    the math kernel, which materialises the whole score matrix."""
     if indicator is None:
         return v
-    b, h = v.shape[:2]
-    return torch.cat([v, indicator.to(v.dtype)[:, None].expand(b, h, -1, -1)], dim=-1)
+    b, h, _, d = v.shape
+    k = indicator.shape[-1]
+    extra = indicator.to(v.dtype)[:, None].expand(b, h, -1, -1)
+    pad = -(d + k) % 8
+    if pad:
+        extra = F.pad(extra, (0, pad))
+    return torch.cat([v, extra], dim=-1)
 
 
-def _split_routing(out: torch.Tensor, d: int, nv: int, routing: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _split_routing(
+    out: torch.Tensor, d: int, nv: int, routing: bool, k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention output (first d channels) and the video rows' routing maps (the next k channels)."""
     if not routing:
         return out, None
-    return out[..., :d], out[:, :, :nv, d:]
+    return out[..., :d], out[:, :, :nv, d : d + k]
 
 
 Attention = tuple[torch.Tensor, torch.Tensor | None]
@@ -186,7 +198,7 @@ def blocked_self_attention(
     b, h, _, d = q.shape
     key_ok = layout.key_valid()[:, None, None, :]  # [B, 1, 1, N]
     vv = _with_routing(v, group_indicator(layout) if routing else None)
-    out_v, maps = _split_routing(_sdpa(q[:, :, :nv], k, vv, key_ok), d, nv, routing)
+    out_v, maps = _split_routing(_sdpa(q[:, :, :nv], k, vv, key_ok), d, nv, routing, kk)
     qr = q[:, :, nv:].reshape(b, h, kk, g, d).transpose(1, 2).reshape(b * kk, h, g, d)
     kr = k[:, :, nv:].reshape(b, h, kk, g, d).transpose(1, 2).reshape(b * kk, h, g, d)
     vr = v[:, :, nv:].reshape(b, h, kk, g, d).transpose(1, 2).reshape(b * kk, h, g, d)
@@ -203,7 +215,9 @@ def dense_self_attention(
     """The specification of `blocked_self_attention`: one SDPA under `self_attention_mask`."""
     d = q.shape[-1]
     vv = _with_routing(v, group_indicator(layout) if routing else None)
-    return _split_routing(dense_attention(q, k, vv, self_attention_mask(layout)), d, layout.n_video, routing)
+    return _split_routing(
+        dense_attention(q, k, vv, self_attention_mask(layout)), d, layout.n_video, routing, layout.n_subjects
+    )
 
 
 # -- cross-attention: hard mask or LumosX-style soft bias ------------------------------------------------------
@@ -220,8 +234,9 @@ def soft_text_template(layout: Layout) -> torch.Tensor:
 
 
 def pool_reference_queries(q_ref: torch.Tensor, layout: Layout, pool: int) -> torch.Tensor:
-    """Average reference queries over `pool` x `pool` windows of each reference image's token grid (windows at the
-    edge average what they cover), each token taking its window's mean. q_ref: [B, H, K*G, D]."""
+    """Average reference queries over `pool` x `pool` windows of each reference image's token grid, each token taking
+    its window's mean. q_ref: [B, H, K*G, D]. A window at the edge averages the tokens it covers (LumosX pads with
+    zeros and divides by pool^2; the same at grids that are multiples of `pool`, e.g. 256-px crops at pool 8)."""
     rh, rw = layout.ref_grid or (layout.per_slot, 1)
     if pool <= 1 or rh * rw == 1:
         return q_ref
@@ -266,7 +281,7 @@ def blocked_cross_attention(
         return _sdpa(q, k, v, None), None
     d = q.shape[-1]
     vv = _with_routing(v, text_indicator(layout) if routing else None)
-    out_v, maps = _split_routing(_sdpa(q[:, :, :nv], k, vv, None), d, nv, routing)
+    out_v, maps = _split_routing(_sdpa(q[:, :, :nv], k, vv, None), d, nv, routing, kk)
     if mode == "soft":
         out_r = _sdpa(q[:, :, nv:], k, v, soft_cross_bias(q[:, :, nv:], k, layout, ratio, pool))
     else:
@@ -295,7 +310,7 @@ def dense_cross_attention(
         mask[:, :, nv:] = soft_cross_bias(q[:, :, nv:], k, layout, ratio, pool)
     else:
         mask = cross_attention_mask(layout)
-    return _split_routing(dense_attention(q, k, vv, mask), d, nv, routing)
+    return _split_routing(dense_attention(q, k, vv, mask), d, nv, routing, layout.n_subjects)
 
 
 def attention_flops(n_video: int, n_subjects: int, group: int, n_text: int, dim: int) -> dict[str, float]:

@@ -89,6 +89,9 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[RelationalWan, 
 def _current(config: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's saved config without the keys later versions removed (so older checkpoints still load)."""
     config.get("loss", {}).pop("mask_queries", None)  # the mask loss reads every video token now
+    # trained before the soft mode existed: hard cross-attention (and face crops on the subject crop's RoPE
+    # positions, which this version shifts: such a checkpoint generates, but not exactly as it was trained)
+    config.setdefault("model", {}).setdefault("cross_attention", "hard")
     return config
 
 
@@ -115,9 +118,11 @@ def export_model(path: str | Path, out: str | Path, dtype: str = "float32") -> P
     save_file(extras, str(tmp / EXPORT_EXTRAS))
     meta = {"train_config": cfg.model_dump(mode="json"), "source": str(src), "dtype": dtype}
     (tmp / EXPORT_CONFIG).write_text(json.dumps(meta, indent=1))
-    if dest.exists():
-        shutil.rmtree(dest)
+    old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.old")
+    if dest.exists():  # swap: a reader sees the old export or the new one, never a half-written folder
+        os.replace(dest, old)
     os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 
@@ -154,7 +159,7 @@ def generate(
     device: str = "cpu",
 ) -> np.ndarray:
     """[frames, height, width, 3] uint8 RGB generated from the caption and references."""
-    from curation.train.data import _image, _letterbox
+    from curation.train.data import _image, _letterbox  # the loader's own crop preparation, as in training
 
     if (frames - 1) % 4:
         raise ConfigError(f"--frames {frames}: must be 4n+1 (Wan's VAE keeps frame 0, then groups of 4)")
@@ -189,7 +194,10 @@ def generate(
             at = low.find(ref.phrase.lower())
             if at < 0:
                 raise ConfigError(f"reference phrase {ref.phrase!r} is not in the caption: it binds to those words")
-            subject_text[0, j] = span_tokens(encoded, [(at, at + len(ref.phrase))]).to(device)
+            spans = caption_spans(caption, (at, at + len(ref.phrase)))
+            subject_text[0, j] = span_tokens(encoded, spans).to(device)
+            if not subject_text[0, j].any():
+                raise ConfigError(f"reference phrase {ref.phrase!r} lies past the {length} caption tokens read")
             if len(ref.images) > slots:
                 raise ConfigError(f"{ref.phrase!r}: {len(ref.images)} images, the model takes {slots} per subject")
             for s, img_path in enumerate(ref.images):
@@ -212,13 +220,29 @@ def generate(
     for t in sched.timesteps:
         ts = t.expand(1).float().to(device)
         cond, _ = model(x, ts, text, ref_latents, ref_valid, subject_text, text_valid)
-        if guidance > 1.0:
-            uncond, _ = model(x, ts, neg, ref_latents, ref_valid, subject_text, neg_valid)
+        if guidance > 1.0:  # the negative prompt has none of the subjects' words
+            unbound = None if subject_text is None else torch.zeros_like(subject_text)
+            uncond, _ = model(x, ts, neg, ref_latents, ref_valid, unbound, neg_valid)
             cond = uncond + guidance * (cond - uncond)
         x = sched.step(cond, t, x, return_dict=False)[0]
     video = enc.vae.decode(x * z_std + z_mean, return_dict=False)[0]  # [1, 3, F, H, W] in [-1, 1]
     video = ((video[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return video.permute(1, 2, 3, 0).cpu().numpy()[:frames]
+
+
+def caption_spans(caption: str, phrase: tuple[int, int]) -> list[tuple[int, int]]:
+    """The character spans a reference binds to: the phrase, plus the attributes the caption parser gives the
+    subject it names (as the shards' subject spans were made in training); just the phrase when the parser finds
+    no subject there."""
+    from curation.stages.caption.parser import parse_caption
+    from curation.train.text import subject_spans
+
+    a, b = phrase
+    for subject in parse_caption(caption).model_dump()["subjects"]:
+        sp = subject.get("span")
+        if sp and sp["start"] < b and a < sp["end"]:
+            return [phrase, *subject_spans(subject)]
+    return [phrase]
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
