@@ -118,7 +118,7 @@ class _LaionWatermark:
 
         self.torch = torch
         self.device = torch_device(torch, gpus, "watermark")
-        model = timm.create_model("efficientnet_b3a", pretrained=False, num_classes=2)
+        model = timm.create_model("efficientnet_b3", pretrained=False, num_classes=2)
         model.classifier = torch.nn.Sequential(
             torch.nn.Linear(in_features=1536, out_features=625),
             torch.nn.ReLU(),

@@ -1,0 +1,180 @@
+"""The reference lane (issue 17): reference backends driven through the stage code by a real pipeline run, on the
+CPU, with random weights written in the upstream checkpoint formats (nothing can be downloaded here). It runs in its
+own virtualenv, `make test-reference` (PyPI's CUDA torch wheel, which runs on the CPU, with torchvision, open_clip,
+timm, sam2 and insightface); in the default venv these tests skip, since those libraries are not installed there.
+
+What it shows: each backend loads its files from `models_dir` in the format users download, scores real clips and
+writes its manifest columns, and `curation report` reads the result. What it cannot show: the scores' quality
+(random weights) and GPU speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.reference
+
+open_clip = pytest.importorskip("open_clip")
+timm = pytest.importorskip("timm")
+torch = pytest.importorskip("torch")
+
+from curation.config import load_config  # noqa: E402
+from curation.manifest import Manifests  # noqa: E402
+from curation.pipeline import Pipeline  # noqa: E402
+from tests.conftest import REPO, media  # noqa: E402
+
+
+def _clip_weights(models: Path) -> None:
+    """OpenAI ViT-L/14 in open_clip's state-dict format (what timm/vit_large_patch14_clip_224.openai ships as
+    open_clip_model.safetensors), random, plus the LAION head in its published `layers.N` layout."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-L-14-quickgelu", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(models / "open_clip_model.safetensors"))
+    head = {}
+    for i, (o, n) in {0: (1024, 768), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}.items():
+        head[f"layers.{i}.weight"] = torch.randn(o, n) * 0.02
+        head[f"layers.{i}.bias"] = torch.zeros(o) + (5.0 if i == 7 else 0.0)
+    torch.save(head, models / "sac+logos+ava1-l14-linearMSE.pth")
+
+
+def _watermark_weights(models: Path) -> None:
+    """LAION's watermark detector layout: timm efficientnet_b3 (their b3a: the same network) with its 1536 -> 625 ->
+    256 -> 2 classifier."""
+    torch.manual_seed(1)
+    m = timm.create_model("efficientnet_b3", pretrained=False, num_classes=2)
+    m.classifier = torch.nn.Sequential(
+        torch.nn.Linear(1536, 625),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(625, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 2),
+    )
+    torch.save(m.state_dict(), models / "watermark_model_v1.pt")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("reference")
+    models = tmp / "models"
+    models.mkdir()
+    _clip_weights(models)
+    _watermark_weights(models)
+    overrides = [
+        "runner=local",
+        "progress=false",
+        "stages=[probe,scenecut,aesthetics,watermark,package]",
+        *(f"{s}.{k}" for s in ("aesthetics", "watermark") for k in ("backend=reference", f"models_dir={models}")),
+        "aesthetics.resources.gpus=0",  # this torch sees no GPU: run the GPU backends on the CPU on purpose
+        "watermark.resources.gpus=0",
+        "aesthetics.min_score=1",
+    ]
+    cfg = load_config(REPO / "configs" / "local.yaml", overrides)
+    Pipeline(cfg, tmp / "run").run(media("sam2_01_dog.mp4"))
+    return tmp / "run"
+
+
+def test_aesthetics_and_watermark_reference_score_real_clips(reference_run: Path) -> None:
+    m = Manifests(reference_run)
+    rows = m.rows(
+        "SELECT aesthetics_backend, aesthetics_score, aesthetics_status, watermark_backend, watermark_score, "
+        "watermark_probability_max FROM clips WHERE aesthetics_status IS NOT NULL"
+    )
+    assert rows, "no clip reached the filters"
+    for r in rows:
+        assert r["aesthetics_backend"] == "reference:laion-aesthetic-v2"
+        assert r["watermark_backend"] == "reference:laion-watermark-v1"
+        assert r["aesthetics_score"] is not None and abs(r["aesthetics_score"] - 5.0) < 3  # head bias 5, small weights
+        assert 0 <= r["watermark_score"] <= 1 and 0 <= r["watermark_probability_max"] <= 1
+
+
+def test_report_reads_a_reference_run(reference_run: Path) -> None:
+    from curation.cli import main
+
+    assert main(["report", str(reference_run), "--out", str(reference_run / "report.html")]) == 0
+    assert "aesthetics" in (reference_run / "report.html").read_text()
+
+
+class _ScrfdShaped(torch.nn.Module):
+    """A face detector with the input and the nine outputs of buffalo_l's det_10g.onnx (SCRFD: for strides 8, 16,
+    32 and two anchors per place, scores [N, 1], then boxes [N, 4], then 5 landmarks [N, 10]), random weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(3, 2 * (1 + 4 + 10), s, stride=s) for s in (8, 16, 32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scores, boxes, kps = [], [], []
+        for head in self.heads:
+            y = head(x).permute(0, 2, 3, 1)  # [1, h, w, 2 * 15]: per place, per anchor
+            y = y.reshape(-1, 15)
+            scores.append(torch.sigmoid(y[:, :1] - 2.0))
+            boxes.append(torch.nn.functional.softplus(y[:, 1:5]) + 1.0)
+            kps.append(y[:, 5:])
+        return (*scores, *boxes, *kps)
+
+
+def _subjects_weights(models: Path) -> None:
+    """SAM2.1 hiera-tiny in SAM2's checkpoint format ({"model": state_dict}) and insightface's buffalo_l folder with
+    a detection model of det_10g.onnx's shape, both random."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.manual_seed(2)
+    sam = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
+    (models / "sam2").mkdir()
+    torch.save({"model": sam.state_dict()}, models / "sam2" / "sam2.1_hiera_tiny.pt")
+    det = models / "insightface" / "models" / "buffalo_l"
+    det.mkdir(parents=True)
+    torch.onnx.export(
+        _ScrfdShaped().eval(),
+        (torch.zeros(1, 3, 640, 640),),
+        str(det / "det_10g.onnx"),
+        input_names=["input.1"],
+        dynamic_axes={"input.1": {2: "h", 3: "w"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def subjects_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("sam2")
+    pytest.importorskip("insightface")
+    tmp = tmp_path_factory.mktemp("reference-subjects")
+    models = tmp / "models"
+    models.mkdir()
+    _subjects_weights(models)
+    overrides = [
+        "runner=local",
+        "progress=false",
+        "stages=[probe,scenecut,caption,subjects,package]",
+        "subjects.backend=reference",
+        f"subjects.models_dir={models}",
+        "subjects.sam2_config=configs/sam2.1/sam2.1_hiera_t.yaml",
+        "subjects.resources.gpus=0",
+        "subjects.track_frames=4",  # SAM2 on the CPU: a few frames are enough to show the path runs
+        "scenecut.max_clip_s=4",
+    ]
+    cfg = load_config(REPO / "configs" / "local.yaml", overrides)
+    Pipeline(cfg, tmp / "run").run(media("sam2_01_dog.mp4"))
+    return tmp / "run"
+
+
+def test_subjects_reference_runs_sam2_and_insightface_from_their_files(subjects_run: Path) -> None:
+    import json
+
+    m = Manifests(subjects_run)
+    rows = m.rows(
+        "SELECT subjects_backend, subjects_status, subjects_error, subjects_count, subjects_tracks, subjects_frames "
+        "FROM clips WHERE subjects_status IS NOT NULL"
+    )
+    assert rows and all(r["subjects_backend"] == "reference:insightface+sam2" for r in rows)
+    assert all(r["subjects_status"] in ("ok", "reject") for r in rows), rows  # no error rows: the path ran
+    ok = [r for r in rows if r["subjects_status"] == "ok"]
+    assert ok and all(r["subjects_count"] >= 1 for r in ok)
+    for r in ok:  # SAM2 propagated a mask to every tracked frame of each kept track
+        frames = {str(f) for f in r["subjects_frames"]}
+        assert all(set(t["boxes"]) == frames for t in json.loads(r["subjects_tracks"]))
