@@ -180,17 +180,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Which weights each reference backend needs, where it looks, which are present, where to get them."""
-    from curation.config import load_config
+    from curation.config import apply_overrides, read_yaml_mapping
     from curation.stage import registry
 
-    overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides) if args.config or overrides else None
+    data = read_yaml_mapping(args.config, "config file", "configs/gpu.yaml") if args.config else {}
+    data = apply_overrides(data, list(args.overrides))
     rows = []
     for name, cls in registry().items():
         needs = getattr(cls.config_class, "reference_weights", ())
         if not needs:
             continue
-        stage_cfg = cfg.stage_config(name) if cfg else cls.config_class()
+        # listing what is missing is this command's job: the stage's settings without the weights check
+        stage_cfg = cls.config_class.model_construct(**{**cls.config_class().model_dump(), **(data.get(name) or {})})
         root = Path(args.models_dir or getattr(stage_cfg, "models_dir", "models")).expanduser()
         files = stage_cfg.weights() if hasattr(stage_cfg, "weights") else needs
         for file, source in files:

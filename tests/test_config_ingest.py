@@ -168,3 +168,40 @@ def test_models_dir_is_not_frozen_into_the_saved_run_config(tmp_path: Path, monk
     cfg = load_config(saved)
     assert cfg.stage_config("aesthetics").models_dir == "/machine-b/models"
     assert cfg.stage_config("ocr").models_dir == "/named/here"  # a folder the config named stays
+
+
+def test_gpu_profile_loads_with_its_weights_and_fits_the_gpu_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """configs/gpu.yaml against what it runs on: every model stage on its reference backend, GPU shares that fit the
+    KubeRay GPU worker (1 GPU) and the image that worker runs (Dockerfile.gpu installs the `gpu` extra)."""
+    import yaml
+
+    from curation.cli import main
+    from curation.stage import registry
+
+    monkeypatch.setenv("CURATION_MODELS", str(tmp_path))
+    with pytest.raises(ConfigError, match="reference backend needs"):  # no weights yet: fails naming them
+        load_config(REPO / "configs" / "gpu.yaml")
+    assert main(["models", "--config", str(REPO / "configs" / "gpu.yaml")]) == 0
+    listed = [ln.split()[1] for ln in capsys.readouterr().out.splitlines()[1:] if "MISSING" in ln]
+    assert "sam2/sam2.1_hiera_large.pt" in listed and "open_clip_model.safetensors" in listed
+    for file in listed:  # placeholders where `curation models` says the files go
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        if "." in Path(file).name:
+            (tmp_path / file).touch()
+        else:
+            (tmp_path / file).mkdir(exist_ok=True)
+    cfg = load_config(REPO / "configs" / "gpu.yaml")
+    rc = yaml.safe_load((REPO / "docker" / "kuberay-raycluster.yaml").read_text())
+    gpu_group = next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    per_worker = float(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpu_group["template"]["spec"]["containers"][0]["image"] == "musa-curation:gpu"
+    for name, cls in registry().items():
+        sc = cfg.stage_config(name)
+        stage = cls(sc)
+        if getattr(sc, "backend", None) is not None and cls.gpu_backends:
+            assert sc.backend in cls.gpu_backends, f"{name} is not on a GPU backend in gpu.yaml"
+            gpus = stage.resources().gpus
+            assert 0 < gpus <= per_worker, name
+    assert cfg.stage_config("caption").model and cfg.runner == "ray"
