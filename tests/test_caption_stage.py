@@ -111,8 +111,13 @@ class _FakeChat(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             if is_caption:
-                assert all(p["type"] in ("image_url", "text") for p in content)
-                assert content[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+                with st["lock"]:
+                    st["caption_bodies"] = [*st.get("caption_bodies", []), body]
+                kinds = {p["type"] for p in content}
+                assert kinds in ({"image_url", "text"}, {"video_url", "text"}), kinds
+                part = content[0]
+                url = part["image_url"]["url"] if part["type"] == "image_url" else part["video_url"]["url"]
+                assert url.startswith(("data:image/jpeg;base64,", "data:video/jpeg;base64,"))
                 text = "A woman in a red coat walks a brown dog."
             elif model == "malformed" or (model == "malformed-once" and st["calls"].get("m-ext", 0) == 0):
                 with st["lock"]:
@@ -219,3 +224,38 @@ def test_openai_backend_needs_endpoint_and_model() -> None:
         build_config({"caption": {"backend": "openai"}})
     with pytest.raises(ConfigError, match="no prompt"):
         build_config({"caption": {"extract_prompt": "nope"}})
+
+
+def _jpeg_frames(url: str) -> list:
+    import base64
+
+    import cv2
+    import numpy as np
+
+    data = url.split(";base64,", 1)[1]
+    return [cv2.imdecode(np.frombuffer(base64.b64decode(b), np.uint8), cv2.IMREAD_COLOR) for b in data.split(",")]
+
+
+def test_clip_goes_to_the_mllm_as_one_video_with_its_rate_or_as_images(chat_server: str, captioned_run: Path) -> None:
+    """Video input (Qwen2.5-VL's temporal modelling): one `video/jpeg` part (vLLM's form: base64 JPEG frames joined by
+    commas) within the frame-rate and pixel budgets, with the rate the frames were taken at in `mm_processor_kwargs`;
+    the image-list mode sends separate images and no processor arguments."""
+    from curation.samples import load_samples
+
+    clip = _clips(captioned_run, 1)
+    out = _stage(chat_server, "good", max_pixels=160 * 120, video_fps=1.0, frames=8).run_batch(clip)
+    assert out[0]["caption_status"] == "ok"
+    body = _FakeChat.state["caption_bodies"][-1]
+    parts = body["messages"][0]["content"]
+    assert [p["type"] for p in parts] == ["video_url", "text"]
+    frames = _jpeg_frames(parts[0]["video_url"]["url"])
+    idx = load_samples(clip[0])["indices"]
+    span = float(idx[-1] - idx[0]) / clip[0]["probe_fps"]
+    assert 2 <= len(frames) <= min(8, int(span * 1.0) + 2)  # at most ~1 frame per second of clip
+    assert all(f is not None and f.shape[0] * f.shape[1] <= 160 * 120 for f in frames)
+    fps = body["mm_processor_kwargs"]["fps"]
+    assert 0 < fps <= 1.0 + 1e-6 or len(frames) == 2
+    _stage(chat_server, "good", mllm_input="images", frames=3).run_batch(clip)
+    body = _FakeChat.state["caption_bodies"][-1]
+    assert [p["type"] for p in body["messages"][0]["content"]] == ["image_url"] * 3 + ["text"]
+    assert "mm_processor_kwargs" not in body

@@ -4,15 +4,17 @@
   deterministic English parser. A clip without one gets a template caption marked `[template]` that states only
   what is known, never an invented description (`caption_origin = template`).
 - `openai`: any OpenAI-compatible endpoint (`vllm serve`, or another server): the caption prompt with the clip's
-  frames, then the extraction prompt with JSON-schema output. `vllm`: the same two prompts on vLLM's offline engine
-  inside the worker (GPU). Answers are validated against the schema; an invalid one is repaired or asked again once;
-  what still fails is an `error` row that keeps the raw answer in `caption_raw`.
+  frames (one video part by default, `mllm_input`), then the extraction prompt with JSON-schema output. `vllm`: the
+  same two prompts on vLLM's offline engine inside the worker (GPU). Answers are validated against the schema; an
+  invalid one is repaired or asked again once; what still fails is an `error` row that keeps the raw answer in
+  `caption_raw`.
 Subjects and relations are stored as JSON (`caption_subjects`, `caption_relations`), which DuckDB queries directly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, ClassVar, Literal
 
@@ -28,6 +30,7 @@ from curation.stages.caption.mllm import (
     extraction_schema,
     image_part,
     parse_record,
+    video_part,
 )
 from curation.stages.caption.parser import parse_caption, parse_captions
 from curation.stages.caption.prompts import load_prompt
@@ -39,7 +42,14 @@ class CaptionConfig(StageConfig):
     use_supplied: bool = Field(True, description="MLLM backends: keep a supplied caption, only extract from it")
     caption_prompt: str = "caption_v1"
     extract_prompt: str = "extract_v1"
-    frames: int = Field(6, ge=1, le=32, description="frames sent to the MLLM per clip")
+    frames: int = Field(6, ge=1, le=32, description="at most this many frames go to the MLLM per clip")
+    mllm_input: Literal["video", "images"] = Field(
+        "video", description="MLLM backends: the clip as one video (Qwen2.5-VL's temporal modelling) or as images"
+    )
+    video_fps: float = Field(
+        2.0, gt=0, description="video input: at most this many frames per second of clip (Qwen2.5-VL samples at 2)"
+    )
+    max_pixels: int = Field(448 * 448, ge=28 * 28, description="video input: pixel budget per frame (h x w)")
     endpoint: str | None = operational(None, description="openai: base URL, e.g. http://localhost:8000/v1")
     model: str | None = Field(None, description="openai: served model name; vllm: model path or name")
     api_key_env: str = operational("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
@@ -69,6 +79,24 @@ def template_caption(row: Row) -> str:
     if texts:
         facts.append("on-screen text: " + "; ".join(texts[:3]))
     return "[template] no caption supplied" + (f" ({', '.join(facts)})" if facts else "")
+
+
+def mllm_content(
+    samples: dict[str, Any], fps: float | None, c: CaptionConfig
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A clip's frames as MLLM content parts, and the request fields that go with them.
+
+    video: the samples within `video_fps` x the clip's sampled span (at least 2, at most `frames`), as one video part,
+    with the rate they were taken at (`mm_processor_kwargs.fps`, which Qwen2.5-VL turns into time positions).
+    images: `frames` evenly spaced samples, one image part each."""
+    frames, idx = samples["frames"], samples.get("indices")
+    if c.mllm_input == "images":
+        return [image_part(f) for f in frames[pick(len(frames), c.frames)]], {}
+    span = float(idx[-1] - idx[0]) / fps if fps and idx is not None and len(idx) > 1 else 0.0
+    n = min(c.frames, len(frames), max(2, math.ceil(span * c.video_fps) + 1)) if span > 0 else min(c.frames, 2)
+    sel = pick(len(frames), n)
+    rate = (len(sel) - 1) / (float(idx[sel[-1]] - idx[sel[0]]) / fps) if span > 0 and len(sel) > 1 else c.video_fps
+    return [video_part(frames[sel], c.max_pixels)], {"mm_processor_kwargs": {"fps": round(rate, 4)}}
 
 
 class Caption(Stage[CaptionConfig]):
@@ -106,7 +134,9 @@ class Caption(Stage[CaptionConfig]):
                 c.max_tokens,
             )
         elif c.backend == "vllm":
-            self._client = VLLMEngine(c.model or "", images_per_prompt=c.frames, max_tokens=c.max_tokens)
+            self._client = VLLMEngine(
+                c.model or "", images_per_prompt=c.frames, max_tokens=c.max_tokens, video=c.mllm_input == "video"
+            )
 
     def _out(self, r: Row, rec: CaptionRecord, origin: str, raw: str | None = None) -> Row:
         return self.row(
@@ -182,13 +212,14 @@ class Caption(Stage[CaptionConfig]):
                 captions[i], origin[i] = supplied, "supplied"
                 continue
             try:
-                frames = load_samples(r)["frames"]
+                samples = load_samples(r)
             except Exception as exc:  # no samples: an error row
                 errors[i] = self.error_row(r, exc)
                 continue
-            parts: list[dict[str, Any]] = [image_part(f) for f in frames[pick(len(frames), c.frames)]]
-            to_caption.append((i, [{"role": "user", "content": [*parts, {"type": "text", "text": cap_prompt}]}]))
-        answers = self._client.chat_many([(m, None) for _, m in to_caption])
+            parts, extra = mllm_content(samples, r.get("probe_fps"), c)
+            msg = [{"role": "user", "content": [*parts, {"type": "text", "text": cap_prompt}]}]
+            to_caption.append((i, (msg, None, extra)))
+        answers = self._client.chat_many([req for _, req in to_caption])
         for (i, _), ans in zip(to_caption, answers, strict=True):
             if isinstance(ans, MLLMError) or not ans.strip():
                 errors[i] = self.row(

@@ -28,6 +28,8 @@ from curation.stages.caption.schema import CaptionRecord
 log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+# (messages, JSON schema or None[, extra request fields such as vLLM's mm_processor_kwargs])
+Request = tuple[list[Message], dict[str, Any] | None] | tuple[list[Message], dict[str, Any] | None, dict[str, Any]]
 
 
 class MLLMError(Exception):
@@ -36,6 +38,34 @@ class MLLMError(Exception):
     def __init__(self, message: str, raw: str | None = None) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+def _jpeg_b64(rgb: np.ndarray, quality: int) -> str:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise MLLMError("could not encode a frame as JPEG")
+    return base64.b64encode(buf).decode()
+
+
+def fit_pixels(rgb: np.ndarray, max_pixels: int) -> np.ndarray:
+    """Scaled down (aspect kept) so that height x width <= max_pixels: the MLLM's per-frame pixel budget."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    f = min(1.0, (max_pixels / (h * w)) ** 0.5)
+    if f >= 1.0:
+        return rgb
+    return cv2.resize(rgb, (max(1, int(w * f)), max(1, int(h * f))), interpolation=cv2.INTER_AREA)
+
+
+def video_part(frames: np.ndarray, max_pixels: int, quality: int = 85) -> dict[str, Any]:
+    """A clip as one video content part: its frames as JPEGs in one data URL, base64 frames joined by commas (the
+    `video/jpeg` form vLLM's OpenAI server and `LLM.chat` read), each within the pixel budget. Qwen2.5-VL then sees
+    a video (temporal patches, time positions) instead of unrelated images."""
+    data = ",".join(_jpeg_b64(fit_pixels(f, max_pixels), quality) for f in frames)
+    return {"type": "video_url", "video_url": {"url": "data:video/jpeg;base64," + data}}
 
 
 def image_part(rgb: np.ndarray, max_side: int = 448, quality: int = 85) -> dict[str, Any]:
@@ -70,12 +100,16 @@ class OpenAIClient:
         self.concurrency = max(1, concurrency)
         self._slots = threading.Semaphore(self.concurrency)
 
-    def chat(self, messages: list[Message], json_schema: dict[str, Any] | None = None) -> str:
+    def chat(
+        self, messages: list[Message], json_schema: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+    ) -> str:
+        """One chat completion; `extra` goes into the request body as is (e.g. vLLM's `mm_processor_kwargs`)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "temperature": 0.0,
             "max_tokens": self.max_tokens,
+            **(extra or {}),
         }
         if json_schema is not None:
             body["response_format"] = {
@@ -109,10 +143,10 @@ class OpenAIClient:
             log.info("chat request failed (attempt %d/%d): %s", attempt + 1, self.retries + 1, last)
         raise MLLMError(f"endpoint failed after {self.retries + 1} attempts: {type(last).__name__}: {last}")
 
-    def chat_many(self, requests: Sequence[tuple[list[Message], dict[str, Any] | None]]) -> list[str | MLLMError]:
+    def chat_many(self, requests: Sequence[Request]) -> list[str | MLLMError]:
         """Many chats at once (at most `concurrency` in flight); failures come back as MLLMError values."""
 
-        def one(req: tuple[list[Message], dict[str, Any] | None]) -> str | MLLMError:
+        def one(req: Request) -> str | MLLMError:
             try:
                 return self.chat(*req)
             except MLLMError as exc:
@@ -132,6 +166,7 @@ class VLLMEngine:
         images_per_prompt: int = 8,
         gpu_memory_utilization: float = 0.9,
         max_tokens: int = 768,
+        video: bool = False,
     ) -> None:
         from curation.errors import require
 
@@ -140,7 +175,7 @@ class VLLMEngine:
             model=model,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
-            limit_mm_per_prompt={"image": images_per_prompt},
+            limit_mm_per_prompt={"video": 1, "image": 0} if video else {"image": images_per_prompt},
         )
         self.max_tokens = max_tokens
 
@@ -159,16 +194,20 @@ class VLLMEngine:
                 kwargs["guided_decoding"] = GuidedDecodingParams(json=json_schema)
         return SamplingParams(**kwargs)
 
-    def chat_many(self, requests: Sequence[tuple[list[Message], dict[str, Any] | None]]) -> list[str | MLLMError]:
+    def chat_many(self, requests: Sequence[Request]) -> list[str | MLLMError]:
         out: list[str | MLLMError] = []
-        by_schema: dict[str, list[int]] = {}
-        for i, (_, schema) in enumerate(requests):
-            by_schema.setdefault(json.dumps(schema, sort_keys=True), []).append(i)
+        by_schema: dict[str, list[int]] = {}  # one engine call per (schema, processor kwargs)
+        for i, req in enumerate(requests):
+            schema, extra = req[1], (req[2] if len(req) > 2 else None) or {}
+            key = json.dumps([schema, extra.get("mm_processor_kwargs")], sort_keys=True)
+            by_schema.setdefault(key, []).append(i)
         results: dict[int, str | MLLMError] = {}
         for key, idx in by_schema.items():
-            params = self._params(json.loads(key))
+            schema, mm_kwargs = json.loads(key)
+            params = self._params(schema)
             try:
-                gens = self.llm.chat([requests[i][0] for i in idx], sampling_params=params, use_tqdm=False)
+                kw = {"mm_processor_kwargs": mm_kwargs} if mm_kwargs else {}
+                gens = self.llm.chat([requests[i][0] for i in idx], sampling_params=params, use_tqdm=False, **kw)
                 for i, g in zip(idx, gens, strict=True):
                     results[i] = g.outputs[0].text
             except Exception as exc:  # one bad batch: every request in it becomes an error value
