@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from curation.config import load_config  # noqa: E402
 from curation.manifest import Manifests  # noqa: E402
 from curation.pipeline import Pipeline  # noqa: E402
-from tests.conftest import REPO, media  # noqa: E402
+from tests.conftest import REPO, caption_list, media  # noqa: E402
 
 
 def _clip_weights(models: Path) -> None:
@@ -117,10 +117,54 @@ class _ScrfdShaped(torch.nn.Module):
         return (*scores, *boxes, *kps)
 
 
+def _grounding_dino(folder: Path) -> None:
+    """A Grounding DINO folder as transformers saves IDEA-Research/grounding-dino-tiny (config, weights, processor
+    with a BERT-style WordPiece tokenizer), small and random: Swin and BERT shrunk, the same architecture."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import (
+        BertConfig,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        PreTrainedTokenizerFast,
+        SwinConfig,
+    )
+    from transformers import GroundingDinoImageProcessor as ImageProcessor
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "brown", "dog", "runs", "on", "the", "grass"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tok.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )  # fmt: skip
+    cfg = GroundingDinoConfig(
+        backbone_config=SwinConfig(
+            embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
+        ),
+        text_config=BertConfig(
+            vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        ),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=30, max_text_len=32,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(folder)
+    image_processor = ImageProcessor(size={"shortest_edge": 224, "longest_edge": 320})
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
 def _subjects_weights(models: Path) -> None:
-    """SAM2.1 hiera-tiny in SAM2's checkpoint format ({"model": state_dict}) and insightface's buffalo_l folder with
-    a detection model of det_10g.onnx's shape, both random."""
+    """SAM2.1 hiera-tiny in SAM2's checkpoint format ({"model": state_dict}), insightface's buffalo_l folder with
+    a detection model of det_10g.onnx's shape and a Grounding DINO folder, all random."""
     from sam2.build_sam import build_sam2_video_predictor
+
+    _grounding_dino(models / "grounding-dino-tiny")
 
     torch.manual_seed(2)
     sam = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", ckpt_path=None, device="cpu")
@@ -156,10 +200,12 @@ def subjects_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "subjects.sam2_config=configs/sam2.1/sam2.1_hiera_t.yaml",
         "subjects.resources.gpus=0",
         "subjects.track_frames=4",  # SAM2 on the CPU: a few frames are enough to show the path runs
+        "subjects.box_threshold=0",  # random Grounding DINO: take its best box, whatever its score
+        "subjects.text_threshold=0",
         "scenecut.max_clip_s=4",
     ]
     cfg = load_config(REPO / "configs" / "local.yaml", overrides)
-    Pipeline(cfg, tmp / "run").run(media("sam2_01_dog.mp4"))
+    Pipeline(cfg, tmp / "run").run(str(caption_list(tmp / "list.csv", {"sam2_01_dog.mp4": "A brown dog runs."})))
     return tmp / "run"
 
 
@@ -178,3 +224,7 @@ def test_subjects_reference_runs_sam2_and_insightface_from_their_files(subjects_
     for r in ok:  # SAM2 propagated a mask to every tracked frame of each kept track
         frames = {str(f) for f in r["subjects_frames"]}
         assert all(set(t["boxes"]) == frames for t in json.loads(r["subjects_tracks"]))
+    # Grounding DINO looked for the caption's subject: a track carries its phrase and is linked to it
+    every = [t for r in rows for k in ("subjects_tracks",) for t in json.loads(r[k] or "[]")]
+    dog = [t for t in every if t.get("grounded_phrase") == "dog"]
+    assert dog and all(t["subject_id"] == t["grounded_subject"] and t["link_confidence"] == 0.95 for t in dog)

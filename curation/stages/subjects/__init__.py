@@ -43,6 +43,7 @@ __all__ = ["Subjects", "SubjectsConfig", "link_subjects"]
 
 
 SAM2_SOURCE = "https://github.com/facebookresearch/sam2#download-checkpoints"
+GROUNDING_SOURCE = "huggingface.co/IDEA-Research/grounding-dino-tiny (the whole repo folder, for transformers)"
 SAM2_CHECKPOINTS = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
 
 
@@ -74,6 +75,17 @@ class SubjectsConfig(FilterConfig):
     max_subjects: int = Field(6, ge=1)
     face_margin: float = Field(0.4, ge=0, description="face crop margin, share of the face size on each side")
     sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_l.yaml", description="reference: SAM2 model config")
+    grounding: bool = Field(
+        True, description="reference: boxes for each caption subject from its phrase (Grounding DINO)"
+    )
+    grounding_model: str = Field(
+        "grounding-dino-tiny", description="reference: a transformers Grounding DINO folder under models_dir"
+    )
+    grounding_keyframes: int = Field(
+        3, ge=1, le=16, description="reference: tracked frames the phrases are looked for in"
+    )
+    box_threshold: float = Field(0.35, ge=0, le=1, description="reference: Grounding DINO box score threshold")
+    text_threshold: float = Field(0.25, ge=0, le=1, description="reference: Grounding DINO text score threshold")
 
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("sam2/sam2.1_hiera_large.pt", SAM2_SOURCE),
@@ -83,7 +95,10 @@ class SubjectsConfig(FilterConfig):
     def weights(self) -> tuple[tuple[str, str], ...]:
         """The SAM2 checkpoint follows `sam2_config` (tiny config, tiny checkpoint)."""
         sam = f"sam2/{sam2_checkpoint(self.sam2_config)}"
-        return ((sam, SAM2_SOURCE), *(w for w in self.reference_weights if not w[0].startswith("sam2/")))
+        out = [(sam, SAM2_SOURCE), *(w for w in self.reference_weights if not w[0].startswith("sam2/"))]
+        if self.grounding:
+            out.append((self.grounding_model, GROUNDING_SOURCE))
+        return tuple(out)
 
     @model_validator(mode="after")
     def _sizes(self) -> SubjectsConfig:
@@ -145,7 +160,7 @@ class Subjects(Stage[SubjectsConfig]):
             return self.row(r, "error", "decode", f"decoded {len(positions)} of the clip's frames")
         frames = [got[p] for p in positions]
         if self._ref is not None:
-            raw, grid = self._ref.track(frames, self._det, c)
+            raw, grid = self._ref.track(frames, self._det, c, json.loads(r.get("caption_subjects") or "[]"))
         else:
             raw, grid = self._det.track(frames, c.min_presence)
         scale = frames[0].shape[1] / grid[0]  # mask grid -> decoded frame pixels
@@ -307,7 +322,7 @@ def _describe(
     face_px = max((e["px"] for e in faces.values()), default=0.0)
     cx = float(np.mean([(v[0] + v[2]) / 2 for v in boxes.values()])) if boxes else 0.5
     info: dict[str, Any] = {
-        "category": "person" if t.person_votes * 3 >= len(t.boxes) or t.faces else "object",
+        "category": t.grounded_category or ("person" if t.person_votes * 3 >= len(t.boxes) or t.faces else "object"),
         "presence": round(len(t.masks) / len(positions), 3),
         "area": round(float(np.mean(areas)), 5),
         "cx": round(cx, 4),
@@ -318,6 +333,8 @@ def _describe(
         "faces": faces,
         "face_model": DETECTOR_MODEL if t.face_info else ("insightface:buffalo_l" if t.faces else None),
         "gates": [],
+        "grounded_phrase": t.grounded_phrase,
+        "grounded_subject": t.grounded_subject,
     }
     if t.faces and face_px < c.min_face_px:
         info["gates"].append("face_too_small")

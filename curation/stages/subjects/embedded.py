@@ -40,6 +40,10 @@ class Track:
     faces: dict[int, Box] = field(default_factory=dict)  # frame position -> largest face (mask grid)
     face_info: dict[int, Face] = field(default_factory=dict)  # the same faces, in decoded-frame pixels
     person_votes: int = 0
+    # caption-grounded (reference backend): the caption subject whose phrase found this track, and that phrase
+    grounded_subject: int | None = None
+    grounded_phrase: str | None = None
+    grounded_category: str | None = None
 
     @property
     def last(self) -> tuple[int, Box]:

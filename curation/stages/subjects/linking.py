@@ -14,18 +14,29 @@ def link_subjects(tracks: list[dict[str, Any]], caption_subjects: list[dict[str,
     Category must agree, except that a moving region of unknown kind may take an animal (0.6) or an object (0.4).
     Position words in a subject's attributes (left / right / middle) pick the track by horizontal position;
     otherwise the largest tracks go first. Confidence 0.9 when category and count leave no choice or a position word
-    decides, 0.6 when more tracks of the category than subjects competed.
+    decides, 0.6 when more tracks of the category than subjects competed; 0.95 for a track the subject's own phrase
+    found (`grounded_subject`, the reference backend's caption grounding), which is linked before the others.
     """
     slots: list[tuple[dict[str, Any], float | None]] = []
+    for t in tracks:
+        t["subject_id"], t["link_confidence"] = None, None
+    grounded: dict[int, int] = {}  # subject id -> tracks its own phrase found (reference backend): linked first
+    for t in tracks:
+        sid = t.get("grounded_subject")
+        if sid is not None and any(int(s["id"]) == sid for s in caption_subjects):
+            t["subject_id"], t["link_confidence"] = int(sid), 0.95
+            grounded[int(sid)] = grounded.get(int(sid), 0) + 1
+    tracks = [t for t in tracks if t["subject_id"] is None]
     for s in caption_subjects:
+        left = max(1, int(s.get("count") or 1)) - grounded.get(int(s["id"]), 0)
+        if left <= 0:
+            continue
         words = " ".join(a.get("text", "") for a in s.get("attributes") or []).lower()
         pos = next((v for w, v in POSITION_WORDS.items() if re.search(rf"\b{w}\b", words)), None)
-        slots.extend([(s, pos)] * max(1, int(s.get("count") or 1)))
+        slots.extend([(s, pos)] * left)
     order = {"person": 0, "animal": 1, "object": 2}  # a moving region of unknown kind is likelier an animal
     slots.sort(key=lambda sp: (sp[1] is None, order.get(sp[0].get("category"), 3)))  # position words first
     free = sorted(tracks, key=lambda t: -t["area"] * t["presence"])
-    for t in tracks:
-        t["subject_id"], t["link_confidence"] = None, None
     for s, pos in slots:
         cat = s.get("category")
         same = [t for t in free if t["category"] == cat]

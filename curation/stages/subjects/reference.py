@@ -1,5 +1,5 @@
-"""The subjects stage's reference backend: insightface faces + SAM2 video masks (the `gpu` extra, weights from
-`models_dir`)."""
+"""The subjects stage's reference backend: caption-grounded boxes (Grounding DINO through transformers), SAM2 video
+masks and insightface faces (the `gpu` extra, weights from `models_dir`)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,45 @@ if TYPE_CHECKING:
     from curation.stages.subjects import SubjectsConfig
 
 
+class Grounder:
+    """Open-vocabulary boxes for a phrase (Grounding DINO from a transformers folder): one query per phrase, so
+    every box it returns belongs to that phrase."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        tr = require("transformers", "subjects reference grounding (or set subjects.grounding: false)")
+        self._proc = tr.AutoProcessor.from_pretrained(str(path))
+        self._model = tr.AutoModelForZeroShotObjectDetection.from_pretrained(str(path)).to(device).eval()
+        self._device = device
+
+    def boxes(
+        self, bgr: np.ndarray, phrase: str, box_threshold: float, text_threshold: float
+    ) -> list[tuple[tuple[float, float, float, float], float]]:
+        """(x0, y0, x1, y1) in frame pixels with scores, best first."""
+        import torch
+        from PIL import Image
+
+        rgb = Image.fromarray(np.ascontiguousarray(bgr[..., ::-1]))
+        text = phrase.lower().strip().rstrip(".") + "."  # Grounding DINO's prompt form: lower case, "." ended
+        inputs = self._proc(images=rgb, text=text, return_tensors="pt").to(self._device)
+        with torch.inference_mode():
+            out = self._model(**inputs)
+        res = self._proc.post_process_grounded_object_detection(
+            out,
+            inputs["input_ids"],
+            threshold=box_threshold,
+            text_threshold=text_threshold,
+            target_sizes=[bgr.shape[:2]],
+        )[0]
+        pairs = zip(res["boxes"].tolist(), res["scores"].tolist(), strict=True)
+        found = [((float(b[0]), float(b[1]), float(b[2]), float(b[3])), float(sc)) for b, sc in pairs]
+        return sorted(found, key=lambda x: -x[1])
+
+
 class Reference:
-    """insightface faces + SAM2 video masks (GPU). Boxes to prompt SAM2 come from the embedded detector's tracks
-    (the first frame each track is seen), faces from insightface on every tracked frame."""
+    """Caption-grounded SAM2 masks and insightface faces (GPU). SAM2 is prompted with the embedded detector's tracks
+    (the first frame each is seen) and with a box for each caption subject's phrase from Grounding DINO on a few
+    keyframes, so an animal or object the caption names gets a mask even when no detector of ours finds it; masks
+    propagate both ways over the clip; faces come from insightface's detector on every tracked frame."""
 
     def __init__(self, c: SubjectsConfig, gpus: float) -> None:
         what = "subjects backend reference (or use backend: embedded)"
@@ -40,8 +76,59 @@ class Reference:
         self._sam = build_sam2_video_predictor(
             c.sam2_config, str(root / "sam2" / sam2_checkpoint(c.sam2_config)), device=device
         )
+        self._grounder = Grounder(root / c.grounding_model, device) if c.grounding else None
 
-    def track(self, frames: list[np.ndarray], det: EmbeddedDetector, c: SubjectsConfig) -> tuple[list[Track], Any]:
+    def _ground(
+        self,
+        frames: list[np.ndarray],
+        seeds: list[Track],
+        subjects: list[dict[str, Any]],
+        c: SubjectsConfig,
+        scale: tuple[float, float],
+    ) -> list[tuple[Track, dict[int, tuple[float, float, float, float]]]]:
+        """Each caption subject's best box on each keyframe. A subject whose box lies on a detector track (IoU >=
+        0.5 on that frame) names that track; otherwise it becomes a new track prompted at those keyframes.
+        Returns the new tracks with their prompts (mask-grid boxes per frame)."""
+        from curation.filters import pick
+
+        assert self._grounder is not None
+        sx, sy = scale
+        keyframes = [int(i) for i in pick(len(frames), c.grounding_keyframes)]
+        next_k = max((t.k for t in seeds), default=-1) + 1
+        new: list[tuple[Track, dict[int, tuple[float, float, float, float]]]] = []
+        for s in subjects:
+            phrase = str(s.get("name") or "").strip()
+            if not phrase:
+                continue
+            found: dict[int, tuple[float, float, float, float]] = {}
+            for fi in keyframes:
+                hits = self._grounder.boxes(frames[fi], phrase, c.box_threshold, c.text_threshold)
+                if hits:
+                    x0, y0, x1, y1 = hits[0][0]
+                    found[fi] = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+            if not found:
+                continue
+            host = next(
+                (t for t in seeds for fi, b in found.items() if fi in t.boxes and box_iou(t.boxes[fi], b) >= 0.5),
+                None,
+            )
+            if host is not None and host.grounded_subject is None:
+                host.grounded_subject, host.grounded_phrase = int(s["id"]), phrase
+                host.grounded_category = s.get("category")
+                continue
+            t = Track(k=next_k, grounded_subject=int(s["id"]), grounded_phrase=phrase)
+            t.grounded_category = s.get("category")
+            next_k += 1
+            new.append((t, found))
+        return new
+
+    def track(
+        self,
+        frames: list[np.ndarray],
+        det: EmbeddedDetector,
+        c: SubjectsConfig,
+        subjects: list[dict[str, Any]] | None = None,
+    ) -> tuple[list[Track], Any]:
         import tempfile
 
         import cv2
@@ -50,32 +137,43 @@ class Reference:
         gw, gh = grid
         fh, fw = frames[0].shape[:2]
         sx, sy = fw / gw, fh / gh
+        # SAM2 prompts: object id -> {frame: mask-grid box}
+        prompts = {t.k: {min(t.boxes): t.boxes[min(t.boxes)]} for t in seeds}
+        grounded = self._ground(frames, seeds, subjects or [], c, (sx, sy)) if self._grounder is not None else []
+        for t, found in grounded:
+            prompts[t.k] = found
         with tempfile.TemporaryDirectory() as tmp:  # SAM2 reads a folder of numbered JPEGs
             for i, f in enumerate(frames):
                 cv2.imwrite(str(Path(tmp) / f"{i:05d}.jpg"), f)
             torch = self._torch
-            # SAM2's video predictor mixes bf16 and fp32 tensors unless it runs under bf16 autocast on the GPU
-            amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._device == "cuda")
-            out = {t.k: Track(k=t.k, person_votes=t.person_votes) for t in seeds}
+            # SAM2's video predictor keeps its memory features in bf16 and mixes them with fp32 tensors: it must run
+            # under bf16 autocast (on the CPU too, where a prompt on a later frame hits the same mismatch)
+            amp = torch.autocast("cuda" if self._device == "cuda" else "cpu", dtype=torch.bfloat16)
+            out = {
+                t.k: Track(
+                    k=t.k,
+                    person_votes=t.person_votes,
+                    grounded_subject=t.grounded_subject,
+                    grounded_phrase=t.grounded_phrase,
+                    grounded_category=t.grounded_category,
+                )
+                for t in [*seeds, *(g for g, _ in grounded)]
+            }
             with torch.inference_mode(), amp:
                 state = self._sam.init_state(video_path=tmp)
-                first = {}
-                for t in seeds:
-                    i0 = min(t.boxes)
-                    b = t.boxes[i0]
-                    first[t.k] = i0
-                    self._sam.add_new_points_or_box(
-                        inference_state=state,
-                        frame_idx=i0,
-                        obj_id=t.k,
-                        box=np.array([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], np.float32),
-                    )
-                if seeds:  # forward from the earliest prompt, then backward from the latest: every frame of the clip
-                    passes = [self._sam.propagate_in_video(state, start_frame_idx=min(first.values()))]
-                    if max(first.values()) > 0:
-                        passes.append(
-                            self._sam.propagate_in_video(state, start_frame_idx=max(first.values()), reverse=True)
+                for k, boxes in prompts.items():
+                    for fi, b in sorted(boxes.items()):
+                        self._sam.add_new_points_or_box(
+                            inference_state=state,
+                            frame_idx=fi,
+                            obj_id=k,
+                            box=np.array([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], np.float32),
                         )
+                prompted = [fi for boxes in prompts.values() for fi in boxes]
+                if prompted:  # forward from the earliest prompt, then backward from the latest: every frame
+                    passes = [self._sam.propagate_in_video(state, start_frame_idx=min(prompted))]
+                    if max(prompted) > 0:
+                        passes.append(self._sam.propagate_in_video(state, start_frame_idx=max(prompted), reverse=True))
                     for results in passes:
                         for fi, ids, logits in results:
                             for oid, lg in zip(ids, logits, strict=True):
