@@ -84,6 +84,7 @@ def test_the_sam2_checkpoint_follows_the_sam2_config(tmp_path: Path, capsys: pyt
     (tmp_path / "sam2").mkdir()
     (tmp_path / "sam2" / "sam2.1_hiera_large.pt").write_bytes(b"x")
     (tmp_path / "insightface" / "models" / "buffalo_l").mkdir(parents=True)
+    (tmp_path / "grounding-dino-tiny").mkdir()
     SubjectsConfig(backend="reference", models_dir=str(tmp_path))  # the default (large) is there
     tiny = {"backend": "reference", "models_dir": str(tmp_path), "sam2_config": "configs/sam2.1/sam2.1_hiera_t.yaml"}
     with pytest.raises(ValueError, match=r"sam2/sam2\.1_hiera_tiny\.pt \(get it from .*facebookresearch/sam2"):
