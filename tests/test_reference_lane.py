@@ -9,6 +9,7 @@ writes its manifest columns, and `curation report` reads the result. What it can
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,138 @@ def test_subjects_reference_runs_sam2_and_insightface_from_their_files(subjects_
     every = [t for r in rows for k in ("subjects_tracks",) for t in json.loads(r[k] or "[]")]
     dog = [t for t in every if t.get("grounded_phrase") == "dog"]
     assert dog and all(t["subject_id"] == t["grounded_subject"] and t["link_confidence"] == 0.95 for t in dog)
+
+
+def _tiny_qwen25_vl(folder: Path) -> None:
+    """A Qwen2.5-VL folder as transformers saves one (config, weights, processor with image and video processors,
+    tokenizer with Qwen's special tokens, chat template), small and random: Qwen2.5-VL-7B's files cannot be had."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    special += ["<|image_pad|>", "<|video_pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["A woman in a red coat walks a brown dog.", "Describe the clip.", "user assistant"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    ids = {t: tok.token_to_id(t) for t in special}
+    template = (  # Qwen's chat layout: image and video placeholders between vision markers
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}{% if c['type'] in ('image', 'image_url') %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] in ('video', 'video_url') %}"
+        "<|vision_start|><|video_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    hf = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    budget = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**budget),
+        video_processor=Qwen2VLVideoProcessor(**budget),
+        tokenizer=hf,
+        chat_template=template,
+    ).save_pretrained(folder)
+    cfg = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": 0, "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": 0, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
+        },
+        vision_config={
+            "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "fullatt_block_indexes": [0], "window_size": 112,
+        },
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(4)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    # a random model would also write Qwen's special tokens, which no trained one does (and which the server would
+    # then refuse inside the extraction prompt): suppressed, as a trained model's distribution would have them
+    model.generation_config.suppress_tokens = [i for t, i in ids.items() if t != "<|im_end|>"]
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def chat_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """`transformers serve` (a real OpenAI-compatible server) with the tiny Qwen2.5-VL preloaded."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    model = tmp_path_factory.mktemp("qwen") / "qwen25vl-tiny"
+    _tiny_qwen25_vl(model)
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("transformers serve is not installed (transformers[serving])")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (model.parent / "serve.log").open("w")
+    proc = subprocess.Popen([exe, "serve", str(model), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
+                    if json.loads(r.read())["data"]:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"transformers serve did not start: {(model.parent / 'serve.log').read_text()[-2000:]}")
+        yield url, str(model)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_caption_openai_backend_against_a_real_server(chat_endpoint: tuple[str, str], tmp_path: Path) -> None:
+    """The caption stage's OpenAI path end to end: frames as images (a non-vLLM server), the caption prompt, then the
+    extraction prompt with response_format, through HTTP to `transformers serve`. A random model writes nonsense,
+    so the extraction cannot validate: those rows must be `error` rows that keep the raw answer, and nothing may
+    fail at the transport."""
+    url, model = chat_endpoint
+    overrides = [
+        "runner=local",
+        "progress=false",
+        "stages=[probe,scenecut,caption]",
+        "caption.backend=openai",
+        f"caption.endpoint={url}",
+        f"caption.model={model}",
+        "caption.openai_server=other",
+        "caption.use_supplied=false",
+        "caption.max_tokens=16",
+        "caption.frames=2",
+        "caption.timeout_s=120",
+    ]
+    cfg = load_config(REPO / "configs" / "local.yaml", overrides)
+    Pipeline(cfg, tmp_path / "run").run(media("sam2_01_dog.mp4"))
+    rows = Manifests(tmp_path / "run").rows(
+        "SELECT caption_status, caption_reason, caption_error, caption_backend, caption_raw FROM caption"
+    )
+    assert rows
+    for r in rows:
+        assert r["caption_backend"] == f"openai:{model}"
+        assert "attempts" not in (r["caption_error"] or ""), r  # the server answered every request
+        assert r["caption_status"] == "ok" or r["caption_raw"], r  # nonsense is kept for inspection, not dropped

@@ -50,6 +50,11 @@ class CaptionConfig(StageConfig):
         2.0, gt=0, description="video input: at most this many frames per second of clip (Qwen2.5-VL samples at 2)"
     )
     max_pixels: int = Field(448 * 448, ge=28 * 28, description="video input: pixel budget per frame (h x w)")
+    openai_server: Literal["vllm", "other"] = Field(
+        "vllm",
+        description="openai: what serves the endpoint. vllm reads video/jpeg data URLs and mm_processor_kwargs; "
+        "other servers (e.g. transformers serve) refuse them: frames go as images",
+    )
     endpoint: str | None = operational(None, description="openai: base URL, e.g. http://localhost:8000/v1")
     model: str | None = Field(None, description="openai: served model name; vllm: model path or name")
     api_key_env: str = operational("OPENAI_API_KEY", description="environment variable holding the endpoint's key")
@@ -90,7 +95,7 @@ def mllm_content(
     with the rate they were taken at (`mm_processor_kwargs.fps`, which Qwen2.5-VL turns into time positions).
     images: `frames` evenly spaced samples, one image part each."""
     frames, idx = samples["frames"], samples.get("indices")
-    if c.mllm_input == "images":
+    if c.mllm_input == "images" or (c.backend == "openai" and c.openai_server == "other"):
         return [image_part(f) for f in frames[pick(len(frames), c.frames)]], {}
     span = float(idx[-1] - idx[0]) / fps if fps and idx is not None and len(idx) > 1 else 0.0
     n = min(c.frames, len(frames), max(2, math.ceil(span * c.video_fps) + 1)) if span > 0 else min(c.frames, 2)
