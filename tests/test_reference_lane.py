@@ -117,6 +117,9 @@ def test_subjects_reference_runs_sam2_and_insightface_from_their_files(subjects_
     every = [t for r in rows for k in ("subjects_tracks",) for t in json.loads(r[k] or "[]")]
     dog = [t for t in every if t.get("grounded_phrase") == "dog"]
     assert dog and all(t["subject_id"] == t["grounded_subject"] and t["link_confidence"] == 0.95 for t in dog)
+    from curation.cli import main  # the report draws the reference backend's masks and crops too
+
+    assert main(["report", str(subjects_run), "--out", str(subjects_run / "report.html")]) == 0
 
 
 @pytest.fixture(scope="module")
