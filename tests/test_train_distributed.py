@@ -26,8 +26,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, shards: str, out: str, result: str) -> None:
-    """One rank (run by torch.multiprocessing.spawn): train 4 steps, save its weights and the keys it trained on."""
+def _worker(rank: int, world: int, port: int, shards: str, out: str, result: str, steps: int = 4) -> None:
+    """One rank (run by torch.multiprocessing.spawn): train to `steps`, save its weights and the keys it trained on."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, port: int, shards: str, out: str, result: str
 
     tr.train_step = recording  # type: ignore[method-assign]
     try:
-        tr.fit(4)
+        tr.fit(steps)
         torch.save({"state": tr.model.state_dict(), "keys": keys}, Path(result) / f"rank{rank}.pt")
     finally:
         tr.close()
@@ -70,6 +70,22 @@ def test_ddp_on_two_cpu_processes_ends_with_equal_weights(overfit_run: Path, tmp
     assert all(torch.equal(saved[k], r0["state"][k]) for k in saved)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_ddp_run_stopped_at_a_checkpoint_resumes_to_the_same_weights(overfit_run: Path, tmp_path: Path) -> None:
+    """Two ranks stop at step 2 (a checkpoint with both ranks' loader positions); a new pair of processes resumes to
+    step 4 and ends with the weights of a pair that never stopped."""
+    import torch.multiprocessing as mp
+
+    shards = str(overfit_run / "shards")
+    for name, plan in (("straight", [4]), ("resumed", [2, 4])):
+        for steps in plan:
+            args = (2, _free_port(), shards, str(tmp_path / name), str(tmp_path / name), steps)
+            mp.spawn(_worker, args=args, nprocs=2, join=True)
+    a = torch.load(tmp_path / "straight" / "rank0.pt", weights_only=False)["state"]
+    b = torch.load(tmp_path / "resumed" / "rank0.pt", weights_only=False)["state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
