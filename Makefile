@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The reference lane's venv: PyPI's CUDA torch (runs on the CPU, imports torchvision), open_clip, timm, sam2,
 # insightface. ~5.5 GB; built once, rebuilt when pyproject.toml changes.
 REF_VENV ?= .venv-reference
-REF_TORCH ?= torch==2.14.*
+REF_TORCH ?= "torch==2.14.*" torchvision
 REF_PY := $(REF_VENV)/bin/python
 
 .PHONY: setup setup-reference demo test test-reference test-fast lint bench clean
@@ -32,7 +32,7 @@ setup-reference: $(REF_VENV)/.installed
 $(REF_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	python3 -m venv $(REF_VENV)
 	$(REF_PY) -m pip install -q --upgrade pip
-	$(REF_PY) -m pip install -q "$(REF_TORCH)"
+	$(REF_PY) -m pip install -q $(REF_TORCH)
 	$(REF_PY) -m pip install -q -e ".[dev,reference-lane]"
 	SAM2_BUILD_CUDA=0 $(REF_PY) -m pip install -q --no-build-isolation "sam2>=1.0"
 	@touch $@
@@ -44,10 +44,10 @@ demo: setup
 test: setup setup-reference
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
-	$(REF_PY) -m pytest -m reference tests/test_reference_lane.py
+	CURATION_REFERENCE_LANE=1 $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
 
 test-reference: setup-reference
-	$(REF_PY) -m pytest -m reference tests/test_reference_lane.py
+	CURATION_REFERENCE_LANE=1 $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
 
 test-fast: setup
 	$(VENV)/bin/ruff check .

@@ -184,6 +184,7 @@ class _GpuSampler:
 def stages_part(args: argparse.Namespace) -> dict:
     import csv
     import importlib.util
+    import shutil
     import tempfile
 
     import random_weights as rw
@@ -192,8 +193,8 @@ def stages_part(args: argparse.Namespace) -> dict:
     from curation.manifest import Manifests
     from curation.pipeline import Pipeline
 
-    work = Path(args.out) / "gpu-stages-run"
-    work.mkdir(parents=True, exist_ok=True)
+    # a fresh run every time: an old run folder would be resumed and report the old stage_runs
+    work = Path(tempfile.mkdtemp(prefix="gpu-stages-run-", dir=Path(args.out)))
     media = REPO.parent / "shared" / "media" / "video"
     names = list(CAPTIONS)[: args.videos]
     lst = work / "list.csv"
@@ -235,6 +236,8 @@ def stages_part(args: argparse.Namespace) -> dict:
     Pipeline(cfg, work / "run").run(str(lst))
     wall = time.perf_counter() - t0
     gpu = sampler.stop()
+    if not args.models:
+        shutil.rmtree(models, ignore_errors=True)  # ~2 GB of random weights
     runs = Manifests(work / "run").rows("SELECT stage, inputs, ok, reject, error, seconds FROM stage_runs")
     frames_per_clip = {"subjects": args.track_frames}
     rows = []
@@ -261,6 +264,8 @@ def stages_part(args: argparse.Namespace) -> dict:
         "weights": weights,
         "videos": names,
         "wall_seconds": round(wall, 1),
+        "note": "stage seconds include loading the models (they dominate with few videos)",
+        "run": str(work / "run"),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
         **gpu,
         "stages": rows,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from curation.errors import CurationError
+from curation.errors import ConfigError, CurationError
 from curation.logs import logging_to, native_stderr_to_file
 
 log = logging.getLogger("curation")
@@ -178,6 +178,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_without_weights(cls: Any, name: str, section: dict[str, Any]) -> Any:
+    """A stage's config validated as usual, except that missing reference weights (what `curation models` is there
+    to list) do not stop it."""
+    from pydantic import ValidationError
+
+    from curation.config import _format_validation
+
+    try:
+        return cls.config_class(**section)
+    except ValidationError as exc:
+        if all("reference backend needs" in str(e.get("msg", "")) for e in exc.errors()):
+            return cls.config_class.model_construct(**{**cls.config_class().model_dump(), **section})
+        raise ConfigError(_format_validation(name, exc)) from None
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """Which weights each reference backend needs, where it looks, which are present, where to get them."""
     from curation.config import apply_overrides, read_yaml_mapping
@@ -190,8 +205,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         needs = getattr(cls.config_class, "reference_weights", ())
         if not needs:
             continue
-        # listing what is missing is this command's job: the stage's settings without the weights check
-        stage_cfg = cls.config_class.model_construct(**{**cls.config_class().model_dump(), **(data.get(name) or {})})
+        stage_cfg = _config_without_weights(cls, name, data.get(name) or {})
         root = Path(args.models_dir or getattr(stage_cfg, "models_dir", "models")).expanduser()
         files = stage_cfg.weights() if hasattr(stage_cfg, "weights") else needs
         for file, source in files:

@@ -98,10 +98,12 @@ def mllm_content(
     if c.mllm_input == "images" or (c.backend == "openai" and c.openai_server == "other"):
         return [image_part(f) for f in frames[pick(len(frames), c.frames)]], {}
     span = float(idx[-1] - idx[0]) / fps if fps and idx is not None and len(idx) > 1 else 0.0
-    n = min(c.frames, len(frames), max(2, math.ceil(span * c.video_fps) + 1)) if span > 0 else min(c.frames, 2)
+    n = min(c.frames, len(frames), max(2, math.floor(span * c.video_fps) + 1)) if span > 0 else min(c.frames, 2)
     sel = pick(len(frames), n)
     rate = (len(sel) - 1) / (float(idx[sel[-1]] - idx[sel[0]]) / fps) if span > 0 and len(sel) > 1 else c.video_fps
-    return [video_part(frames[sel], c.max_pixels)], {"mm_processor_kwargs": {"fps": round(rate, 4)}}
+    # quarter-frame steps: near rates share one value, so vLLM batches clips by processor arguments
+    rate = max(0.25, round(rate * 4) / 4)
+    return [video_part(frames[sel], c.max_pixels)], {"mm_processor_kwargs": {"fps": rate}}
 
 
 class Caption(Stage[CaptionConfig]):
@@ -221,7 +223,7 @@ class Caption(Stage[CaptionConfig]):
             except Exception as exc:  # no samples: an error row
                 errors[i] = self.error_row(r, exc)
                 continue
-            parts, extra = mllm_content(samples, r.get("probe_fps"), c)
+            parts, extra = mllm_content(samples, r.get("clip_fps") or r.get("probe_fps"), c)
             msg = [{"role": "user", "content": [*parts, {"type": "text", "text": cap_prompt}]}]
             to_caption.append((i, (msg, None, extra)))
         answers = self._client.chat_many([req for _, req in to_caption])

@@ -101,21 +101,30 @@ class Reference:
             if not phrase:
                 continue
             found: dict[int, tuple[float, float, float, float]] = {}
+            prev: tuple[float, float, float, float] | None = None
             for fi in keyframes:
-                hits = self._grounder.boxes(frames[fi], phrase, c.box_threshold, c.text_threshold)
-                if hits:
-                    x0, y0, x1, y1 = hits[0][0]
-                    found[fi] = (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+                hits = [
+                    (x0 / sx, y0 / sy, x1 / sx, y1 / sy)
+                    for (x0, y0, x1, y1), _ in self._grounder.boxes(
+                        frames[fi], phrase, c.box_threshold, c.text_threshold
+                    )
+                ]
+                if hits:  # the best box, or on later keyframes the one continuing the previous (same object)
+                    found[fi] = hits[0] if prev is None else max(hits, key=lambda b: box_iou(b, prev))
+                    prev = found[fi]
             if not found:
                 continue
-            host = next(
-                (t for t in seeds for fi, b in found.items() if fi in t.boxes and box_iou(t.boxes[fi], b) >= 0.5),
-                None,
-            )
-            if host is not None and host.grounded_subject is None:
-                host.grounded_subject, host.grounded_phrase = int(s["id"]), phrase
-                host.grounded_category = s.get("category")
-                continue
+
+            def overlap(t: Track, found: dict[int, tuple[float, float, float, float]] = found) -> float:
+                return max((box_iou(t.boxes[fi], b) for fi, b in found.items() if fi in t.boxes), default=0.0)
+
+            best = max(seeds, key=overlap, default=None)
+            if best is not None and overlap(best) >= 0.5:
+                if best.grounded_subject is None:  # the phrase names the detector's track
+                    best.grounded_subject, best.grounded_phrase = int(s["id"]), phrase
+                    if best.grounded_category is None and not best.person_votes:
+                        best.grounded_category = s.get("category")
+                continue  # on a track already: never a second SAM2 object on the same thing
             t = Track(k=next_k, grounded_subject=int(s["id"]), grounded_phrase=phrase)
             t.grounded_category = s.get("category")
             next_k += 1
@@ -170,10 +179,10 @@ class Reference:
                             box=np.array([b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], np.float32),
                         )
                 prompted = [fi for boxes in prompts.values() for fi in boxes]
-                if prompted:  # forward from the earliest prompt, then backward from the latest: every frame
+                if prompted:  # forward from the earliest prompt to the end, then back from it to frame 0 if needed
                     passes = [self._sam.propagate_in_video(state, start_frame_idx=min(prompted))]
-                    if max(prompted) > 0:
-                        passes.append(self._sam.propagate_in_video(state, start_frame_idx=max(prompted), reverse=True))
+                    if min(prompted) > 0:
+                        passes.append(self._sam.propagate_in_video(state, start_frame_idx=min(prompted), reverse=True))
                     for results in passes:
                         for fi, ids, logits in results:
                             for oid, lg in zip(ids, logits, strict=True):
