@@ -1,12 +1,15 @@
 """Quality filters: fused (decode once) vs each filter decoding the video itself, and vs a bare ffmpeg decode.
 
     python bench/filters.py [--media DIR] [--filters motion,aesthetics,watermark,ocr] [--set ocr.threads=1 ...]
+                            [--baseline GIT_REV]
 
 (a) fused: the `scenecut` pass (one decode per video, frame samples kept) then every filter on the samples;
     separate: the same `scenecut` pass (cuts are needed either way), then each filter decodes every video again
     itself to get the same frames. Scores must be identical (the run fails otherwise). Ratio: separate / fused.
 (b) fused total wall vs `ffmpeg -i X -f null -` over the same inputs (the decode floor). Ratio: fused / floor.
 Both are also reported without OCR, whose CPU model dominates scoring on a machine without a GPU.
+(c) `--baseline REV`: the same script as commit REV's code, run in this invocation on the same media; reported as
+    fused cost per clip (scene-cut pass + the filters), wall and CPU, this code / REV's (<= 1: no dearer per clip).
 CPU seconds of every part are recorded too: (scan + filters CPU) / cores is the least wall any scheduling of the
 fused work could reach on this machine (`cpu_bound_fused_vs_ffmpeg_floor`).
 """
@@ -32,6 +35,7 @@ from av.video.reformatter import Interpolation, VideoReformatter
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from curation.config import apply_overrides, build_config  # noqa: E402
 from curation.pipeline import Pipeline  # noqa: E402
@@ -100,6 +104,7 @@ def main() -> int:
     ap.add_argument("--filters", default="motion,aesthetics,watermark,ocr")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "filters.json")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (ocr.threads=1)")
+    ap.add_argument("--baseline", metavar="GIT_REV", help="also run this commit's code and report per-clip ratios")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     names = args.filters.split(",")
@@ -194,10 +199,36 @@ def main() -> int:
             # Even with every core busy all the time the fused work cannot finish sooner than this.
             "cpu_bound_fused_vs_ffmpeg_floor": round((cpu_scan + sum(fused_cpu[n] for n in keep)) / cores / t_floor, 2),
         }
+    if args.baseline:
+        report["baseline"] = _against(args, report, names)
     print(json.dumps(report, indent=2))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if not mismatches else 1
+
+
+def _against(args: argparse.Namespace, report: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The fused chain's cost per clip, this code vs commit `args.baseline`'s, same media, same invocation."""
+    from _baseline import run_script_at
+
+    extra = ["--media", str(args.media), "--filters", ",".join(names), *[x for s in args.set for x in ("--set", s)]]
+    with tempfile.TemporaryDirectory() as tmpd:
+        base = run_script_at(args.baseline, "filters.py", extra, Path(tmpd), check=False)
+
+    def per_clip(r: dict[str, Any]) -> tuple[float, float]:
+        wall = r["scenecut_pass_s"] + sum(r["fused_filter_s"][n] for n in names)
+        cpu = r["cpu_s"]["scenecut_pass"] + sum(r["cpu_s"][n] for n in names)
+        return wall / r["clips"], cpu / r["clips"]
+
+    (w_new, c_new), (w_old, c_old) = per_clip(report), per_clip(base)
+    return {
+        "rev": args.baseline,
+        "clips": {"this": report["clips"], "baseline": base["clips"]},
+        "fused_s_per_clip": {"this": round(w_new, 3), "baseline": round(w_old, 3)},
+        "fused_cpu_s_per_clip": {"this": round(c_new, 3), "baseline": round(c_old, 3)},
+        "wall_ratio_this_vs_baseline": round(w_new / w_old, 3),
+        "cpu_ratio_this_vs_baseline": round(c_new / c_old, 3),
+    }
 
 
 if __name__ == "__main__":

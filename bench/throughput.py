@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from curation.config import apply_overrides, build_config  # noqa: E402
 from curation.pipeline import Pipeline  # noqa: E402
@@ -61,43 +60,12 @@ def run_once(inputs: Path, out: Path, overrides: list[str]) -> dict[str, object]
     }
 
 
-_SHIM = """
-import importlib.metadata as _md
-import os as _os
-
-_orig = _md.entry_points
-
-
-def _exists(module):
-    base = _os.path.join(_os.environ["CURATION_BASELINE_ROOT"], *module.split("."))
-    return _os.path.isdir(base) or _os.path.isfile(base + ".py")
-
-
-def entry_points(**kw):
-    eps = _orig(**kw)
-    if kw.get("group") != "curation.stages":
-        return eps
-    return _md.EntryPoints([e for e in eps if _exists(e.module)])
-
-
-_md.entry_points = entry_points
-"""
-
-
 def run_baseline(rev: str, videos: list[int], tmpd: Path) -> dict[int, dict[str, object]]:
     """The same benchmark on commit `rev`'s code, in a subprocess."""
-    root = tmpd / "baseline"
-    root.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
-    shim = tmpd / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(_SHIM)
-    env = dict(os.environ, PYTHONPATH=f"{shim}:{root}", CURATION_BASELINE_ROOT=str(root))
-    out = tmpd / "baseline.json"
-    cmd = [sys.executable, str(root / "bench" / "throughput.py"), "--videos", *map(str, videos), "--json", str(out)]
-    subprocess.run(cmd, check=True, env=env, cwd=root)
-    return {int(k): v for k, v in json.loads(out.read_text())["runs"].items()}
+    from _baseline import run_script_at
+
+    res = run_script_at(rev, "throughput.py", ["--videos", *map(str, videos)], tmpd)
+    return {int(k): v for k, v in res["runs"].items()}
 
 
 def main() -> int:
