@@ -30,6 +30,11 @@ $(VENV)/.installed: pyproject.toml
 setup-reference: $(REF_VENV)/.installed
 
 $(REF_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	@# insightface and sam2 compile C/C++ extensions: a compiler and Python's headers
+	@command -v g++ >/dev/null 2>&1 && python3 -c "import os, sysconfig; \
+		raise SystemExit(not os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+		--no-install-recommends build-essential python3-dev; }
 	python3 -m venv $(REF_VENV)
 	$(REF_PY) -m pip install -q --upgrade pip
 	$(REF_PY) -m pip install -q $(REF_TORCH)

@@ -186,10 +186,8 @@ def _config_without_weights(cls: Any, name: str, section: dict[str, Any]) -> Any
     from curation.config import _format_validation
 
     try:
-        return cls.config_class(**section)
+        return cls.config_class.model_validate(section, context={"weights": False})
     except ValidationError as exc:
-        if all("reference backend needs" in str(e.get("msg", "")) for e in exc.errors()):
-            return cls.config_class.model_construct(**{**cls.config_class().model_dump(), **section})
         raise ConfigError(_format_validation(name, exc)) from None
 
 

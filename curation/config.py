@@ -80,12 +80,7 @@ class PipelineConfig(BaseModel):
         """The full effective config, stage sections included (what `curation run` saves next to the manifests)."""
         out = self.model_dump(mode="json")
         for name in registry():
-            sc = self.stage_config(name)
-            out[name] = sc.model_dump(mode="json")
-            if "models_dir" in out[name] and "models_dir" not in sc.model_fields_set:
-                # where weights live is a property of the machine, not of the run: a rerun elsewhere takes that
-                # machine's $CURATION_MODELS (or ./models) unless the config named a folder
-                del out[name]["models_dir"]
+            out[name] = self.stage_config(name).portable_dump()
         return out
 
 

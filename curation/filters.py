@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from curation.samples import SAMPLES_COLUMN, load_samples
 from curation.stage import Kind, Row, Stage, StageConfig, operational
@@ -38,8 +38,9 @@ class FilterConfig(StageConfig):
         return self.reference_weights
 
     @model_validator(mode="after")
-    def _reference_weights_present(self) -> FilterConfig:
-        if self.backend == "reference":
+    def _reference_weights_present(self, info: ValidationInfo) -> FilterConfig:
+        # `curation models` lists what is missing: it validates with context {"weights": False}
+        if self.backend == "reference" and (info.context or {}).get("weights", True):
             missing = [
                 f"{Path(self.models_dir) / name} (get it from {source})"
                 for name, source in self.weights()

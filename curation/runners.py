@@ -217,7 +217,7 @@ class RayRunner:
         worker = type(f"stage_{stage_cls.name}", (_RayStageWorker,), {"__module__": __name__})
         ds = ds.map_batches(
             worker,
-            fn_constructor_args=(stage_cls.name, _worker_config(cfg), str(run_dir)),
+            fn_constructor_args=(stage_cls.name, cfg.portable_dump(), str(run_dir)),
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=pool_min, max_size=pool_max),
@@ -244,12 +244,3 @@ def make_runner(kind: str, address: str | None = None, num_cpus: float | None = 
     if kind == "local" and not address:
         return LocalRunner()
     return RayRunner(address=address, num_cpus=num_cpus)
-
-
-def _worker_config(cfg: Any) -> dict[str, Any]:
-    """A stage config as workers rebuild it: a `models_dir` the config did not name is left out, so each worker
-    resolves its own ($CURATION_MODELS of its machine, e.g. /models in the GPU image), not the driver's."""
-    data = cfg.model_dump(mode="json")
-    if "models_dir" in data and "models_dir" not in cfg.model_fields_set:
-        del data["models_dir"]
-    return data

@@ -110,6 +110,14 @@ class StageConfig(BaseModel):
         dump = self.model_dump(mode="json")
         return {k: v for k, v in dump.items() if not is_operational(type(self), k)}
 
+    def portable_dump(self) -> dict[str, Any]:
+        """The settings as saved with a run and sent to workers: a `models_dir` the config did not name is left out,
+        since where weights live is a property of each machine ($CURATION_MODELS there), not of the run."""
+        data = self.model_dump(mode="json")
+        if "models_dir" in data and "models_dir" not in self.model_fields_set:
+            del data["models_dir"]
+        return data
+
 
 @dataclass(frozen=True)
 class Resources:

@@ -132,9 +132,8 @@ def test_paddleocr3_results_become_boxes_and_the_models_are_named_per_folder(tmp
 def test_ray_workers_resolve_models_dir_themselves_unless_the_config_names_it() -> None:
     """The driver's default models_dir (its own $CURATION_MODELS or ./models) is not what a GPU worker should read:
     workers rebuild stage configs from what the runner sends them."""
-    from curation.runners import _worker_config
     from curation.stages.aesthetics import AestheticsConfig
 
-    assert "models_dir" not in _worker_config(AestheticsConfig())
-    assert _worker_config(AestheticsConfig(models_dir="/named"))["models_dir"] == "/named"
-    assert AestheticsConfig(**_worker_config(AestheticsConfig(min_score=5))).min_score == 5
+    assert "models_dir" not in AestheticsConfig().portable_dump()
+    assert AestheticsConfig(models_dir="/named").portable_dump()["models_dir"] == "/named"
+    assert AestheticsConfig(**AestheticsConfig(min_score=5).portable_dump()).min_score == 5

@@ -224,7 +224,7 @@ class ShardStream:
             for slot, name in enumerate(("ref", "face_ref")[: self.slots]):
                 ext = _member_ext(t.get(name))
                 if ext in m:
-                    refs[j, slot] = _letterbox(_image(m[ext]), self.cfg.ref_size)
+                    refs[j, slot] = letterbox(decode_image(m[ext]), self.cfg.ref_size)
                     ref_valid[j, slot] = True
             if t.get("subject_id") is not None and t["subject_id"] in by_id:
                 subject_text[j] = span_tokens(enc, subject_spans(by_id[t["subject_id"]]))
@@ -350,14 +350,14 @@ def _member_ext(member: str | None) -> str | None:
     return member.split(".", 1)[1] if member else None
 
 
-def _image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes) -> np.ndarray:
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError("reference image does not decode")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _letterbox(img: np.ndarray, size: int) -> np.ndarray:
+def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     """Fit inside size x size on white, aspect kept (references are subjects on a plain background)."""
     h, w = img.shape[:2]
     s = size / max(h, w)

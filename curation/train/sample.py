@@ -159,7 +159,7 @@ def generate(
     device: str = "cpu",
 ) -> np.ndarray:
     """[frames, height, width, 3] uint8 RGB generated from the caption and references."""
-    from curation.train.data import _image, _letterbox  # the loader's own crop preparation, as in training
+    from curation.train.data import decode_image, letterbox  # the loader's crop preparation, as in training
 
     if (frames - 1) % 4:
         raise ConfigError(f"--frames {frames}: must be 4n+1 (Wan's VAE keeps frame 0, then groups of 4)")
@@ -202,7 +202,7 @@ def generate(
                 raise ConfigError(f"{ref.phrase!r}: {len(ref.images)} images, the model takes {slots} per subject")
             for s, img_path in enumerate(ref.images):
                 data = Path(img_path).read_bytes()
-                img = _letterbox(_image(data), r)
+                img = letterbox(decode_image(data), r)
                 pix[j, s] = torch.from_numpy(img).permute(2, 0, 1).float().div(127.5).sub(1.0)
                 ref_valid[0, j, s] = True
         z = enc.vae.encode(pix.reshape(k * slots, 3, 1, r, r)).latent_dist.mode().float()
