@@ -37,6 +37,12 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _fixed_noise_mask(tr: Trainer, batch: dict) -> float:
+    """Mean mask term on one batch over 16 fixed noise draws (steps far past any training step)."""
+    with torch.no_grad():
+        return sum(float(tr.losses(batch, s)["mask"]) for s in range(10_000, 10_016)) / 16
+
+
 @pytest.mark.slow
 def test_cli_trains_and_the_loss_goes_down(overfit_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "train"
@@ -49,8 +55,16 @@ def test_cli_trains_and_the_loss_goes_down(overfit_run: Path, tmp_path: Path, ca
     assert last < 0.6 * first, (first, last)
     assert sum(r["flow"] for r in m[-10:]) < 0.5 * sum(r["flow"] for r in m[:10])
     assert all({"mask", "mask_self", "mask_cross"} <= set(r) for r in m) and max(r["subjects"] for r in m) >= 2
-    # the mask term (both attentions, on) falls too: every clip is in every step, so first and last compare alike
-    assert sum(r["mask"] for r in m[-10:]) < 0.9 * sum(r["mask"] for r in m[:10]), [r["mask"] for r in m]
+    # the mask term falls too, measured on fixed noise: the logged per-step values swing with each step's noise
+    # level more than they fall (seen 0.93 on one run). Seeds 0-3 here: 0.69-0.85 with the term on, 1.01-1.22 with
+    # mask_weight=1e-9 (the term logged but not trained).
+    cfg = load_train_config(TINY)
+    trained = Trainer(cfg, str(overfit_run / "shards"), str(out))
+    assert trained.resume() and trained.step == 60
+    fresh = Trainer(cfg, str(overfit_run / "shards"), str(tmp_path / "fresh"))
+    batch = next(b for b, _ in fresh.stream.batches() if b["mask_valid"].any())
+    before, after = _fixed_noise_mask(fresh, batch), _fixed_noise_mask(trained, batch)
+    assert after < 0.92 * before, (before, after)
     # umT5 ran once per caption (step 1 sees all of them); every later step read the text cache
     assert m[0]["text_encoded"] == m[-1]["text_encoded"] == len({r for r in _captions(overfit_run)})
     assert len(list((out / "text-cache").rglob("*.pt"))) == m[0]["text_encoded"]
