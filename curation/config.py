@@ -34,6 +34,11 @@ class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: str | None = Field(None, description="Ray cluster address; null starts a local cluster")
     num_cpus: float | None = Field(None, description="CPUs of the local cluster (null: all cores)")
+    streaming: bool = Field(
+        True,
+        description="stream consecutive ungrouped stages through one Ray Data pipeline (false: one stage at a "
+        "time, each over the whole corpus)",
+    )
 
 
 class PipelineConfig(BaseModel):

@@ -259,6 +259,36 @@ class Manifests:
     def rows(self, sql: str, params: Iterable[Any] | None = None) -> list[Row]:
         return self.query(sql, params).to_pylist()
 
+    def export(
+        self, sql: str, params: Iterable[Any] | None, folder: Path, files: int = 64, max_rows: int = 2000
+    ) -> InputFiles:
+        """Write a query's rows to Parquet files under `folder`, one record batch at a time: how the driver hands a
+        stage its inputs without holding them (its memory stays flat however large the corpus). About `files` files
+        so that an actor pool gets that many blocks to share, never more than `max_rows` rows in one."""
+        con = self.connect()
+        try:
+            n = int(con.sql(f"SELECT count(*) FROM ({sql})", params=list(params or []) or None).fetchall()[0][0])
+            paths: list[str] = []
+            if n:
+                per_file = max(1, min(max_rows, -(-n // files)))
+                rel = con.sql(sql, params=list(params or []) or None)
+                # DuckDB 2 renamed `record_batch` to `to_arrow_reader`
+                reader = (getattr(rel, "to_arrow_reader", None) or rel.record_batch)(per_file)
+                folder.mkdir(parents=True, exist_ok=True)
+                pending: list[pa.RecordBatch] = []
+                size = 0
+                for rb in reader:  # DuckDB yields batches of up to per_file rows, not always full ones
+                    pending.append(rb)
+                    size += rb.num_rows
+                    if size >= per_file:
+                        paths.append(_write_input(folder, len(paths), pending))
+                        pending, size = [], 0
+                if pending:
+                    paths.append(_write_input(folder, len(paths), pending))
+            return InputFiles(paths, n)
+        finally:
+            con.close()
+
     def compact(self, name: str) -> None:
         """Fold a table's parts into one part holding only the newest attempt per key.
 
@@ -273,6 +303,23 @@ class Manifests:
         path = self.table_dir(name) / f"part-{time.time_ns():020d}-compact.parquet"
         atomic_write_table(table, path)
         _remove(parts)
+
+
+class InputFiles:
+    """A stage's input rows as Parquet files the driver wrote (`Manifests.export`); `len` is the row count."""
+
+    def __init__(self, paths: list[str], rows: int) -> None:
+        self.paths = paths
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+def _write_input(folder: Path, i: int, batches: list[pa.RecordBatch]) -> str:
+    path = folder / f"input-{i:06d}.parquet"
+    atomic_write_table(pa.Table.from_batches(batches), path)
+    return str(path)
 
 
 def _remove(parts: list[Path]) -> None:

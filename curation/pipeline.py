@@ -7,6 +7,7 @@ earlier stage said ok to, minus those this stage already has, unless `rerun` ask
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ from curation.config import PipelineConfig
 from curation.errors import ConfigError
 from curation.ingest import discover
 from curation.logs import logging_to
-from curation.manifest import Manifests, atomic_write_bytes
+from curation.manifest import InputFiles, Manifests, atomic_write_bytes
 from curation.runners import Progress, Runner, make_runner
-from curation.stage import Kind, Row, Stage, StageContext, registry
+from curation.stage import Kind, Row, Stage, StageContext, fingerprint_sql, registry
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Pipeline:
         except OSError as exc:
             raise ConfigError(f"cannot write to run directory {str(self.run_dir)!r}: {exc.strerror or exc}") from None
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False).encode())
+        for old in (self.run_dir / "tmp").glob("inputs-*"):  # input files a killed driver left
+            shutil.rmtree(old, ignore_errors=True)
         self._prepared = True
 
     def ingest(self, spec: str | None) -> int:
@@ -108,9 +111,7 @@ class Pipeline:
         that rewrites a clip's samples, the filters redo that clip even though its id is unchanged."""
         cls = registry()[name]
         key = cls.key()
-        parts = [f"coalesce(CAST({c} AS VARCHAR), '')" for c in cls.requires]
-        fingerprint = f"md5(concat_ws('|', {', '.join(parts)}))" if parts else "md5('')"
-        base = f"SELECT *, {fingerprint} AS _upstream FROM ({self._base_sql(name, selection)})"
+        base = f"SELECT *, {fingerprint_sql(cls.requires)} AS _upstream FROM ({self._base_sql(name, selection)})"
         mine = f'SELECT 1 FROM "{name}" m WHERE m.{key} = q.{key}'
         fresh = f"EXISTS ({mine} AND m.{name}_upstream IS NOT DISTINCT FROM q._upstream)"
         params: list[Any] = []
@@ -161,6 +162,20 @@ class Pipeline:
     def runner(self) -> Runner:
         return make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
 
+    def _stage_inputs(
+        self, name: str, runner: Runner, rerun: Rerun, selection: Path | None, scratch: Path
+    ) -> list[Row] | InputFiles:
+        """A stage's inputs: a list for the local runner and for grouped stages; for Ray's ungrouped stages,
+        Parquet files under `scratch` written a batch at a time (the driver never holds the whole corpus)."""
+        cls = registry()[name]
+        if getattr(runner, "reads_files", False) and cls(self.cfg.stage_config(name)).grouping() is None:
+            sql, params = self.inputs_sql(name, rerun, selection)
+            return self.manifests.export(sql, params, scratch)
+        return self.inputs(name, rerun, selection)
+
+    def _scratch(self, name: str) -> Path:
+        return self.run_dir / "tmp" / f"inputs-{name}-{uuid.uuid4().hex[:8]}"
+
     def run_stage(
         self,
         name: str,
@@ -168,25 +183,37 @@ class Pipeline:
         rerun: Rerun = "missing",
         selection: Path | None = None,
         progress_factory: Any = None,
+        streamed: StageReport | None = None,
     ) -> StageReport:
+        """Run one stage over its inputs, then compact its table, finalize it and record the run. `streamed`: what
+        a streaming chain already did for this stage; only the rows it left (a resumed run's) are run here."""
         cls: type[Stage[Any]] = registry()[name]
         cfg = self.cfg.stage_config(name)
         self.check_requires(name)
-        rows = self.inputs(name, rerun, selection)
         t0 = time.perf_counter()
-        stats: dict[str, float] = {}
-        if rows:
-            bar = progress_factory(name, len(rows)) if progress_factory else None
-            progress: Progress | None = bar.update if bar is not None else None
-            try:
-                stats = runner.run(cls, cfg, rows, self.run_dir, progress)
-            finally:
-                if bar is not None:
-                    bar.close()
+        stats: dict[str, float] = dict(streamed.stats) if streamed else {}
+        n_in = streamed.inputs if streamed else 0
+        scratch = self._scratch(name)
+        try:
+            rows = self._stage_inputs(name, runner, rerun, selection, scratch)
+            if len(rows):
+                bar = progress_factory(name, len(rows)) if progress_factory else None
+                progress: Progress | None = bar.update if bar is not None else None
+                try:
+                    stats = _merge(stats, runner.run(cls, cfg, rows, self.run_dir, progress))
+                finally:
+                    if bar is not None:
+                        bar.close()
+                n_in += len(rows)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if n_in:
             self.manifests.compact(name)
         stage = cls(cfg)
         stage.finalize(StageContext(self.run_dir))
-        report = StageReport(name, len(rows), time.perf_counter() - t0, stats)
+        seconds = time.perf_counter() - t0 + (streamed.seconds if streamed else 0.0)
+        report = StageReport(name, n_in, seconds, stats)
+        mode = "streaming" if streamed else "stage"
         self.manifests.write(
             "stage_runs",
             [
@@ -194,8 +221,9 @@ class Pipeline:
                     "run_id": uuid.uuid4().hex,
                     "stage": name,
                     "runner": getattr(runner, "name", "?"),
+                    "mode": mode,
                     "rerun": rerun,
-                    "inputs": len(rows),
+                    "inputs": n_in,
                     **{k: int(stats.get(k, 0)) for k in ("ok", "reject", "error")},
                     "seconds": round(report.seconds, 3),
                     "workers": int(stats.get("workers", 0)),
@@ -206,8 +234,66 @@ class Pipeline:
                 }
             ],
         )
-        log.info("stage %s: %d inputs, %s in %.1fs", name, len(rows), _fmt(stats), report.seconds)
+        log.info("stage %s: %d inputs, %s in %.1fs (%s)", name, n_in, _fmt(stats), report.seconds, mode)
         return report
+
+    def segments(self, runner: Runner, rerun: Rerun = "missing") -> list[list[str]]:
+        """The stages grouped into what runs together: on Ray (`ray.streaming`, new rows only) each run of
+        consecutive ungrouped stages streams as one chain; a grouped stage (dedup, identity) needs every row of
+        its group first, so it runs alone between chains. Elsewhere every stage runs alone."""
+        stream = getattr(runner, "reads_files", False) and self.cfg.ray.streaming and rerun == "missing"
+        if not stream:
+            return [[n] for n in self.cfg.stages]
+        reg = registry()
+        out: list[list[str]] = []
+        chained = False  # whether the previous stage may stream on into this one
+        for name in self.cfg.stages:
+            streams = reg[name](self.cfg.stage_config(name)).grouping() is None
+            if streams and chained:
+                out[-1].append(name)
+            else:
+                out.append([name])
+            chained = streams
+        return out
+
+    def run_chain(self, names: list[str], runner: Runner, progress_factory: Any = None) -> list[StageReport]:
+        """Stream new rows through `names` at once, from the first stage that has any (a resumed run's earlier
+        stages may be complete), then let each stage pick up what the chain left (rows a killed run's earlier
+        stages finished but later ones did not) and record it."""
+        reg = registry()
+        for name in names:
+            self.check_requires(name)
+        streamed: dict[str, StageReport] = {}
+        for start, first in enumerate(names):
+            scratch = self._scratch(first)
+            try:
+                rows = self._stage_inputs(first, runner, "missing", None, scratch)
+                if not len(rows):
+                    continue
+                chain = names[start:]
+                t0 = time.perf_counter()
+                made = (
+                    {n: progress_factory(n, len(rows) if n == first else None) for n in chain}
+                    if (progress_factory)
+                    else {}
+                )
+                bars = {n: b for n, b in made.items() if b is not None}
+                try:
+                    stats = runner.run_chain(  # type: ignore[attr-defined]
+                        [(reg[n], self.cfg.stage_config(n)) for n in chain],
+                        rows,
+                        self.run_dir,
+                        {n: b.update for n, b in bars.items()},
+                    )
+                finally:
+                    for b in bars.values():
+                        b.close()
+                seconds = time.perf_counter() - t0
+                streamed = {n: StageReport(n, int(stats[n].pop("inputs", 0)), seconds, stats[n]) for n in chain}
+                break
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return [self.run_stage(n, runner, "missing", None, progress_factory, streamed.get(n)) for n in names]
 
     def run(
         self, input_spec: str | None = None, rerun: Rerun = "missing", progress_factory: Any = None
@@ -217,7 +303,21 @@ class Pipeline:
             n_new = self.ingest(input_spec)
             log.info("ingest: %d new input video(s)", n_new)
             runner = self.runner()
-            return [self.run_stage(name, runner, rerun, None, progress_factory) for name in self.cfg.stages]
+            reports: list[StageReport] = []
+            for seg in self.segments(runner, rerun):
+                if len(seg) == 1:
+                    reports.append(self.run_stage(seg[0], runner, rerun, None, progress_factory))
+                else:
+                    reports.extend(self.run_chain(seg, runner, progress_factory))
+            return reports
+
+
+def _merge(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Counts of two runs of a stage added; peaks and worker counts the larger of the two."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = max(out.get(k, 0.0), v) if k in ("workers", "peak_worker_rss_mb") else out.get(k, 0.0) + v
+    return out
 
 
 def _fmt(stats: dict[str, float]) -> str:

@@ -21,8 +21,8 @@ import pyarrow as pa
 
 from curation.errors import ConfigError
 from curation.logs import log_to_file, tame_third_party, worker_log_name
-from curation.manifest import Manifests
-from curation.stage import Row, Stage, StageConfig, get_stage, is_fatal
+from curation.manifest import InputFiles, Manifests, rows_to_table
+from curation.stage import CLIP_FIELDS, Kind, Row, Stage, StageConfig, fingerprint_sql, get_stage, is_fatal
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ Progress = Callable[[int], None]
 
 
 class Runner(Protocol):
-    """Runs one stage over rows, writing each batch's output rows as a manifest part; returns counts."""
+    """Runs one stage over rows, writing each batch's output rows as a manifest part; returns counts. A runner
+    with `reads_files = True` also takes the rows as the driver's Parquet export (`InputFiles`)."""
 
     name: str
 
@@ -38,7 +39,7 @@ class Runner(Protocol):
         self,
         stage_cls: type[Stage[Any]],
         cfg: StageConfig,
-        rows: list[Row],
+        rows: list[Row] | InputFiles,
         run_dir: Path,
         progress: Progress | None = None,
     ) -> dict[str, float]: ...
@@ -68,10 +69,12 @@ class LocalRunner:
         self,
         stage_cls: type[Stage[Any]],
         cfg: StageConfig,
-        rows: list[Row],
+        rows: list[Row] | InputFiles,
         run_dir: Path,
         progress: Progress | None = None,
     ) -> dict[str, float]:
+        if isinstance(rows, InputFiles):
+            raise TypeError("the local runner takes a list of rows")
         stage = stage_cls(cfg).bind(run_dir)
         manifests = Manifests(run_dir)
         for batch in stage.batches(rows):
@@ -99,12 +102,54 @@ def _raise_fatal(record: str) -> None:
     raise ConfigError(rec["message"])
 
 
+def chain_rows(stage: Stage[Any], rows: list[Row], out: list[Row], requires: tuple[str, ...]) -> list[Row]:
+    """The next stage's input rows, built in the worker from this stage's inputs and outputs: what the pipeline's
+    selection query would return for them (the rows this stage kept, joined with its columns; a split stage's
+    clips with their `clip_*` geometry), fingerprinted over the next stage's `requires` the way the query does."""
+    st = stage.col("status")
+    if stage.kind == Kind.SPLIT:
+        by_video = {r.get("video_id"): r for r in rows}
+        split = stage.name
+        nxt = [
+            {**by_video.get(o.get("video_id"), {}), **o, **{f"clip_{f}": o.get(f"{split}_{f}") for f in CLIP_FIELDS}}
+            for o in out
+            if o.get(st) == "ok" and o.get("clip_id") is not None
+        ]
+    else:
+        key = stage.key()
+        by_key = {r.get(key): r for r in rows}
+        nxt = [{**by_key.get(o.get(key), {}), **o} for o in out if o.get(st) == "ok"]
+    if not nxt:
+        return []
+    import duckdb
+
+    cols = (
+        rows_to_table([{c: r.get(c) for c in requires} for r in nxt]) if requires else pa.table({"n": [0] * len(nxt)})
+    )
+    con = duckdb.connect()
+    try:
+        con.register("t", cols)
+        prints = [r[0] for r in con.execute(f"SELECT {fingerprint_sql(requires)} FROM t").fetchall()]
+    finally:
+        con.close()
+    for r, fp in zip(nxt, prints, strict=True):
+        r["_upstream"] = fp
+    return nxt
+
+
 class _RayStageWorker:
     """The actor Ray Data instantiates: builds the stage once, runs batches, writes their manifest parts.
-    `RayRunner` subclasses it per stage, so actors and operators carry the stage's name."""
+    `RayRunner` subclasses it per stage, so actors and operators carry the stage's name.
 
-    def __init__(self, stage_name: str, config: dict[str, Any], run_dir: str) -> None:
+    Input batches are the driver's Parquet rows, grouped payloads (JSON), or what the previous stage of a streaming
+    chain emitted. Output: `kind`/`payload` rows: the next stage's input rows (`row`), and one `summary` per batch
+    (counts, worker memory, a fatal error) that later stages pass through to the driver."""
+
+    def __init__(
+        self, stage_name: str, config: dict[str, Any], run_dir: str, nxt: tuple[str, list[str]] | None = None
+    ) -> None:
         self.name = stage_name
+        self.next_requires = tuple(nxt[1]) if nxt else None
         self.fatal = ""  # an error building the stage is reported with the first batch, as one line in the driver
         try:
             log_to_file(run_dir, worker_log_name())
@@ -119,38 +164,67 @@ class _RayStageWorker:
             self.fatal = _fatal_record(exc)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        kinds: list[str] = []
+        payloads: list[str] = []
         rows: list[Row] = []
-        for p in batch.column("payload").to_pylist():  # a row, or a whole group of a grouped stage
-            item = json.loads(p)
-            rows.extend(item if isinstance(item, list) else [item])
+        if "payload" not in batch.column_names:  # the driver's exported rows, native types
+            rows = batch.to_pylist()
+        else:
+            kind = batch.column("kind").to_pylist() if "kind" in batch.column_names else ["row"] * batch.num_rows
+            for k, p in zip(kind, batch.column("payload").to_pylist(), strict=True):
+                if k == "summary":  # an earlier stage's: on to the driver
+                    kinds.append(k)
+                    payloads.append(p)
+                    continue
+                item = json.loads(p)  # a row, or a whole group of a grouped stage
+                rows.extend(item if isinstance(item, list) else [item])
+        if not rows and not self.fatal:
+            return _records(kinds, payloads)
         fatal = self.fatal
         out: list[Row] = []
+        nxt: list[Row] = []
         if not fatal:
             try:
                 out = self.stage.run_batch(rows)
                 self.manifests.write(self.stage.name, out)
+                if self.next_requires is not None:
+                    nxt = chain_rows(self.stage, rows, out, self.next_requires)
             except Exception as exc:
                 if not is_fatal(exc):
                     raise
                 fatal = _fatal_record(exc)
         tame_third_party()
         counts = {s: sum(1 for r in out if r.get(f"{self.name}_status") == s) for s in ("ok", "reject", "error")}
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak, MiB
-        return pa.table(
-            {
-                "n_in": [len(rows)],
-                "pid": [os.getpid()],
-                "rss_mb": [rss],
-                "fatal": [fatal],
-                **{k: [v] for k, v in counts.items()},
-            }
-        )
+        summary = {
+            "stage": self.name,
+            "n_in": len(rows),
+            "pid": os.getpid(),
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's peak, MiB
+            "fatal": fatal,
+            **counts,
+        }
+        kinds += ["summary"] + ["row"] * len(nxt)
+        payloads += [json.dumps(summary)] + [json.dumps(r, default=str) for r in nxt]
+        return _records(kinds, payloads)
+
+
+def _read_inputs(batch: pa.Table) -> pa.Table:
+    """The driver's exported input rows, one file per call."""
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(p) for p in batch.column("path").to_pylist()])
+
+
+def _records(kinds: list[str], payloads: list[str]) -> pa.Table:
+    return pa.table({"kind": pa.array(kinds, pa.string()), "payload": pa.array(payloads, pa.string())})
 
 
 class RayRunner:
-    """Ray Data actor pools; `address=None` starts (or joins) a local cluster."""
+    """Ray Data actor pools; `address=None` starts (or joins) a local cluster. `run` runs one stage; `run_chain`
+    streams rows through several stages at once, each its own actor pool, rows a stage rejects going no further."""
 
     name = "ray"
+    reads_files = True  # takes its inputs as the driver's Parquet export, not as a list held in the driver
 
     def __init__(self, address: str | None = None, num_cpus: float | None = None) -> None:
         self.address = address
@@ -159,8 +233,18 @@ class RayRunner:
     def _init(self) -> None:
         import ray
 
-        if ray.is_initialized():
-            return
+        if not ray.is_initialized():
+            self._start()
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()  # also when the caller started Ray: progress goes to our bars, not stdout
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        tame_third_party()
+
+    def _start(self) -> None:
+        import ray
+
         kwargs: dict[str, Any] = {
             "ignore_reinit_error": True,
             "include_dashboard": False,
@@ -173,70 +257,128 @@ class RayRunner:
             kwargs["num_cpus"] = self.num_cpus
         tame_third_party()  # before init too: Ray logs its start-up notices through its own handlers
         ray.init(**kwargs)
-        from ray.data import DataContext
 
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        tame_third_party()
+    def _dataset(self, stage: Stage[Any], rows: list[Row] | InputFiles) -> tuple[Any, int]:
+        """The input dataset and the batch size its rows go to the workers in."""
+        import ray
+
+        if isinstance(rows, InputFiles):  # one small read task per file (not read_parquet: its path handling
+            # imports fsspec's HTTP filesystem, which needs aiohttp, for local paths too)
+            ds = ray.data.from_items([{"path": p} for p in rows.paths], override_num_blocks=max(1, len(rows.paths)))
+            ds = ds.map_batches(_read_inputs, batch_size=1, batch_format="pyarrow", num_cpus=0.1)
+            return ds, stage.resources().batch_size
+        if stage.grouping() is None:
+            payload = [{"payload": json.dumps(r, default=str)} for r in rows]
+            batch_size = stage.resources().batch_size
+        else:  # one item per group, so a batch is always a whole group
+            payload = [{"payload": json.dumps(g, default=str)} for g in stage.batches(rows)]
+            batch_size = 1
+        return ray.data.from_items(payload, override_num_blocks=max(1, min(len(payload), 64))), batch_size
+
+    def _map(self, ds: Any, stage: Stage[Any], run_dir: Path, batch_size: int, share: float, nxt: Any) -> Any:
+        """Add one stage's actor pool to the dataset. `share` scales its CPU request: stages streaming together
+        share the cluster, and pools whose minimum sizes do not fit would wait for each other forever."""
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        res = stage.resources()
+        cluster = ray.cluster_resources()
+        if res.gpus and not cluster.get("GPU"):  # Ray would wait for a GPU forever
+            raise ConfigError(
+                f"stage {stage.name!r} asks for {res.gpus:g} GPU per worker (its backend needs one) but the Ray "
+                f"cluster has none: run on a cluster with GPUs, or set {stage.name}.resources.gpus: 0 to run it "
+                "on CPU"
+            )
+        total_cpus = float(cluster.get("CPU", 1))
+        cpus = res.cpus * share
+        # Leave Ray Data's own tasks a CPU: a pool that holds every CPU deadlocks a 2-core machine.
+        pool_max = max(1, min(res.pool_max, int((total_cpus - 0.5) / max(cpus, 0.01)) if cpus else res.pool_max))
+        pool_min = min(res.pool_min, pool_max)
+        worker = type(f"stage_{stage.name}", (_RayStageWorker,), {"__module__": __name__})
+        return ds.map_batches(
+            worker,
+            fn_constructor_args=(stage.name, stage.config.portable_dump(), str(run_dir), nxt),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=pool_min, max_size=pool_max),
+            num_cpus=cpus,
+            num_gpus=res.gpus or None,
+        )
 
     def run(
         self,
         stage_cls: type[Stage[Any]],
         cfg: StageConfig,
-        rows: list[Row],
+        rows: list[Row] | InputFiles,
         run_dir: Path,
         progress: Progress | None = None,
     ) -> dict[str, float]:
+        self._init()
+        stage = stage_cls(cfg)
+        ds, batch_size = self._dataset(stage, rows)
+        ds = self._map(ds, stage, run_dir, batch_size, 1.0, None)
+        stats = self._collect(ds, [stage.name], {stage.name: progress})[stage.name]
+        stats.pop("inputs")
+        return stats
+
+    def run_chain(
+        self,
+        stages: list[tuple[type[Stage[Any]], StageConfig]],
+        rows: InputFiles,
+        run_dir: Path,
+        progress: dict[str, Progress | None] | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Stream the rows through every stage in `stages` (none grouped) in one Ray Data pipeline: a GPU stage works
+        while the CPU stages before it still do, and each stage writes its manifest part per batch as in `run`."""
         import ray
-        from ray.data import ActorPoolStrategy
 
         self._init()
-        res = stage_cls(cfg).resources()
-        cluster = ray.cluster_resources()
-        if res.gpus and not cluster.get("GPU"):  # Ray would wait for a GPU forever
-            raise ConfigError(
-                f"stage {stage_cls.name!r} asks for {res.gpus:g} GPU per worker (its backend needs one) but the Ray "
-                f"cluster has none: run on a cluster with GPUs, or set {stage_cls.name}.resources.gpus: 0 to run it "
-                "on CPU"
-            )
-        total_cpus = float(cluster.get("CPU", 1))
-        # Leave Ray Data's own tasks a CPU: a pool that holds every CPU deadlocks a 2-core machine.
-        pool_max = max(
-            1, min(res.pool_max, int((total_cpus - 0.5) / max(res.cpus, 0.01)) if res.cpus else res.pool_max)
-        )
-        pool_min = min(res.pool_min, pool_max)
-        stage = stage_cls(cfg)
-        if stage.grouping() is None:
-            payload = [{"payload": json.dumps(r, default=str)} for r in rows]
-            batch_size = res.batch_size
-        else:  # one item per group, so a batch is always a whole group
-            payload = [{"payload": json.dumps(g, default=str)} for g in stage.batches(rows)]
-            batch_size = 1
-        ds = ray.data.from_items(payload, override_num_blocks=max(1, min(len(payload), 64)))
-        worker = type(f"stage_{stage_cls.name}", (_RayStageWorker,), {"__module__": __name__})
-        ds = ds.map_batches(
-            worker,
-            fn_constructor_args=(stage_cls.name, cfg.portable_dump(), str(run_dir)),
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=pool_min, max_size=pool_max),
-            num_cpus=res.cpus,
-            num_gpus=res.gpus or None,
-        )
-        stats: dict[str, float] = {"rows": 0, "ok": 0, "reject": 0, "error": 0}
-        peak: dict[int, float] = {}
-        for summary in ds.iter_rows():
-            if summary["fatal"]:
-                _raise_fatal(summary["fatal"])
-            for k in ("ok", "reject", "error"):
-                stats[k] += summary[k]
-            stats["rows"] += summary["ok"] + summary["reject"] + summary["error"]
-            peak[summary["pid"]] = max(peak.get(summary["pid"], 0.0), summary["rss_mb"])
-            if progress:
-                progress(int(summary["n_in"]))
-        stats["workers"] = len(peak)
-        stats["peak_worker_rss_mb"] = max(peak.values(), default=0.0)
+        built = [cls(cfg) for cls, cfg in stages]
+        if any(s.grouping() is not None for s in built):
+            raise ValueError("a grouped stage needs all its rows at once; it cannot stream")
+        total_cpus = float(ray.cluster_resources().get("CPU", 1))
+        floor = sum(s.resources().cpus * s.resources().pool_min for s in built)
+        share = min(1.0, (total_cpus - 0.5) / floor) if floor else 1.0
+        ds, _ = self._dataset(built[0], rows)
+        for i, s in enumerate(built):
+            nxt = (built[i + 1].name, list(built[i + 1].requires)) if i + 1 < len(built) else None
+            ds = self._map(ds, s, run_dir, s.resources().batch_size, share, nxt)
+        return self._collect(ds, [s.name for s in built], progress or {})
+
+    @staticmethod
+    def _collect(ds: Any, names: list[str], progress: dict[str, Progress | None]) -> dict[str, dict[str, float]]:
+        """Drain the pipeline, turning the workers' summaries into per-stage counts; a fatal one raises."""
+        stats = {n: {"inputs": 0.0, "rows": 0.0, "ok": 0.0, "reject": 0.0, "error": 0.0} for n in names}
+        peak: dict[str, dict[int, float]] = {n: {} for n in names}
+        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+        fatal = ""
+        for batch in batches:
+            for kind, p in zip(batch.column("kind").to_pylist(), batch.column("payload").to_pylist(), strict=True):
+                if kind != "summary":
+                    continue
+                summary = json.loads(p)
+                if summary["fatal"]:
+                    fatal = summary["fatal"]
+                    break
+                name = summary["stage"]
+                st = stats[name]
+                for k in ("ok", "reject", "error"):
+                    st[k] += summary[k]
+                st["rows"] += summary["ok"] + summary["reject"] + summary["error"]
+                st["inputs"] += summary["n_in"]
+                peak[name][summary["pid"]] = max(peak[name].get(summary["pid"], 0.0), summary["rss_mb"])
+                if (bar := progress.get(name)) is not None:
+                    bar(int(summary["n_in"]))
+            if fatal:
+                break
+        if fatal:  # stop the pipeline now (its operators shut down here, not at exit), then end the run
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+            _raise_fatal(fatal)
+        for n in names:
+            stats[n]["workers"] = len(peak[n])
+            stats[n]["peak_worker_rss_mb"] = max(peak[n].values(), default=0.0)
         return stats
 
 

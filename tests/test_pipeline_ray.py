@@ -110,3 +110,23 @@ def test_shards_read_back_with_webdataset(ray_run: Path) -> None:
     assert set(some["provenance"]) >= set(DEFAULT_STAGES)
     assert some["provenance"]["aesthetics"]["backend"] == "embedded:quality-proxy"
     assert {"motion_score", "aesthetics_score", "watermark_score", "ocr_text_area"} <= set(some["scores"])
+
+
+def test_streamed_stages_leave_nothing_to_redo(ray_run: Path) -> None:
+    """On Ray the ungrouped stages ran as streaming chains (probe..nsfw, caption+subjects, package alone after
+    identity). The fingerprints the workers computed between stages equal the driver's query, so a rerun finds
+    nothing missing or stale in any stage."""
+    cfg = build_config({"runner": "ray", "progress": False, "subjects": {"track_frames": 4}})
+    pipe = Pipeline(cfg, ray_run)
+    runner = pipe.runner()
+    assert pipe.segments(runner) == [
+        ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "nsfw"],
+        ["dedup"],
+        ["caption", "subjects"],
+        ["identity"],
+        ["package"],
+    ]
+    modes = {r["stage"]: r["mode"] for r in Manifests(ray_run).rows("SELECT stage, mode FROM stage_runs")}
+    assert modes == {n: "streaming" if n not in ("dedup", "identity", "package") else "stage" for n in DEFAULT_STAGES}
+    for name in DEFAULT_STAGES:
+        assert pipe.inputs(name) == [], name  # a fingerprint that differed would make the row count as missing

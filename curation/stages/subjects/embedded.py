@@ -222,6 +222,10 @@ class EmbeddedDetector:
         wx1, wy1, wx2, wy2 = max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)
         win = np.ascontiguousarray(init[wy1:wy2, wx1:wx2])
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        # GrabCut seeds its colour models with k-means on OpenCV's per-thread RNG, whose state carries over from
+        # call to call: without a reset a clip's masks (and so its subject count) depend on which clips the same
+        # worker cut before it, i.e. on how Ray spread the batches (seen: 6 vs 7 subjects on one clip).
+        cv2.setRNGSeed(0)
         try:
             cv2.grabCut(
                 np.ascontiguousarray(small[wy1:wy2, wx1:wx2]),
