@@ -7,10 +7,11 @@ import glob
 import hashlib
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from curation.errors import ConfigError
 from curation.stage import Row
+from curation.storage import access_error, is_remote, list_remote
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,27 @@ def _without_sidecars(files: list[Path]) -> list[Path]:
     return [f for f in files if f not in sidecars]
 
 
+def _remote_inputs(spec: str) -> list[tuple[str, str | None]]:
+    """(uri, caption) for every object under a remote prefix / glob, `.txt` captions beside their videos read."""
+    fs, paths = list_remote(spec)
+    by_stem: dict[str, str] = {}
+    for q in paths:
+        if not q.endswith(".txt"):
+            by_stem[str(PurePosixPath(q).with_suffix(""))] = q
+            by_stem[q] = q
+    captions: dict[str, str] = {}
+    for q in paths:
+        if q.endswith(".txt") and (owner := by_stem.get(q[: -len(".txt")])) is not None and owner != q:
+            try:
+                text = fs.cat_file(q).decode("utf-8", errors="replace").strip()
+            except Exception as exc:
+                raise access_error(fs.unstrip_protocol(q), exc) from None
+            if text:
+                captions[owner] = text
+    kept = [q for q in paths if not (q.endswith(".txt") and by_stem.get(q[: -len(".txt")], q) != q)]
+    return [(fs.unstrip_protocol(q), captions.get(q)) for q in kept]
+
+
 def discover(spec: str | Path) -> list[Row]:
     """Inputs: a folder, a glob, a video, or a list (.csv / .jsonl with `path` and optional `caption`, .txt with one
     path a line, or OpenS2V-style .json metadata whose caption is taken from cap / face_cap_qwen / ...).
@@ -137,7 +159,10 @@ def discover(spec: str | Path) -> list[Row]:
     p = Path(text).expanduser()
     entries: list[tuple[str, str | None]]
     source = "list"
-    if p.is_dir():
+    if is_remote(text):
+        entries = _remote_inputs(text)
+        source = "sidecar"
+    elif p.is_dir():
         entries = [(_uri(f), None) for f in _folder_inputs(p)]
     elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
         entries = _from_list(p)

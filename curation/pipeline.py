@@ -61,13 +61,22 @@ class Pipeline:
             shutil.rmtree(old, ignore_errors=True)
         self._prepared = True
 
-    def ingest(self, spec: str | None) -> int:
-        """Record new input videos; returns how many were new. Known videos keep their first row."""
+    def discover(self, spec: str) -> list[Row]:
+        """The input files (kept for `run`). Called before anything is written: an input that cannot be listed
+        (wrong credentials, a typo) ends the run with an empty output directory."""
+        cached = getattr(self, "_discovered", None)
+        if cached is None or cached[0] != spec:
+            self._discovered = (spec, discover(spec))
+        return self._discovered[1]
+
+    def ingest(self, spec: str | None, found: list[Row] | None = None) -> int:
+        """Record new input videos (`found`: what `discover(spec)` already returned); returns how many were new.
+        Known videos keep their first row."""
         if spec is None:
             if not self.manifests.has("ingest"):
                 raise ConfigError("no input: pass --input FOLDER|GLOB|LIST (or set `input:` in the config)")
             return 0
-        rows = discover(spec)
+        rows = found if found is not None else discover(spec)
         known = {r["video_id"] for r in self.manifests.rows("SELECT video_id FROM ingest")}
         new = [r for r in rows if r["video_id"] not in known]
         ts = time.time()
@@ -298,9 +307,10 @@ class Pipeline:
     def run(
         self, input_spec: str | None = None, rerun: Rerun = "missing", progress_factory: Any = None
     ) -> list[StageReport]:
+        found = self.discover(input_spec) if input_spec is not None else None
         self.prepare()
         with logging_to(self.run_dir):
-            n_new = self.ingest(input_spec)
+            n_new = self.ingest(input_spec, found)
             log.info("ingest: %d new input video(s)", n_new)
             runner = self.runner()
             reports: list[StageReport] = []

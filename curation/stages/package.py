@@ -19,6 +19,7 @@ from pydantic import Field
 
 from curation.errors import ConfigError
 from curation.stage import STORAGE_ERRNOS, Resources, Row, Stage, StageConfig, StageContext, operational
+from curation.storage import local_file
 
 
 class PackageConfig(StageConfig):
@@ -97,9 +98,10 @@ class Package(Stage[PackageConfig]):
         final = out_dir / f"{r['clip_id']}.mp4"
         tmp = out_dir / f".{r['clip_id']}.{uuid.uuid4().hex[:8]}.mp4"
         regular = r.get("clip_ts_regular")
-        cmd = ffmpeg_cut_cmd(self.config, r["uri"], start, n, fps, tmp, ts_regular=regular is not False)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, n))
+            with local_file(r["uri"]) as src:
+                cmd = ffmpeg_cut_cmd(self.config, src, start, n, fps, tmp, ts_regular=regular is not False)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(120, n))
             if proc.returncode != 0:
                 _raise_storage_error(proc.stderr, proc.returncode, tmp)
                 return self.row(r, "error", "ffmpeg", proc.stderr.strip()[-2000:] or f"ffmpeg exit {proc.returncode}")

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from curation.stage import Kind, Resources, Row, Stage, StageConfig
+from curation.storage import local_file
 
 
 class ProbeConfig(StageConfig):
@@ -135,7 +136,8 @@ class Probe(Stage[ProbeConfig]):
 
     def process(self, r: Row) -> Row:
         try:
-            meta = probe_file(r["uri"], self.config.max_pixels, self.config.count_limit)  # other failures: error rows
+            with local_file(r["uri"]) as path:  # a remote object: this worker's copy
+                meta = probe_file(path, self.config.max_pixels, self.config.count_limit)  # other failures: error rows
         except NotAVideo as exc:
             return self.row(r, "error", exc.reason, str(exc))
         status, reason = self._decide(meta)

@@ -17,6 +17,7 @@ from pydantic import Field
 from curation.ingest import clip_id
 from curation.samples import cut_dir, save_samples
 from curation.stage import Kind, Resources, Row, Stage, StageConfig, operational
+from curation.storage import local_file
 
 DETECTORS = {
     "content": "ContentDetector",
@@ -81,15 +82,16 @@ class Scenecut(Stage[ScenecutConfig]):
         def on_segment(seg: Segment) -> None:
             rows.append(self._clip_row(r, uri, seg, frames_dir))
 
-        res = scan_video(
-            uri,
-            make_detector(cfg),
-            on_segment,
-            samples_per_clip=cfg.samples_per_clip,
-            sample_long_side=cfg.sample_long_side,
-            max_len_frames=max_len,
-            threads=cfg.decode_threads,
-        )
+        with local_file(uri) as path:  # a remote object: this worker's copy (clip ids keep the URI)
+            res = scan_video(
+                path,
+                make_detector(cfg),
+                on_segment,
+                samples_per_clip=cfg.samples_per_clip,
+                sample_long_side=cfg.sample_long_side,
+                max_len_frames=max_len,
+                threads=cfg.decode_threads,
+            )
         for old in frames_dir.parent.iterdir() if frames_dir.parent.is_dir() else ():
             if old != frames_dir and old.is_dir():  # an earlier cut's samples: superseded by this attempt
                 shutil.rmtree(old, ignore_errors=True)

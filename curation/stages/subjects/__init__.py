@@ -30,6 +30,7 @@ from curation.manifest import atomic_write_bytes
 from curation.masks import mask_box, mask_iou, rle_decode, rle_encode
 from curation.stage import Resources, Row, Stage, StageContext
 from curation.stages.subjects.linking import link_subjects
+from curation.storage import local_file
 
 if TYPE_CHECKING:
     from curation.stages.subjects.embedded import Track
@@ -147,14 +148,15 @@ class Subjects(Stage[SubjectsConfig]):
         c = self.config
         n = int(r["clip_num_frames"])
         positions = [int(p) for p in pick(n, c.track_frames)]
-        got = read_clip_frames(
-            r["uri"],
-            int(r["clip_start_frame"]),
-            positions,
-            int(r.get("clip_rotation") or 0),
-            c.decode_long_side,
-            seek=r.get("clip_ts_regular") is True,
-        )
+        with local_file(r["uri"]) as path:
+            got = read_clip_frames(
+                path,
+                int(r["clip_start_frame"]),
+                positions,
+                int(r.get("clip_rotation") or 0),
+                c.decode_long_side,
+                seek=r.get("clip_ts_regular") is True,
+            )
         positions = [p for p in positions if p in got]
         if len(positions) < 2:
             return self.row(r, "error", "decode", f"decoded {len(positions)} of the clip's frames")
