@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CurationError("no output directory: pass --out RUN_DIR (or set `out:` in the config)")
     pipe = Pipeline(cfg, cfg.out)
     if cfg.input:
-        pipe.discover(cfg.input)  # before the run directory exists: a storage error leaves nothing behind
+        pipe.check_input(cfg.input)  # before the run directory exists: a storage error leaves nothing behind
     pipe.prepare()
     native_stderr_to_file(cfg.out)
     t0 = time.perf_counter()

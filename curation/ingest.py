@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from curation.errors import ConfigError
@@ -55,9 +56,10 @@ def _sidecar_caption(uri: str) -> str | None:
     return None
 
 
-def _from_list(path: Path) -> list[tuple[str, str | None]]:
+def _from_list(path: Path) -> Iterator[tuple[str, str | None]]:
+    """(uri, caption) of every entry of a list file, read as it goes (a CSV, JSONL or text list of millions of
+    videos is never held whole)."""
     base = path.parent
-    out: list[tuple[str, str | None]] = []
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
@@ -67,7 +69,7 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
                 )
             for rec in reader:
                 if rec.get("path"):
-                    out.append((_uri(rec["path"], base), (rec.get("caption") or None)))
+                    yield (_uri(rec["path"], base), (rec.get("caption") or None))
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -83,9 +85,9 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
             cap = next(
                 (meta[k] for k in OPENS2V_CAPTION_KEYS if isinstance(meta.get(k), str) and meta[k].strip()), None
             )
-            out.append((_uri(meta["path"], base), cap.strip() if cap else None))
+            yield (_uri(meta["path"], base), cap.strip() if cap else None)
     elif path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_lines(path), 1):
             if not line.strip():
                 continue
             try:
@@ -96,12 +98,11 @@ def _from_list(path: Path) -> list[tuple[str, str | None]]:
                 ) from None
             if not isinstance(rec, dict) or "path" not in rec:
                 raise ConfigError(f"{path}:{n}: each JSONL line needs a `path` key (and optional `caption`)")
-            out.append((_uri(rec["path"], base), rec.get("caption") or None))
+            yield (_uri(rec["path"], base), rec.get("caption") or None)
     else:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in _lines(path):
             if line.strip() and not line.lstrip().startswith("#"):
-                out.append((_uri(line.strip(), base), None))
-    return out
+                yield (_uri(line.strip(), base), None)
 
 
 def _folder_inputs(folder: Path) -> list[Path]:
@@ -145,7 +146,7 @@ def _remote_inputs(spec: str) -> list[tuple[str, str | None]]:
     return [(fs.unstrip_protocol(q), captions.get(q)) for q in kept]
 
 
-def discover(spec: str | Path) -> list[Row]:
+def iter_inputs(spec: str | Path) -> Iterator[Row]:
     """Inputs: a folder, a glob, a video, or a list (.csv / .jsonl with `path` and optional `caption`, .txt with one
     path a line, or OpenS2V-style .json metadata whose caption is taken from cap / face_cap_qwen / ...).
 
@@ -154,10 +155,11 @@ def discover(spec: str | Path) -> list[Row]:
     (`given_`: the `caption_` prefix belongs to the caption stage.)
 
     Missing files named by a list are kept (they become probe `error` rows), so no input silently disappears.
+    Rows are produced as the folder, bucket or list is read, so ingest can write them in chunks.
     """
     text = str(spec)
     p = Path(text).expanduser()
-    entries: list[tuple[str, str | None]]
+    entries: Iterable[tuple[str, str | None]]
     source = "list"
     if is_remote(text):
         entries = _remote_inputs(text)
@@ -173,7 +175,7 @@ def discover(spec: str | Path) -> list[Row]:
         entries = [(_uri(f), None) for f in _without_sidecars(matched)]
     else:
         raise ConfigError(f"input {text!r} is not a folder, a video, a glob or a list file (.csv/.jsonl/.txt)")
-    rows: list[Row] = []
+    n = 0
     seen: set[str] = set()
     for uri, caption in entries:
         if uri in seen:
@@ -184,9 +186,18 @@ def discover(spec: str | Path) -> list[Row]:
         if caption is None:
             caption = _sidecar_caption(uri)
             cap_source = "sidecar" if caption else None
-        rows.append(
-            {"video_id": video_id(uri), "uri": uri, "given_caption": caption, "given_caption_source": cap_source}
-        )
-    if not rows:
+        n += 1
+        yield {"video_id": video_id(uri), "uri": uri, "given_caption": caption, "given_caption_source": cap_source}
+    if not n:
         log.warning("input %s matched no files", text)
-    return rows
+
+
+def discover(spec: str | Path) -> list[Row]:
+    """Every input row of `spec` at once (`iter_inputs` as a list)."""
+    return list(iter_inputs(spec))
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            yield line.rstrip("\n")

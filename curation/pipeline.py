@@ -18,11 +18,12 @@ import yaml
 
 from curation.config import PipelineConfig
 from curation.errors import ConfigError
-from curation.ingest import discover
+from curation.ingest import iter_inputs
 from curation.logs import logging_to
 from curation.manifest import InputFiles, Manifests, atomic_write_bytes
 from curation.runners import Progress, Runner, make_runner
-from curation.stage import Kind, Row, Stage, StageContext, fingerprint_sql, registry
+from curation.stage import Kind, Row, Stage, StageContext, batched, fingerprint_sql, registry
+from curation.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +62,39 @@ class Pipeline:
             shutil.rmtree(old, ignore_errors=True)
         self._prepared = True
 
-    def discover(self, spec: str) -> list[Row]:
-        """The input files (kept for `run`). Called before anything is written: an input that cannot be listed
-        (wrong credentials, a typo) ends the run with an empty output directory."""
-        cached = getattr(self, "_discovered", None)
-        if cached is None or cached[0] != spec:
-            self._discovered = (spec, discover(spec))
-        return self._discovered[1]
+    def check_input(self, spec: str) -> None:
+        """Read the input spec once without keeping it, before anything is written: an input that cannot be listed
+        (wrong credentials, a typo, a malformed list) ends the run with an empty output directory. A remote prefix
+        is checked by listing it (its first row), a local folder or list is read through."""
+        if getattr(self, "_checked", None) == spec:
+            return
+        rows = iter_inputs(spec)
+        if is_remote(spec):
+            next(rows, None)
+        else:
+            for _ in rows:
+                pass
+        self._checked = spec
 
-    def ingest(self, spec: str | None, found: list[Row] | None = None) -> int:
-        """Record new input videos (`found`: what `discover(spec)` already returned); returns how many were new.
-        Known videos keep their first row."""
+    def ingest(self, spec: str | None, chunk: int = 10_000) -> int:
+        """Record new input videos, `chunk` rows at a time (the driver never holds the whole input list); returns
+        how many were new. Known videos keep their first row."""
         if spec is None:
             if not self.manifests.has("ingest"):
                 raise ConfigError("no input: pass --input FOLDER|GLOB|LIST (or set `input:` in the config)")
             return 0
-        rows = found if found is not None else discover(spec)
-        known = {r["video_id"] for r in self.manifests.rows("SELECT video_id FROM ingest")}
-        new = [r for r in rows if r["video_id"] not in known]
         ts = time.time()
-        for r in new:
-            r["ingest_ts"] = ts
-        self.manifests.write("ingest", new)
-        return len(new)
+        total = 0
+        for rows in batched(iter_inputs(spec), chunk):
+            ids = [r["video_id"] for r in rows]
+            sql = "SELECT video_id FROM ingest WHERE video_id IN (SELECT unnest(?::VARCHAR[]))"
+            known = {r["video_id"] for r in self.manifests.rows(sql, [ids])}
+            new = [r for r in rows if r["video_id"] not in known]
+            for r in new:
+                r["ingest_ts"] = ts
+            self.manifests.write("ingest", new)
+            total += len(new)
+        return total
 
     # -- selection ------------------------------------------------------------------------------------------
     def _upstream(self, name: str) -> list[str]:
@@ -307,10 +318,11 @@ class Pipeline:
     def run(
         self, input_spec: str | None = None, rerun: Rerun = "missing", progress_factory: Any = None
     ) -> list[StageReport]:
-        found = self.discover(input_spec) if input_spec is not None else None
+        if input_spec is not None:
+            self.check_input(input_spec)
         self.prepare()
         with logging_to(self.run_dir):
-            n_new = self.ingest(input_spec, found)
+            n_new = self.ingest(input_spec)
             log.info("ingest: %d new input video(s)", n_new)
             runner = self.runner()
             reports: list[StageReport] = []

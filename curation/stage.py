@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from importlib.metadata import entry_points
@@ -437,6 +438,8 @@ def get_stage(name: str) -> type[Stage[Any]]:
     return reg[name]
 
 
-def batched(rows: list[Row], size: int) -> Iterator[list[Row]]:
-    for i in range(0, len(rows), max(1, size)):
-        yield rows[i : i + size]
+def batched(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    """Lists of up to `size` rows, in order; takes any iterable (a generator is read as it goes)."""
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, max(1, size))):
+        yield chunk
