@@ -34,10 +34,12 @@ class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: str | None = Field(None, description="Ray cluster address; null starts a local cluster")
     num_cpus: float | None = Field(None, description="CPUs of the local cluster (null: all cores)")
-    streaming: bool = Field(
-        True,
+    streaming: bool | Literal["auto"] = Field(
+        "auto",
         description="stream consecutive ungrouped stages through one Ray Data pipeline (false: one stage at a "
-        "time, each over the whole corpus)",
+        "time, each over the whole corpus; auto: stream on a cluster with GPUs or several nodes, where it keeps "
+        "resources busy that would otherwise wait, not on one CPU-only machine, where every stage competes for "
+        "the same cores anyway)",
     )
 
 

@@ -260,17 +260,18 @@ class Manifests:
         return self.query(sql, params).to_pylist()
 
     def export(
-        self, sql: str, params: Iterable[Any] | None, folder: Path, files: int = 64, max_rows: int = 2000
+        self, sql: str, params: Iterable[Any] | None, folder: Path, rows_per_file: int, max_files: int = 10_000
     ) -> InputFiles:
         """Write a query's rows to Parquet files under `folder`, one record batch at a time: how the driver hands a
-        stage its inputs without holding them (its memory stays flat however large the corpus). About `files` files
-        so that an actor pool gets that many blocks to share, never more than `max_rows` rows in one."""
+        stage its inputs without holding them (its memory stays flat however large the corpus). A file is one work
+        item of the stage's actor pool, so `rows_per_file` is the stage's batch size, raised only when more than
+        `max_files` files would be written."""
         con = self.connect()
         try:
             n = int(con.sql(f"SELECT count(*) FROM ({sql})", params=list(params or []) or None).fetchall()[0][0])
             paths: list[str] = []
             if n:
-                per_file = max(1, min(max_rows, -(-n // files)))
+                per_file = max(1, rows_per_file, -(-n // max_files))
                 rel = con.sql(sql, params=list(params or []) or None)
                 # DuckDB 2 renamed `record_batch` to `to_arrow_reader`
                 reader = (getattr(rel, "to_arrow_reader", None) or rel.record_batch)(per_file)

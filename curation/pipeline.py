@@ -63,9 +63,9 @@ class Pipeline:
         self._prepared = True
 
     def check_input(self, spec: str) -> None:
-        """Read the input spec once without keeping it, before anything is written: an input that cannot be listed
-        (wrong credentials, a typo, a malformed list) ends the run with an empty output directory. A remote prefix
-        is checked by listing it (its first row), a local folder or list is read through."""
+        """Read the input spec through once without keeping its rows, before anything is written: an input that
+        cannot be listed (wrong credentials, a typo, a malformed list) ends the run with an empty output directory.
+        A remote prefix is listed (its listing and sidecar captions are read whole; `ingest` reads them again)."""
         if getattr(self, "_checked", None) == spec:
             return
         rows = iter_inputs(spec)
@@ -190,7 +190,7 @@ class Pipeline:
         cls = registry()[name]
         if getattr(runner, "reads_files", False) and cls(self.cfg.stage_config(name)).grouping() is None:
             sql, params = self.inputs_sql(name, rerun, selection)
-            return self.manifests.export(sql, params, scratch)
+            return self.manifests.export(sql, params, scratch, cls(self.cfg.stage_config(name)).resources().batch_size)
         return self.inputs(name, rerun, selection)
 
     def _scratch(self, name: str) -> Path:
@@ -258,21 +258,33 @@ class Pipeline:
         return report
 
     def segments(self, runner: Runner, rerun: Rerun = "missing") -> list[list[str]]:
-        """The stages grouped into what runs together: on Ray (`ray.streaming`, new rows only) each run of
-        consecutive ungrouped stages streams as one chain; a grouped stage (dedup, identity) needs every row of
-        its group first, so it runs alone between chains. Elsewhere every stage runs alone."""
-        stream = getattr(runner, "reads_files", False) and self.cfg.ray.streaming and rerun == "missing"
-        if not stream:
+        """The stages grouped into what runs together: on Ray (`ray.streaming`; `auto`: on a cluster with GPUs or
+        several nodes; new rows only) each run of consecutive ungrouped stages streams as one chain, as long as its
+        GPU pools fit together; a grouped stage (dedup, identity) needs every row of its group first, so it runs
+        alone between chains. Elsewhere every stage runs alone."""
+        mode = self.cfg.ray.streaming
+        if not (getattr(runner, "reads_files", False) and mode and rerun == "missing"):
+            return [[n] for n in self.cfg.stages]
+        gpus = float(runner.cluster_gpus())  # type: ignore[attr-defined]
+        if mode == "auto" and not (gpus or runner.cluster_nodes() > 1):  # type: ignore[attr-defined]
             return [[n] for n in self.cfg.stages]
         reg = registry()
         out: list[list[str]] = []
         chained = False  # whether the previous stage may stream on into this one
+        held = 0.0  # GPUs the current chain's smallest pools hold together
         for name in self.cfg.stages:
-            streams = reg[name](self.cfg.stage_config(name)).grouping() is None
-            if streams and chained:
+            stage = reg[name](self.cfg.stage_config(name))
+            streams = stage.grouping() is None
+            res = stage.resources()
+            need = res.gpus * res.pool_min
+            # GPU pools of one chain must all fit at once, or they wait for each other forever: a stage whose GPUs
+            # do not fit beside the chain's starts a new chain (on one GPU: caption, then subjects)
+            if streams and chained and held + need <= gpus + 1e-9:
                 out[-1].append(name)
+                held += need
             else:
                 out.append([name])
+                held = need
             chained = streams
         return out
 

@@ -27,6 +27,7 @@ from curation.stage import CLIP_FIELDS, Kind, Row, Stage, StageConfig, fingerpri
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+CHAIN_BLOCK_BYTES = 16 * 1024  # a few rows: what streams between the stages of a chain moves in blocks this small
 
 
 class Runner(Protocol):
@@ -167,8 +168,11 @@ class _RayStageWorker:
         kinds: list[str] = []
         payloads: list[str] = []
         rows: list[Row] = []
-        if "payload" not in batch.column_names:  # the driver's exported rows, native types
-            rows = batch.to_pylist()
+        if "path" in batch.column_names:  # files of the driver's exported rows, native types
+            import pyarrow.parquet as pq
+
+            for path in batch.column("path").to_pylist():
+                rows.extend(pq.read_table(path).to_pylist())
         else:
             kind = batch.column("kind").to_pylist() if "kind" in batch.column_names else ["row"] * batch.num_rows
             for k, p in zip(kind, batch.column("payload").to_pylist(), strict=True):
@@ -206,13 +210,6 @@ class _RayStageWorker:
         kinds += ["summary"] + ["row"] * len(nxt)
         payloads += [json.dumps(summary)] + [json.dumps(r, default=str) for r in nxt]
         return _records(kinds, payloads)
-
-
-def _read_inputs(batch: pa.Table) -> pa.Table:
-    """The driver's exported input rows, one file per call."""
-    import pyarrow.parquet as pq
-
-    return pa.concat_tables([pq.read_table(p) for p in batch.column("path").to_pylist()])
 
 
 def _records(kinds: list[str], payloads: list[str]) -> pa.Table:
@@ -258,15 +255,28 @@ class RayRunner:
         tame_third_party()  # before init too: Ray logs its start-up notices through its own handlers
         ray.init(**kwargs)
 
+    def cluster_gpus(self) -> float:
+        """GPUs in the cluster (starting or joining it)."""
+        import ray
+
+        self._init()
+        return float(ray.cluster_resources().get("GPU", 0.0))
+
+    def cluster_nodes(self) -> int:
+        """Alive nodes in the cluster."""
+        import ray
+
+        self._init()
+        return sum(1 for n in ray.nodes() if n.get("Alive"))
+
     def _dataset(self, stage: Stage[Any], rows: list[Row] | InputFiles) -> tuple[Any, int]:
         """The input dataset and the batch size its rows go to the workers in."""
         import ray
 
-        if isinstance(rows, InputFiles):  # one small read task per file (not read_parquet: its path handling
-            # imports fsspec's HTTP filesystem, which needs aiohttp, for local paths too)
+        if isinstance(rows, InputFiles):  # one work item per file, read by the stage's actor itself (a read
+            # task per file costs a task's scheduling each: seconds a stage on small corpora)
             ds = ray.data.from_items([{"path": p} for p in rows.paths], override_num_blocks=max(1, len(rows.paths)))
-            ds = ds.map_batches(_read_inputs, batch_size=1, batch_format="pyarrow", num_cpus=0.1)
-            return ds, stage.resources().batch_size
+            return ds, 1
         if stage.grouping() is None:
             payload = [{"payload": json.dumps(r, default=str)} for r in rows]
             batch_size = stage.resources().batch_size
@@ -293,6 +303,8 @@ class RayRunner:
         cpus = res.cpus * share
         # Leave Ray Data's own tasks a CPU: a pool that holds every CPU deadlocks a 2-core machine.
         pool_max = max(1, min(res.pool_max, int((total_cpus - 0.5) / max(cpus, 0.01)) if cpus else res.pool_max))
+        if res.gpus:  # never more GPU workers than the cluster has GPUs for
+            pool_max = max(1, min(pool_max, int(float(cluster["GPU"]) / res.gpus + 1e-9)))
         pool_min = min(res.pool_min, pool_max)
         worker = type(f"stage_{stage.name}", (_RayStageWorker,), {"__module__": __name__})
         return ds.map_batches(
@@ -339,10 +351,13 @@ class RayRunner:
         total_cpus = float(ray.cluster_resources().get("CPU", 1))
         floor = sum(s.resources().cpus * s.resources().pool_min for s in built)
         share = min(1.0, (total_cpus - 0.5) / floor) if floor else 1.0
-        ds, _ = self._dataset(built[0], rows)
+        ds, first_batch = self._dataset(built[0], rows)
+        # Small blocks: an actor pool hands out whole blocks, so one block holding a whole batch of a cheap stage
+        # (16 captions, a video's clips) would put all of a slow next stage's rows (subjects, 1 a batch) on one actor.
+        ds.context.target_max_block_size = CHAIN_BLOCK_BYTES
         for i, s in enumerate(built):
             nxt = (built[i + 1].name, list(built[i + 1].requires)) if i + 1 < len(built) else None
-            ds = self._map(ds, s, run_dir, s.resources().batch_size, share, nxt)
+            ds = self._map(ds, s, run_dir, first_batch if i == 0 else s.resources().batch_size, share, nxt)
         return self._collect(ds, [s.name for s in built], progress or {})
 
     @staticmethod

@@ -73,13 +73,21 @@ class _Downloads:
                 self.files.move_to_end(uri)
                 return self.files[uri]
             if self.dir is None:
-                self.dir = tempfile.mkdtemp(prefix="curation-inputs-")
+                self.dir = _worker_dir()
                 atexit.register(shutil.rmtree, self.dir, True)
             fs, path = filesystem(uri)
-            local = os.path.join(self.dir, f"{len(self.files)}-{os.getpid()}-{abs(hash(uri))}")
-            local += PurePosixPath(path).suffix
+            local = os.path.join(self.dir, f"{len(self.files)}-{abs(hash(uri))}") + PurePosixPath(path).suffix
             part = local + ".part"
-            fs.get_file(path, part)  # a missing object raises FileNotFoundError: the row's error
+            try:
+                fs.get_file(path, part)
+            except FileNotFoundError:  # a missing object: that row's error
+                _unlink(part)
+                raise
+            except Exception as exc:
+                _unlink(part)
+                if _is_auth_error(exc):  # every later download would fail too: end the run, in one line
+                    raise access_error(uri, exc) from None
+                raise
             os.replace(part, local)
             self.files[uri] = local
             while len(self.files) > KEEP_DOWNLOADS:
@@ -89,6 +97,43 @@ class _Downloads:
                 except OSError:
                     pass
             return local
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    """Credentials refused or missing (s3fs turns 403s into PermissionError; botocore has its own classes)."""
+    if isinstance(exc, PermissionError):
+        return True
+    name = type(exc).__name__
+    return name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+
+
+def _worker_dir() -> str:
+    """This process's download folder under one per-node root; folders of processes that are gone (a killed worker
+    never runs its exit hooks) are removed on the way."""
+    root = os.path.join(tempfile.gettempdir(), "curation-inputs")
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        pid = name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 _DOWNLOADS = _Downloads()

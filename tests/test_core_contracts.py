@@ -324,3 +324,53 @@ def test_a_gpu_stage_on_a_cluster_without_gpus_fails_in_one_line(ray_cluster: No
     cfg = cls.config_class(backend="vllm", model="Qwen/Qwen2.5-VL-7B-Instruct")
     with pytest.raises(ConfigError, match=r"asks for 1 GPU .* has none.*caption\.resources\.gpus: 0"):
         RayRunner().run(cls, cfg, [{"clip_id": "c"}], tmp_path)
+
+
+class _GpuCluster:
+    """Stands in for a Ray runner on a cluster with `gpus` GPUs (no GPU exists here); only `segments` reads it."""
+
+    name = "ray"
+    reads_files = True
+
+    def __init__(self, gpus: float, nodes: int = 1) -> None:
+        self.gpus = gpus
+        self.nodes = nodes
+
+    def cluster_gpus(self) -> float:
+        return self.gpus
+
+    def cluster_nodes(self) -> int:
+        return self.nodes
+
+
+def test_streaming_chains_hold_only_gpu_pools_that_fit_together() -> None:
+    """On one GPU, caption (a vLLM engine, 1 GPU) and subjects (1 GPU) cannot both hold their GPU: they would wait
+    for each other forever inside one chain, so each starts its own; small GPU shares still stream together."""
+    cfg = build_config(
+        {
+            "runner": "ray",
+            "aesthetics": {"resources": {"gpus": 0.25}},
+            "watermark": {"resources": {"gpus": 0.25}},
+            "nsfw": {"resources": {"gpus": 0.1}},
+            "caption": {"resources": {"gpus": 1.0}},
+            "subjects": {"resources": {"gpus": 1.0}},
+        }
+    )
+    pipe = Pipeline(cfg, "unused")
+    one = pipe.segments(_GpuCluster(1.0))  # type: ignore[arg-type]
+    assert one == [
+        ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "nsfw"],
+        ["dedup"],
+        ["caption"],
+        ["subjects"],
+        ["identity"],
+        ["package"],
+    ]
+    assert ["caption", "subjects"] in pipe.segments(_GpuCluster(2.0))  # type: ignore[arg-type]
+    assert pipe.segments(_GpuCluster(2.0), rerun="stale") == [[n] for n in cfg.stages]  # type: ignore[arg-type]
+    # ray.streaming: auto (the default) streams on GPUs or several nodes, not on one CPU-only machine
+    cpu = Pipeline(build_config({"runner": "ray"}), "unused")
+    assert cpu.segments(_GpuCluster(0.0)) == [[n] for n in cfg.stages]  # type: ignore[arg-type]
+    assert ["caption", "subjects"] in cpu.segments(_GpuCluster(0.0, nodes=3))  # type: ignore[arg-type]
+    forced = Pipeline(build_config({"runner": "ray", "ray": {"streaming": True}}), "unused")
+    assert ["caption", "subjects"] in forced.segments(_GpuCluster(0.0))  # type: ignore[arg-type]

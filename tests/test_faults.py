@@ -201,6 +201,8 @@ def test_streaming_driver_killed_mid_chain_then_rerun_matches_a_stage_by_stage_r
         "--set",
         f"ray.address={address}",
         "--set",
+        "ray.streaming=true",
+        "--set",
         "stages=[probe, scenecut, motion, aesthetics, package]",
         "--set",
         "package.shard_size=2",

@@ -20,7 +20,13 @@ pytestmark = pytest.mark.slow
 def ray_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None, ffmpeg: str) -> Path:
     run = tmp_path_factory.mktemp("ray_run")
     cfg = build_config(
-        {"runner": "ray", "progress": False, "package": {"shard_size": 8}, "subjects": {"track_frames": 4}}
+        {
+            "runner": "ray",
+            "progress": False,
+            "ray": {"streaming": True},  # auto would not stream on this one CPU-only machine
+            "package": {"shard_size": 8},
+            "subjects": {"track_frames": 4},
+        }
     )
     reports = Pipeline(cfg, run).run(str(VIDEOS))
     assert [r.name for r in reports] == DEFAULT_STAGES
@@ -116,7 +122,9 @@ def test_streamed_stages_leave_nothing_to_redo(ray_run: Path) -> None:
     """On Ray the ungrouped stages ran as streaming chains (probe..nsfw, caption+subjects, package alone after
     identity). The fingerprints the workers computed between stages equal the driver's query, so a rerun finds
     nothing missing or stale in any stage."""
-    cfg = build_config({"runner": "ray", "progress": False, "subjects": {"track_frames": 4}})
+    cfg = build_config(
+        {"runner": "ray", "progress": False, "ray": {"streaming": True}, "subjects": {"track_frames": 4}}
+    )
     pipe = Pipeline(cfg, ray_run)
     runner = pipe.runner()
     assert pipe.segments(runner) == [

@@ -155,3 +155,14 @@ def test_wrong_credentials_fail_in_one_line_and_write_nothing(s3: dict[str, str]
     assert not run.exists()  # nothing written
     missing = _cli(s3, "run", "configs/local.yaml", "--input", "s3://inputs/nothing-here", "--out", str(run))
     assert missing.returncode == 1 and "matched nothing" in missing.stderr and not run.exists()
+    # a local list naming s3:// objects is read without the bucket: the workers' download is refused, and that
+    # ends the run in one line too instead of making every video an error row
+    lst = tmp_path / "list.txt"
+    lst.write_text("s3://inputs/batch/mmaction2_demo.mp4\n")
+    listed = _cli(
+        bad, "run", "configs/local.yaml", "--input", str(lst), "--out", str(run), "--runner", "local", "--no-progress"
+    )
+    lines = listed.stderr.strip().splitlines()
+    assert listed.returncode == 1 and len(lines) == 1, listed.stderr[-2000:]
+    assert "s3://inputs/batch/mmaction2_demo.mp4" in lines[0] and "not-the-secret" not in listed.stderr
+    assert not Manifests(run).has("probe")
