@@ -187,10 +187,10 @@ class Pipeline:
     ) -> list[Row] | InputFiles:
         """A stage's inputs: a list for the local runner and for grouped stages; for Ray's ungrouped stages,
         Parquet files under `scratch` written a batch at a time (the driver never holds the whole corpus)."""
-        cls = registry()[name]
-        if getattr(runner, "reads_files", False) and cls(self.cfg.stage_config(name)).grouping() is None:
+        stage = registry()[name](self.cfg.stage_config(name))
+        if getattr(runner, "reads_files", False) and stage.grouping() is None:
             sql, params = self.inputs_sql(name, rerun, selection)
-            return self.manifests.export(sql, params, scratch, cls(self.cfg.stage_config(name)).resources().batch_size)
+            return self.manifests.export(sql, params, scratch, stage.resources().batch_size)
         return self.inputs(name, rerun, selection)
 
     def _scratch(self, name: str) -> Path:
@@ -304,12 +304,10 @@ class Pipeline:
                     continue
                 chain = names[start:]
                 t0 = time.perf_counter()
-                made = (
-                    {n: progress_factory(n, len(rows) if n == first else None) for n in chain}
-                    if (progress_factory)
-                    else {}
-                )
-                bars = {n: b for n, b in made.items() if b is not None}
+                bars: dict[str, Any] = {}
+                for n in chain if progress_factory else ():  # a later stage's total is not known up front
+                    if (bar := progress_factory(n, len(rows) if n == first else None)) is not None:
+                        bars[n] = bar
                 try:
                     stats = runner.run_chain(  # type: ignore[attr-defined]
                         [(reg[n], self.cfg.stage_config(n)) for n in chain],

@@ -277,13 +277,10 @@ class RayRunner:
             # task per file costs a task's scheduling each: seconds a stage on small corpora)
             ds = ray.data.from_items([{"path": p} for p in rows.paths], override_num_blocks=max(1, len(rows.paths)))
             return ds, 1
-        if stage.grouping() is None:
-            payload = [{"payload": json.dumps(r, default=str)} for r in rows]
-            batch_size = stage.resources().batch_size
-        else:  # one item per group, so a batch is always a whole group
-            payload = [{"payload": json.dumps(g, default=str)} for g in stage.batches(rows)]
-            batch_size = 1
-        return ray.data.from_items(payload, override_num_blocks=max(1, min(len(payload), 64))), batch_size
+        # a list (a grouped stage's rows, or a direct caller's): one item per batch the stage forms itself, so a
+        # whole group always reaches one worker
+        payload = [{"payload": json.dumps(b, default=str)} for b in stage.batches(rows)]
+        return ray.data.from_items(payload, override_num_blocks=max(1, min(len(payload), 64))), 1
 
     def _map(self, ds: Any, stage: Stage[Any], run_dir: Path, batch_size: int, share: float, nxt: Any) -> Any:
         """Add one stage's actor pool to the dataset. `share` scales its CPU request: stages streaming together
