@@ -1,4 +1,5 @@
-"""`curation` command line: run, stage, select, inspect, report, models, samples, train, sample, export-model.
+"""`curation` command line: run, stage, select, inspect, report, models, export, samples, train, sample,
+export-model.
 
 Bad configuration exits 1 with a one-line message; `--debug` shows the traceback instead.
 """
@@ -326,7 +327,32 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from curation.export import export, token_matcher
+
+    if not (Path(args.run) / "manifests").is_dir():
+        raise CurationError(f"{args.run!r} has no manifests: is it a run directory?")
+    if args.selection and not (Path(args.run) / "selections" / f"{args.selection}.parquet").is_file():
+        raise CurationError(f"no selection {args.selection!r} in {args.run}: make it with `curation select`")
+    options = {"matcher": token_matcher(args.tokenizer)} if args.tokenizer else {}
+    bar = None if args.no_progress else _progress_factory(True)(args.format, 0)
+    try:
+        rep = export(args.format, args.run, args.out, args.selection, options, bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(rep.skipped.items())) or "none"
+    _echo(
+        f"export {rep.format} -> {args.out}: {rep.ok} ok, skipped {sum(rep.skipped.values())} ({skipped}), "
+        f"{rep.errors} error(s); {rep.already} already done; {rep.seconds:.1f}s"
+    )
+    for path in rep.index:
+        _echo(f"  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from curation.export import FORMATS as EXPORT_FORMATS
     from curation.pipeline import RERUN_CHOICES
 
     p = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
@@ -415,6 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.set_defaults(func=cmd_export_model)
 
+    e = sub.add_parser("export", help="a run's shards in a layout other trainers and benchmarks read")
+    e.add_argument("format", choices=EXPORT_FORMATS, help="target layout (docs/export.md)")
+    e.add_argument("--run", required=True, help="run directory with shards")
+    e.add_argument("--out", required=True, help="export directory (a rerun resumes there)")
+    e.add_argument("--selection", help="only the clips of a selection made by `curation select`")
+    e.add_argument(
+        "--tokenizer", help="lumosx: also check every phrase with this tokenizer folder (e.g. Wan2.1's umt5-xxl)"
+    )
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_export)
     g = sub.add_parser("samples", help="generate small sample videos (cuts, text, motion) to try the pipeline on")
     g.add_argument("out", help="folder to write them to")
     g.add_argument("--seconds", type=float, default=4.0)

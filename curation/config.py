@@ -26,6 +26,7 @@ DEFAULT_STAGES = [
     "caption",
     "subjects",
     "identity",
+    "crops",
     "package",
 ]
 

@@ -364,7 +364,7 @@ def test_streaming_chains_hold_only_gpu_pools_that_fit_together() -> None:
         ["caption"],
         ["subjects"],
         ["identity"],
-        ["package"],
+        ["crops", "package"],
     ]
     assert ["caption", "subjects"] in pipe.segments(_GpuCluster(2.0))  # type: ignore[arg-type]
     assert pipe.segments(_GpuCluster(2.0), rerun="stale") == [[n] for n in cfg.stages]  # type: ignore[arg-type]

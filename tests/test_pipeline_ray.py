@@ -132,9 +132,9 @@ def test_streamed_stages_leave_nothing_to_redo(ray_run: Path) -> None:
         ["dedup"],
         ["caption", "subjects"],
         ["identity"],
-        ["package"],
+        ["crops", "package"],
     ]
     modes = {r["stage"]: r["mode"] for r in Manifests(ray_run).rows("SELECT stage, mode FROM stage_runs")}
-    assert modes == {n: "streaming" if n not in ("dedup", "identity", "package") else "stage" for n in DEFAULT_STAGES}
+    assert modes == {n: "streaming" if n not in ("dedup", "identity") else "stage" for n in DEFAULT_STAGES}
     for name in DEFAULT_STAGES:
         assert pipe.inputs(name) == [], name  # a fingerprint that differed would make the row count as missing

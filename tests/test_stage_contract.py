@@ -85,7 +85,9 @@ def test_bad_item_is_a_row_not_an_exception(name: str, tmp_path: Path) -> None:
 
 # Stages whose work needs the input video or its frame samples (caption's embedded backend reads neither; identity
 # reads the subjects' manifest rows).
-READS_MEDIA = {"probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "nsfw", "dedup", "subjects", "package"}
+READS_MEDIA = {
+    "probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "nsfw", "dedup", "subjects", "crops", "package",
+}  # fmt: skip
 
 
 def test_every_media_stage_is_listed() -> None:

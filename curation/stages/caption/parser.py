@@ -99,6 +99,11 @@ def nlp() -> Any:
     return _pipelines()[0]
 
 
+def tagged(text: str) -> Any:
+    """`text` through the caption pipeline, with the coarse parts of speech set (what noun chunks need)."""
+    return _pipelines()[1](nlp()(text))
+
+
 def _pos_rules(patterns: list[dict[str, Any]]) -> list[list[Any]]:
     """The attribute ruler's part-of-speech rules that look at one token's tag, word or dependency, most specific
     first: [[tag, lower or None, dep or None, pos], ...]."""

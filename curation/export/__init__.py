@@ -1,0 +1,335 @@
+"""`curation export FORMAT`: a run's shards in the layouts released trainers and benchmarks read.
+
+Formats (one module each): `lumosx` (LumosX inference / benchmark folders), `lumosx-train` (LumosX's training table
+and per-video info.json with masks), `opens2v` (OpenS2V-5M records), `concat-id` (Concat-ID's training list) and
+`opens2v-eval` (an OpenS2V-Eval style benchmark split). All read the same samples, streamed shard by shard, so a
+selection or a rerun needs no recomputation.
+
+Every clip ends in the export manifest (`<out>/manifest/<format>/part-*.parquet`: clip_id, status ok | skip | error,
+reason, files, record), so a clip missing from an export says why. A rerun skips the clips the manifest already
+holds (errors are tried again); media shared between formats (`<out>/media/<clip_id>/`) are written once, and a
+layout's own copies are hard links to them where the filesystem allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from curation.errors import CurationError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("lumosx", "lumosx-train", "opens2v", "concat-id", "opens2v-eval")
+
+
+@dataclass
+class Sample:
+    """One clip as the shards hold it: the sample json and its members by suffix (`mp4`, `masks.json`, ...)."""
+
+    clip_id: str
+    meta: dict[str, Any]
+    members: dict[str, bytes]
+    shard: str
+
+    @property
+    def caption(self) -> str:
+        return str(self.meta.get("caption") or "")
+
+    def subject(self, sid: int | None) -> dict[str, Any] | None:
+        return next((s for s in self.meta.get("subjects") or [] if s.get("id") == sid), None)
+
+    def phrase(self, span: Any) -> str | None:
+        """The caption text under a span ({start, end} or [start, end])."""
+        if not span:
+            return None
+        a, b = (span["start"], span["end"]) if isinstance(span, dict) else span
+        return self.caption[a:b]
+
+
+@dataclass
+class Result:
+    """What an exporter did with a clip: `ok` with the files written and its index record, or `skip` and why."""
+
+    status: str
+    reason: str | None = None
+    files: list[str] = field(default_factory=list)
+    record: Any = None
+    notes: list[str] = field(default_factory=list)  # parts left out of an ok clip, and why
+
+
+def iter_samples(run: Path, keep: set[str] | None = None) -> Iterator[Sample]:
+    """The run's samples, shard by shard, in the order they were written."""
+    shards = sorted((run / "shards").glob("shard-*.tar"))
+    if not shards:
+        raise CurationError(f"{run} has no shards: run `curation run` (or `curation stage package`) first")
+    for shard in shards:
+        current: Sample | None = None
+        with tarfile.open(shard) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                cid, _, suffix = info.name.partition(".")
+                if current is not None and cid != current.clip_id:
+                    if keep is None or current.clip_id in keep:
+                        yield current
+                    current = None
+                if keep is not None and cid not in keep:
+                    continue
+                fh = tar.extractfile(info)
+                data = fh.read() if fh else b""
+                if current is None:
+                    current = Sample(cid, {}, {}, shard.name)
+                if suffix == "json":
+                    current.meta = json.loads(data)
+                else:
+                    current.members[suffix] = data
+        if current is not None and (keep is None or current.clip_id in keep):
+            yield current
+
+
+def phrase_problem(
+    caption: str, span: Any, phrase: str | None, role: str, matcher: Callable[[str, str], bool] | None = None
+) -> str | None:
+    """Why `phrase` cannot name a file that a LumosX-style reader binds to the caption, or None.
+
+    Readers tokenize the caption and the file's name and look for the name's tokens in the caption's, so the name must
+    be the caption's own text at its span, start and end on word boundaries (a SentencePiece word starts after a
+    space), and avoid what the readers strip or test for: a `.` (the name is cut at the first one), a path
+    separator, and for attributes the word "face" (a file with "face" in its name is read as a face). `matcher(caption,
+    phrase)`, when given, is the reader's own token match (e.g. with the text encoder's tokenizer)."""
+    if not phrase or not span:
+        return "no_span"
+    a, b = (span["start"], span["end"]) if isinstance(span, dict) else span
+    if caption[a:b] != phrase or phrase != phrase.strip():
+        return "not_verbatim"
+    if (a > 0 and not caption[a - 1].isspace()) or (b < len(caption) and caption[b].isalnum()):
+        return "not_word_aligned"
+    if re.search(r"[./\\\x00]", phrase):
+        return "bad_character"
+    if role == "attribute" and ("face" in phrase.lower() or "fullfullbody" in phrase.lower()):
+        return "face_in_attribute"
+    if matcher is not None and not matcher(caption, phrase):
+        return "no_token_match"
+    return None
+
+
+def token_matcher(tokenizer_dir: str) -> Callable[[str, str], bool]:
+    """LumosX's binding test with a real tokenizer (e.g. the umt5-xxl folder of a Wan2.1 checkpoint): the phrase's
+    tokens, cut at the end-of-sequence token, occur contiguously in the caption's."""
+    from curation.errors import require
+
+    tok = require("transformers", "export --tokenizer").AutoTokenizer.from_pretrained(tokenizer_dir)
+    return lambda caption, phrase: tokens_contain(tok(caption)["input_ids"], tok(phrase)["input_ids"], tok.eos_token_id)
+
+
+def tokens_contain(caption_ids: list[int], phrase_ids: list[int], eos: int | None) -> bool:
+    if eos is not None and eos in phrase_ids:
+        phrase_ids = phrase_ids[: phrase_ids.index(eos)]
+    n = len(phrase_ids)
+    return n > 0 and any(caption_ids[i : i + n] == phrase_ids for i in range(len(caption_ids) - n + 1))
+
+
+class Writer:
+    """Files of one export: atomic writes, media shared between formats, hard links for a layout's copies."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def write(self, rel: str, data: bytes, *, once: bool = False) -> Path:
+        path = self.out / rel
+        if once and path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return path
+
+    def media(self, clip_id: str, name: str, data: bytes) -> Path:
+        """`media/<clip_id>/<name>`, written once however many formats use it."""
+        return self.write(f"media/{clip_id}/{name}", data, once=True)
+
+    def place(self, rel: str, src: Path) -> Path:
+        """A layout's copy of a media file: a hard link where possible."""
+        dst = self.out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():
+            dst.unlink()
+        try:
+            os.link(src, dst)
+        except OSError:
+            self.write(rel, src.read_bytes())
+        return dst
+
+
+class Exporter:
+    """A format: `add` one sample (write its files, return its record), `finish` writes the index."""
+
+    name: ClassVar[str]
+
+    def __init__(self, writer: Writer, options: dict[str, Any]) -> None:
+        self.w = writer
+        self.options = options
+
+    def add(self, s: Sample) -> Result:
+        raise NotImplementedError
+
+    def finish(self, records: list[tuple[str, Any]]) -> list[str]:
+        """Write the index from every exported clip's record (this run's and earlier ones'); returns its paths."""
+        return []
+
+
+def png(data: bytes) -> bytes:
+    """Any image member as an RGB PNG (LumosX's readers want .png; face crops are stored as jpg)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data
+    import cv2
+    import numpy as np
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    ok, enc = cv2.imencode(".png", img)
+    if not ok:
+        raise ValueError("image could not be re-encoded as png")
+    return enc.tobytes()
+
+
+def _exporters() -> dict[str, type[Exporter]]:
+    from curation.export.concat_id import ConcatId
+    from curation.export.lumosx import LumosX, LumosXTrain
+    from curation.export.opens2v import OpenS2V, OpenS2VEval
+
+    return {c.name: c for c in (LumosX, LumosXTrain, OpenS2V, ConcatId, OpenS2VEval)}
+
+
+@dataclass
+class ExportReport:
+    format: str
+    ok: int
+    skipped: dict[str, int]
+    errors: int
+    already: int
+    seconds: float
+    index: list[str]
+
+
+def export(
+    fmt: str,
+    run: str | Path,
+    out: str | Path,
+    selection: str | None = None,
+    options: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    flush_every: int = 200,
+) -> ExportReport:
+    """Export a run's shards in `fmt` to `out`; resumes from the export manifest there."""
+    import pyarrow as pa
+
+    from curation.manifest import atomic_write_table
+
+    exporters = _exporters()
+    if fmt not in exporters:
+        raise CurationError(f"unknown export format {fmt!r}: one of {', '.join(FORMATS)}")
+    run, out = Path(run), Path(out)
+    keep = None
+    if selection:
+        path = run / "selections" / f"{selection}.parquet"
+        if not path.is_file():
+            raise CurationError(f"no selection {selection!r} in {run}: make it with `curation select`")
+        import pyarrow.parquet as pq
+
+        keep = set(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
+    out.mkdir(parents=True, exist_ok=True)
+    exporter = exporters[fmt](Writer(out), dict(options or {}))
+    mdir = out / "manifest" / fmt
+    done: dict[str, dict[str, Any]] = {}
+    for part in sorted(mdir.glob("part-*.parquet")):
+        for r in _read_part(part):
+            done[r["clip_id"]] = r
+    already = sum(r["status"] != "error" for r in done.values())
+    t0 = time.perf_counter()
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if pending:
+            table = pa.Table.from_pylist(pending, schema=_schema())
+            atomic_write_table(table, mdir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
+            pending.clear()
+
+    for s in iter_samples(run, keep):
+        prev = done.get(s.clip_id)
+        if prev is not None and prev["status"] != "error":
+            continue
+        try:
+            res = exporter.add(s)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (28, 30, 122):  # full / read-only disk: end the export
+                raise
+            log.warning("export %s: clip %s failed: %s", fmt, s.clip_id, exc)
+            res = Result("error", type(exc).__name__, notes=[str(exc)])
+        row = {
+            "clip_id": s.clip_id,
+            "format": fmt,
+            "status": res.status,
+            "reason": res.reason,
+            "notes": json.dumps(res.notes, ensure_ascii=False),
+            "files": json.dumps(res.files, ensure_ascii=False),
+            "record": json.dumps(res.record, ensure_ascii=False) if res.record is not None else None,
+            "shard": s.shard,
+            "exported_ts": time.time(),
+        }
+        pending.append(row)
+        done[s.clip_id] = row
+        if progress is not None:
+            progress(1)
+        if len(pending) >= flush_every:
+            flush()
+    flush()
+    records = [(cid, json.loads(r["record"])) for cid, r in done.items() if r["status"] == "ok" and r["record"]]
+    index = exporter.finish(sorted(records, key=lambda x: x[0]))
+    skipped: dict[str, int] = {}
+    for r in done.values():
+        if r["status"] == "skip":
+            skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
+    return ExportReport(
+        fmt,
+        ok=sum(r["status"] == "ok" for r in done.values()),
+        skipped=skipped,
+        errors=sum(r["status"] == "error" for r in done.values()),
+        already=already,
+        seconds=time.perf_counter() - t0,
+        index=index,
+    )
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("clip_id", pa.string()),
+            ("format", pa.string()),
+            ("status", pa.string()),
+            ("reason", pa.string()),
+            ("notes", pa.string()),
+            ("files", pa.string()),
+            ("record", pa.string()),
+            ("shard", pa.string()),
+            ("exported_ts", pa.float64()),
+        ]
+    )
+
+
+def _read_part(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()

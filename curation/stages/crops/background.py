@@ -1,0 +1,65 @@
+"""Background plates: the scene without its subjects, for generators that take the background as a reference.
+
+Embedded: the per-pixel temporal median of the clip's tracked frames, each frame's subjects masked out (their masks
+dilated, so soft edges and shadows next to a subject stay out too). A pixel no frame shows free of subjects is filled
+from its surroundings (OpenCV's Telea inpainting) and counts against `coverage`. The plate only means something when
+the camera holds still: `residual` (the median over frames of the mean absolute difference between a frame and the
+plate where that frame shows background, in 8-bit levels) is small then, and large for a moving camera.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Plate:
+    image: np.ndarray  # BGR uint8
+    coverage: float  # share of pixels seen free of subjects in at least one frame
+    residual: float  # median over frames of the mean |frame - plate| on that frame's background, 8-bit levels
+
+
+def subject_free(masks: list[np.ndarray], dilate_px: int) -> np.ndarray:
+    """True where no subject is, for one frame (masks at frame size)."""
+    import cv2
+
+    if not masks:
+        return np.ones((0, 0), bool)
+    union = np.zeros(masks[0].shape, np.uint8)
+    for m in masks:
+        union |= (m > 0).astype(np.uint8)
+    if dilate_px > 0:
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate_px + 1, 2 * dilate_px + 1))
+        union = cv2.dilate(union, k)
+    return union == 0
+
+
+def median_plate(frames: list[np.ndarray], free: list[np.ndarray]) -> Plate:
+    """The plate from frames (BGR, one size) and where each shows background (bool, frame size)."""
+    import cv2
+
+    stack = np.stack(frames).astype(np.float32)  # (T, H, W, 3)
+    ok = np.stack(free)  # (T, H, W)
+    seen = ok.any(axis=0)
+    masked = np.where(ok[..., None], stack, np.nan)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels (never seen): filled below
+            med = np.nanmedian(masked, axis=0)
+    med = np.nan_to_num(med, nan=0.0).clip(0, 255).astype(np.uint8)
+    if not seen.all():
+        hole = (~seen).astype(np.uint8) * 255
+        med = cv2.inpaint(med, hole, 5, cv2.INPAINT_TELEA)
+    diffs = []
+    grey = cv2.cvtColor(med, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    for f, m in zip(frames, free, strict=True):
+        if m.sum() < 0.05 * m.size:
+            continue
+        g = cv2.cvtColor(f, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        diffs.append(float(np.abs(g - grey)[m].mean()))
+    residual = float(np.median(diffs)) if diffs else float("inf")
+    return Plate(med, float(seen.mean()), residual)
