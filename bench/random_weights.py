@@ -131,6 +131,26 @@ def subjects_weights(models: Path, sam2_config: str = "configs/sam2.1/sam2.1_hie
     )
 
 
+class _PaintShaped(torch.nn.Module):
+    """LaMa's TorchScript interface (image, mask) -> image in [0, 1], with one random convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        painted = torch.sigmoid(self.conv(torch.cat([image * (1 - mask), mask], dim=1)))
+        return image * (1 - mask) + painted * mask
+
+
+def crops_weights(models: Path) -> None:
+    """The crops reference backend's LaMa file (`lama/big-lama.pt`, TorchScript), random; it shares subjects'
+    SAM2 checkpoint and Grounding DINO folder (`subjects_weights`)."""
+    (models / "lama").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(4)
+    torch.jit.script(_PaintShaped().eval()).save(str(models / "lama" / "big-lama.pt"))
+
+
 def tiny_qwen25_vl(folder: Path) -> None:
     """A Qwen2.5-VL folder as transformers saves one (config, weights, processor with image and video processors,
     tokenizer with Qwen's special tokens, chat template), small and random: Qwen2.5-VL-7B's files cannot be had."""

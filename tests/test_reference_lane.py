@@ -90,10 +90,11 @@ def subjects_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models = tmp / "models"
     models.mkdir()
     rw.subjects_weights(models)
+    rw.crops_weights(models)
     overrides = [
         "runner=local",
         "progress=false",
-        "stages=[probe,scenecut,caption,subjects,package]",
+        "stages=[probe,scenecut,caption,subjects,crops,package]",
         "subjects.backend=reference",
         f"subjects.models_dir={models}",
         "subjects.sam2_config=configs/sam2.1/sam2.1_hiera_t.yaml",
@@ -102,9 +103,16 @@ def subjects_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "subjects.box_threshold=0",  # random Grounding DINO: take its best box, whatever its score
         "subjects.text_threshold=0",
         "scenecut.max_clip_s=4",
+        *(f"crops.{k}" for k in ("backend=reference", f"models_dir={models}", "resources.gpus=0")),
+        "crops.sam2_config=configs/sam2.1/sam2.1_hiera_t.yaml",
+        "crops.box_threshold=0",
+        "crops.text_threshold=0",
+        "crops.min_coverage=0",
+        "crops.max_residual=255",  # random masks: the plate is written whatever the residual
     ]
     cfg = load_config(REPO / "configs" / "local.yaml", overrides)
-    Pipeline(cfg, tmp / "run").run(str(caption_list(tmp / "list.csv", {"sam2_01_dog.mp4": "A brown dog runs."})))
+    caption = {"sam2_01_dog.mp4": "A woman in a white top and blue jeans plays with a brown dog on the grass."}
+    Pipeline(cfg, tmp / "run").run(str(caption_list(tmp / "list.csv", caption)))
     return tmp / "run"
 
 
@@ -130,6 +138,23 @@ def test_subjects_reference_runs_sam2_and_insightface_from_their_files(subjects_
     from curation.cli import main  # the report draws the reference backend's masks and crops too
 
     assert main(["report", str(subjects_run), "--out", str(subjects_run / "report.html")]) == 0
+
+
+def test_crops_reference_grounds_attributes_and_paints_the_plate_with_lama(subjects_run: Path) -> None:
+    """Grounding DINO + SAM2's image predictor for the attribute phrases (random weights: the path runs, where a
+    phrase is found on the person the crop says so), LaMa for what no frame shows of the background."""
+    import json
+
+    rows = Manifests(subjects_run).rows(
+        "SELECT crops_status, crops_error, crops_backend, crops_parts FROM clips WHERE crops_status IS NOT NULL"
+    )
+    assert rows and all(r["crops_status"] == "ok" for r in rows), rows
+    assert all(r["crops_backend"] == "reference:grounding-dino-tiny+sam2+median+lama" for r in rows)
+    parts = [p for r in rows for p in json.loads(r["crops_parts"])]
+    plates = [p for p in parts if p["kind"] == "background"]
+    assert plates and all(p["method"] == "temporal-median+lama" and p["file"] for p in plates)
+    attrs = [p for p in parts if p["kind"] == "attribute" and p["file"]]
+    assert attrs and {p["method"] for p in attrs} <= {"grounding+sam2:grounding-dino-tiny", "body-region"}
 
 
 @pytest.fixture(scope="module")

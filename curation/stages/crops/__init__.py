@@ -12,7 +12,8 @@ here carries its verbatim caption span. Per clip:
 - objects and animals the caption names: their subject crop (written by `subjects`, replaced by `identity`), listed
   with their phrase.
 - the background plate (`background.py`): the temporal median with the subjects masked out, with its `coverage`
-  and `residual`; written when the camera holds still (`max_residual`) and enough of the scene was seen.
+  and `residual`; what no frame shows is painted (embedded: OpenCV's Telea; reference: LaMa); written when the
+  camera holds still (`max_residual`) and enough of the scene was seen.
 
 Parts that cannot be made are listed with a reason (`unknown_kind`, `no_track`, `not_in_view`, `camera_moves`,
 `low_coverage`, `no_scene_phrase`), so an export can say why a clip lacks one.
@@ -37,6 +38,7 @@ from curation.storage import local_file
 
 GROUNDING_SOURCE = "https://huggingface.co/IDEA-Research/grounding-dino-tiny (a transformers folder)"
 SAM2_SOURCE = "https://github.com/facebookresearch/sam2#download-checkpoints"
+LAMA_SOURCE = "https://github.com/enesmsahin/simple-lama-inpainting/releases (big-lama.pt, TorchScript)"
 
 
 class CropsConfig(FilterConfig):
@@ -52,11 +54,16 @@ class CropsConfig(FilterConfig):
     sam2_config: str = Field("configs/sam2.1/sam2.1_hiera_l.yaml", description="reference: SAM2 model config")
     box_threshold: float = Field(0.3, ge=0, le=1, description="reference: Grounding DINO box score threshold")
     text_threshold: float = Field(0.25, ge=0, le=1, description="reference: Grounding DINO text score threshold")
+    inpaint_model: str = Field("lama/big-lama.pt", description="reference: LaMa TorchScript file in models_dir")
 
     def weights(self) -> tuple[tuple[str, str], ...]:
         from curation.stages.subjects import sam2_checkpoint
 
-        return ((f"sam2/{sam2_checkpoint(self.sam2_config)}", SAM2_SOURCE), (self.grounding_model, GROUNDING_SOURCE))
+        return (
+            (f"sam2/{sam2_checkpoint(self.sam2_config)}", SAM2_SOURCE),
+            (self.grounding_model, GROUNDING_SOURCE),
+            (self.inpaint_model, LAMA_SOURCE),
+        )
 
 
 def scene_phrase(caption: str) -> tuple[int, int] | None:
@@ -108,15 +115,19 @@ class Crops(Stage[CropsConfig]):
     @property
     def backend(self) -> str:
         if self.config.backend == "embedded":
-            return "embedded:body-regions+median"
-        return f"reference:{self.config.grounding_model}+sam2+median"
+            return "embedded:body-regions+median+telea"
+        return f"reference:{self.config.grounding_model}+sam2+median+lama"
 
     def setup(self, ctx: StageContext) -> None:
+        from curation.stages.crops.background import telea
+
         self._ref = None
+        self._fill = telea
         if self.config.backend == "reference":
-            from curation.stages.crops.reference import AttributeSegmenter
+            from curation.stages.crops.reference import AttributeSegmenter, Inpainter
 
             self._ref = AttributeSegmenter(self.config, self.resources().gpus)
+            self._fill = Inpainter(Path(self.config.models_dir) / self.config.inpaint_model, self.resources().gpus)
 
     def process(self, r: Row) -> Row:
         from curation.video import read_clip_frames
@@ -293,7 +304,7 @@ class Crops(Stage[CropsConfig]):
             "phrase": caption[span[0] : span[1]] if span else None,
             "span": list(span) if span else None,
             "file": None,
-            "method": "temporal-median",
+            "method": "temporal-median+" + ("lama" if self._ref is not None else "telea"),
             "skipped": None,
         }
         order = sorted(frames)
@@ -302,7 +313,7 @@ class Crops(Stage[CropsConfig]):
         for i in order:
             ms = [cv2.resize(grids[k][i], (fw, fh), interpolation=cv2.INTER_NEAREST) for k in grids]
             free.append(subject_free(ms, dilate) if ms else np.ones((fh, fw), bool))
-        plate = median_plate([frames[i] for i in order], free)
+        plate = median_plate([frames[i] for i in order], free, self._fill)
         part.update(coverage=round(plate.coverage, 4), residual=round(min(plate.residual, 255.0), 3))
         if plate.residual > c.max_residual:
             part["skipped"] = "camera_moves"

@@ -1,14 +1,16 @@
 """Background plates: the scene without its subjects, for generators that take the background as a reference.
 
 Embedded: the per-pixel temporal median of the clip's tracked frames, each frame's subjects masked out (their masks
-dilated, so soft edges and shadows next to a subject stay out too). A pixel no frame shows free of subjects is filled
-from its surroundings (OpenCV's Telea inpainting) and counts against `coverage`. The plate only means something when
-the camera holds still: `residual` (the median over frames of the mean absolute difference between a frame and the
-plate where that frame shows background, in 8-bit levels) is small then, and large for a moving camera.
+dilated, so soft edges and shadows next to a subject stay out too). A pixel no frame shows free of subjects is painted
+from its surroundings (OpenCV's Telea inpainting; the reference backend: LaMa) and counts against `coverage`. The
+plate only means something when the camera holds still: `residual` (the median over frames of the mean absolute
+difference between a frame and the plate where that frame shows background, in 8-bit levels) is small then, and
+large for a moving camera.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,8 +38,18 @@ def subject_free(masks: list[np.ndarray], dilate_px: int) -> np.ndarray:
     return union == 0
 
 
-def median_plate(frames: list[np.ndarray], free: list[np.ndarray]) -> Plate:
-    """The plate from frames (BGR, one size) and where each shows background (bool, frame size)."""
+def telea(bgr: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Fill `hole` (uint8, 255 = fill) from its surroundings (OpenCV's Telea method): the embedded fill."""
+    import cv2
+
+    return cv2.inpaint(bgr, hole, 5, cv2.INPAINT_TELEA)
+
+
+def median_plate(
+    frames: list[np.ndarray], free: list[np.ndarray], fill: Callable[[np.ndarray, np.ndarray], np.ndarray] = telea
+) -> Plate:
+    """The plate from frames (BGR, one size) and where each shows background (bool, frame size); `fill` paints
+    what no frame shows (the reference backend passes an inpainting model)."""
     import cv2
 
     stack = np.stack(frames).astype(np.float32)  # (T, H, W, 3)
@@ -53,7 +65,7 @@ def median_plate(frames: list[np.ndarray], free: list[np.ndarray]) -> Plate:
     med = np.nan_to_num(med, nan=0.0).clip(0, 255).astype(np.uint8)
     if not seen.all():
         hole = (~seen).astype(np.uint8) * 255
-        med = cv2.inpaint(med, hole, 5, cv2.INPAINT_TELEA)
+        med = fill(med, hole)
     diffs = []
     grey = cv2.cvtColor(med, cv2.COLOR_BGR2GRAY).astype(np.float32)
     for f, m in zip(frames, free, strict=True):

@@ -1,5 +1,6 @@
 """The crops stage's reference backend: an attribute phrase grounded inside its person (Grounding DINO through
-transformers) and segmented with SAM2's image predictor (the `gpu` extra, weights from `models_dir`)."""
+transformers) and segmented with SAM2's image predictor, and the background plate's unseen parts painted by LaMa
+(the TorchScript `big-lama.pt` OpenS2V-Nexus's pipeline also uses); the `gpu` extra, weights from `models_dir`."""
 
 from __future__ import annotations
 
@@ -57,3 +58,28 @@ class AttributeSegmenter:
         m = (np.asarray(masks[0]) > 0) & (person > 0)
         need = max(64, int(0.01 * (person > 0).sum()))
         return m.astype(np.uint8) if int(m.sum()) >= need else None
+
+
+class Inpainter:
+    """LaMa as a TorchScript module: `model(image, mask)` with image (1, 3, H, W) RGB in [0, 1] and mask (1, 1, H, W)
+    (1 = paint), H and W multiples of 8, returning the painted image in [0, 1]."""
+
+    def __init__(self, path: Path, gpus: float) -> None:
+        torch = require("torch", "crops backend reference (or use backend: embedded)")
+        self._device = torch_device(torch, gpus, "crops")
+        self._model = torch.jit.load(str(path), map_location=self._device).eval()
+        self._torch = torch
+
+    def __call__(self, bgr: np.ndarray, hole: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        h, w = hole.shape
+        ph, pw = (8 - h % 8) % 8, (8 - w % 8) % 8
+        rgb = np.pad(bgr[..., ::-1], ((0, ph), (0, pw), (0, 0)), mode="reflect").astype(np.float32) / 255.0
+        m = np.pad((hole > 0).astype(np.float32), ((0, ph), (0, pw)), mode="reflect")
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(self._device)
+        mask = torch.from_numpy(m)[None, None].to(self._device)
+        with torch.inference_mode():
+            out = self._model(image, mask)[0].permute(1, 2, 0).float().cpu().numpy()
+        painted = (out[:h, :w].clip(0, 1) * 255).round().astype(np.uint8)[..., ::-1]
+        keep = (hole == 0)[..., None]
+        return np.where(keep, bgr, painted)
