@@ -85,11 +85,17 @@ def grow(run: Path, clips: int, per_shard: int = 100) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", type=int, default=400)
-    ap.add_argument("--run", help="an existing run directory (its shards are grown in place: use a copy)")
+    ap.add_argument("--run", help="an existing run directory (copied first: the copy's shards are grown)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run = Path(args.run) if args.run else make_run(Path(tmp))
+        if args.run:
+            import shutil
+
+            run = Path(tmp) / "run"
+            shutil.copytree(args.run, run)
+        else:
+            run = make_run(Path(tmp))
         made = time.perf_counter() - t0
         n = grow(run, args.clips)
         out = Path(tmp) / "export"

@@ -328,16 +328,15 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from curation.export import export, token_matcher
+    from curation.export import export
 
     if not (Path(args.run) / "manifests").is_dir():
         raise CurationError(f"{args.run!r} has no manifests: is it a run directory?")
     if args.selection and not (Path(args.run) / "selections" / f"{args.selection}.parquet").is_file():
         raise CurationError(f"no selection {args.selection!r} in {args.run}: make it with `curation select`")
-    options = {"matcher": token_matcher(args.tokenizer)} if args.tokenizer else {}
     bar = None if args.no_progress else _progress_factory(True)(args.format, 0)
     try:
-        rep = export(args.format, args.run, args.out, args.selection, options, bar.update if bar else None)
+        rep = export(args.format, args.run, args.out, args.selection, args.tokenizer, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from curation.config import build_config
-from curation.export import export, phrase_problem, tokens_contain
+from curation.export import Sample, Writer, export, phrase_problem, tokens_contain
+from curation.export.lumosx import shared_phrases
 from curation.pipeline import Pipeline
 from curation.stages.crops.background import median_plate, subject_free
 from curation.stages.crops.regions import attribute_region, body, region_mask
@@ -62,6 +63,40 @@ def test_phrase_rules() -> None:
     assert tokens_contain([5, 6, 7, 8, 1], [6, 7, 1], eos=1) and not tokens_contain([5, 6, 7, 1], [7, 6, 1], eos=1)
 
 
+def test_an_attribute_two_subjects_share_is_ambiguous_and_a_failed_folder_never_appears(tmp_path: Path) -> None:
+    parts = [
+        {"kind": "attribute", "phrase": "red coat", "subject_id": 0},
+        {"kind": "attribute", "phrase": "red coat", "subject_id": 1},
+        {"kind": "attribute", "phrase": "blue jeans", "subject_id": 1},
+        {"kind": "attribute", "phrase": "blue jeans", "subject_id": 1},  # two tracks of one subject ("two girls")
+    ]
+    assert shared_phrases(Sample("c", {"parts": parts}, {}, "s")) == {"red coat"}
+    w = Writer(tmp_path)
+    with pytest.raises(RuntimeError), w.folder("lumosx/abc") as f:
+        f.write("subjects/0/face_man.png", b"x")
+        raise RuntimeError("the clip failed half way")
+    assert not (tmp_path / "lumosx" / "abc").exists() and not list((tmp_path / ".staging").iterdir())
+    with w.folder("lumosx/abc") as f:
+        f.write("caption.txt", b"abc;A man.")
+    with w.folder("lumosx/abc") as f:  # a redone clip replaces its folder whole
+        f.write("caption.txt", b"abc;A woman.")
+    assert [p.name for p in (tmp_path / "lumosx" / "abc").iterdir()] == ["caption.txt"]
+    assert (tmp_path / "lumosx/abc/caption.txt").read_text() == "abc;A woman."
+
+
+def test_a_subject_without_a_track_is_a_part_that_says_so() -> None:
+    from curation.stages.crops import _subject_part
+
+    cap = "A woman walks a dog."
+    woman = {"id": 0, "name": "woman", "span": {"start": 2, "end": 7}}
+    p = _subject_part("person", woman, None, cap)
+    assert p["file"] is None and p["skipped"] == "no_track" and p["gender"] == "female" and p["phrase"] == "woman"
+    t = {"k": 3, "face_ref": None, "ref": "ref_3_subject.png"}
+    assert _subject_part("person", woman, t, cap)["skipped"] == "no_face_ref"
+    dog = {"id": 1, "name": "dog", "span": {"start": 15, "end": 18}}
+    assert _subject_part("object", dog, t, cap)["file"] == "ref_3_subject.png"
+
+
 def test_attribute_words_pick_regions() -> None:
     assert attribute_region("long black hair") == "head"
     assert attribute_region("blue denim jacket") == "upper"
@@ -71,16 +106,13 @@ def test_attribute_words_pick_regions() -> None:
     assert attribute_region("cheerful") is None
 
 
-def _figure(h: int = 400, w: int = 200, cut: int | None = None) -> tuple[np.ndarray, tuple[float, ...]]:
+def _figure(h: int = 400, w: int = 200) -> tuple[np.ndarray, tuple[float, ...]]:
     """A standing person 7.5 heads tall (head 40 px) as a mask, and its face box."""
     m = np.zeros((h, w), np.uint8)
     top, head = 50, 40
     m[top : top + head, 80:120] = 1  # head
     m[top + head : top + 4 * head, 60:140] = 1  # torso
     m[top + 4 * head : top + 7 * head + head // 2, 70:130] = 1  # legs to the feet
-    if cut is not None:
-        m[cut:] = 0
-        m[cut - 1 :, :] = m[cut - 1 :, :]
     face = (82.0, top + 4.0, 118.0, top + head - 6.0)
     return m, face
 
@@ -242,6 +274,7 @@ def test_lumosx_train_masks_and_boxes_match_the_video(exported: dict[str, Any]) 
     out = exported["out"]
     rows = list(csv.DictReader((out / "lumosx-train/train.csv").open()))
     assert rows and set(rows[0]) == {"path", "text", "duration", "height", "width"}
+    faced = 0
     for r in rows:
         p = r["path"].split("/")
         ann = out / "lumosx-train/annotations" / p[3] / p[4] / p[5] / p[6] / p[-1][:-4]
@@ -257,21 +290,23 @@ def test_lumosx_train_masks_and_boxes_match_the_video(exported: dict[str, Any]) 
             for key, val in person["subject"].items():
                 if key == "face":
                     for f, box in val.items():
-                        assert frames.index(int(f)) >= 0 and all(isinstance(v, int) for v in box)
+                        assert int(f) in frames and all(isinstance(v, int) for v in box)
                         assert 0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h
                 else:
                     names += val
             names += [n for a in person.get("attributes", []) for v in a.values() for n in v]
         names += [n for o in tags.get("other_subjects", []) for v in o.values() for n in v]
         assert names or tags.get("background")
+        faced += sum("face" in person["subject"] for person in tags.get("person", []))
         for n in names:
-            assert frames.index(int(n.split("_")[-1][5:-4])) >= 0  # the loader's own parse of the frame number
+            assert int(n.split("_")[-1][5:-4]) in frames  # the loader's own parse of the frame number
             with Image.open(ann / n) as im:
                 a = np.asarray(im)
             assert im.mode == "L" and a.shape == (h, w) and set(np.unique(a)) <= {0, 255} and a.max() == 255
         for bg in tags.get("background", {}).values():
             with Image.open(ann / bg[0]) as im:
                 assert im.mode == "RGB"
+    assert faced >= 3  # people with face boxes (bedroom, subtitles, hamilton)
 
 
 @pytest.mark.slow
@@ -386,3 +421,59 @@ def test_cli_export_with_a_selection(run: Path, tmp_path: Path) -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "curation select" in bad.stderr
+
+
+def _copy_run(run: Path, dest: Path, edit: Any) -> Path:
+    """A copy of the run whose shards pass through `edit(name, data) -> data | None` (None drops the member)."""
+    import shutil
+    import tarfile
+
+    shutil.copytree(run, dest)
+    for shard in sorted((dest / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]  # type: ignore[union-attr]
+        with tarfile.open(shard, "w") as tar:
+            for name, data in members:
+                new = edit(name, data)
+                if new is not None:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(new)
+                    tar.addfile(info, io.BytesIO(new))
+    return dest
+
+
+@pytest.mark.slow
+def test_missing_or_broken_members_are_notes_or_errors_and_errors_are_retried(run: Path, tmp_path: Path) -> None:
+    """A sample without its attribute crops and plate still exports its face, with notes and no empty file; a sample
+    whose face crop is not an image is an error row, the export goes on, and a rerun tries that clip again."""
+    dropped = _copy_run(run, tmp_path / "dropped", lambda n, d: None if ".attr_" in n or ".background" in n else d)
+    out = tmp_path / "x1"
+    rep = export("lumosx", dropped, out)
+    assert rep.ok >= 1 and rep.errors == 0
+    assert all(p.stat().st_size > 0 for p in (out / "lumosx").rglob("*") if p.is_file())
+    assert not list((out / "lumosx").rglob("background"))
+    broken = _copy_run(run, tmp_path / "broken", lambda n, d: b"not an image" if n.endswith("face.jpg") else d)
+    out2 = tmp_path / "x2"
+    first = export("lumosx", broken, out2)
+    assert first.errors >= 1 and first.ok + sum(first.skipped.values()) + first.errors == rep.ok + sum(
+        rep.skipped.values()
+    )
+    again = export("lumosx", broken, out2)
+    assert again.errors == first.errors and again.already == first.ok + sum(first.skipped.values())
+
+
+@pytest.mark.slow
+def test_a_selection_into_a_used_folder_indexes_only_its_clips(run: Path, exported: dict[str, Any]) -> None:
+    from curation.cli import main
+
+    assert main(["select", "--run", str(run), "--name", "bedroom", "--where", "uri LIKE '%bedroom%'"]) == 0
+    out = exported["out"]
+    rep = export("concat-id", run, out, selection="bedroom")
+    items = json.loads((out / "concat-id.json").read_text())
+    import pyarrow.parquet as pq
+
+    chosen = set(pq.read_table(run / "selections" / "bedroom.parquet").column("clip_id").to_pylist())
+    assert rep.ok == len(items) >= 1 and {Path(it["video_path"]).parent.name for it in items} <= chosen
+    assert rep.already == rep.ok + sum(rep.skipped.values())  # nothing redone: the clips were exported before
+    export("concat-id", run, out)  # the whole run again: the index is whole again
+    assert len(json.loads((out / "concat-id.json").read_text())) == exported["concat-id"].ok

@@ -6,21 +6,27 @@ and per-video info.json with masks), `opens2v` (OpenS2V-5M records), `concat-id`
 selection or a rerun needs no recomputation.
 
 Every clip ends in the export manifest (`<out>/manifest/<format>/part-*.parquet`: clip_id, status ok | skip | error,
-reason, files, record), so a clip missing from an export says why. A rerun skips the clips the manifest already
-holds (errors are tried again); media shared between formats (`<out>/media/<clip_id>/`) are written once, and a
-layout's own copies are hard links to them where the filesystem allows.
+reason, notes, files, record), so a clip missing from an export says why. A rerun skips the clips the manifest holds
+for the same sample (a fingerprint of its shard json), exporter version and options; errors are tried again. The index
+(`<out>/<format>.json`, ...) lists the clips of this export's shards and selection. Media shared between formats
+(`<out>/media/<clip_id>/`) are written when absent or changed, and a layout's own copies are hard links to them where
+the filesystem allows. A clip's folder in a folder layout is built aside and renamed into place, so a reader listing
+the folder never sees half of one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,12 +40,14 @@ FORMATS = ("lumosx", "lumosx-train", "opens2v", "concat-id", "opens2v-eval")
 
 @dataclass
 class Sample:
-    """One clip as the shards hold it: the sample json and its members by suffix (`mp4`, `masks.json`, ...)."""
+    """One clip as the shards hold it: the sample json, its members by suffix (`mp4`, `masks.json`, ...), and a
+    fingerprint of the json (what a rerun compares to know the clip changed)."""
 
     clip_id: str
     meta: dict[str, Any]
     members: dict[str, bytes]
     shard: str
+    fingerprint: str = ""
 
     @property
     def caption(self) -> str:
@@ -55,6 +63,13 @@ class Sample:
         a, b = (span["start"], span["end"]) if isinstance(span, dict) else span
         return self.caption[a:b]
 
+    def member(self, name: str | None) -> bytes | None:
+        """A member named in the sample json (`<clip_id>.<suffix>`) or by its suffix; None when absent or empty."""
+        if not name:
+            return None
+        suffix = name.split(".", 1)[1] if name.startswith(self.clip_id + ".") else name
+        return self.members.get(suffix) or None
+
 
 @dataclass
 class Result:
@@ -67,34 +82,43 @@ class Result:
     notes: list[str] = field(default_factory=list)  # parts left out of an ok clip, and why
 
 
-def iter_samples(run: Path, keep: set[str] | None = None) -> Iterator[Sample]:
-    """The run's samples, shard by shard, in the order they were written."""
+def iter_samples(
+    run: Path, keep: set[str] | None = None, wanted: Callable[[str, str], bool] | None = None
+) -> Iterator[Sample]:
+    """The run's samples, shard by shard, in the order they were written. `wanted(clip_id, fingerprint)` is asked
+    after a sample's json is read (its first member); a sample it declines is yielded with no members read."""
     shards = sorted((run / "shards").glob("shard-*.tar"))
     if not shards:
         raise CurationError(f"{run} has no shards: run `curation run` (or `curation stage package`) first")
     for shard in shards:
         current: Sample | None = None
+        read = False
         with tarfile.open(shard) as tar:
             for info in tar:
                 if not info.isfile():
                     continue
                 cid, _, suffix = info.name.partition(".")
                 if current is not None and cid != current.clip_id:
-                    if keep is None or current.clip_id in keep:
-                        yield current
+                    yield current
                     current = None
                 if keep is not None and cid not in keep:
                     continue
-                fh = tar.extractfile(info)
-                data = fh.read() if fh else b""
                 if current is None:
-                    current = Sample(cid, {}, {}, shard.name)
+                    current, read = Sample(cid, {}, {}, shard.name), False
                 if suffix == "json":
+                    fh = tar.extractfile(info)
+                    data = fh.read() if fh else b"{}"
                     current.meta = json.loads(data)
-                else:
-                    current.members[suffix] = data
-        if current is not None and (keep is None or current.clip_id in keep):
+                    current.fingerprint = hashlib.sha1(data).hexdigest()[:16]
+                    read = wanted is None or wanted(cid, current.fingerprint)
+                elif read:
+                    fh = tar.extractfile(info)
+                    current.members[suffix] = fh.read() if fh else b""
+        if current is not None:
             yield current
+
+
+MAX_NAME_BYTES = 200  # file names are at most 255 bytes; room for a prefix and the extension
 
 
 def phrase_problem(
@@ -116,6 +140,8 @@ def phrase_problem(
         return "not_word_aligned"
     if re.search(r"[./\\\x00]", phrase):
         return "bad_character"
+    if len(phrase.encode()) > MAX_NAME_BYTES:
+        return "too_long"
     if role == "attribute" and ("face" in phrase.lower() or "fullfullbody" in phrase.lower()):
         return "face_in_attribute"
     if matcher is not None and not matcher(caption, phrase):
@@ -124,8 +150,7 @@ def phrase_problem(
 
 
 def token_matcher(tokenizer_dir: str) -> Callable[[str, str], bool]:
-    """LumosX's binding test with a real tokenizer (e.g. the umt5-xxl folder of a Wan2.1 checkpoint): the phrase's
-    tokens, cut at the end-of-sequence token, occur contiguously in the caption's."""
+    """LumosX's binding test with a real tokenizer (e.g. the umt5-xxl folder of a Wan2.1 checkpoint)."""
     from curation.errors import require
 
     tok = require("transformers", "export --tokenizer").AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -133,6 +158,8 @@ def token_matcher(tokenizer_dir: str) -> Callable[[str, str], bool]:
 
 
 def tokens_contain(caption_ids: list[int], phrase_ids: list[int], eos: int | None) -> bool:
+    """Whether the phrase's token ids, cut at its end-of-sequence token, occur contiguously in the caption's: how
+    LumosX binds a reference image's name to the words of its prompt."""
     if eos is not None and eos in phrase_ids:
         phrase_ids = phrase_ids[: phrase_ids.index(eos)]
     n = len(phrase_ids)
@@ -142,13 +169,13 @@ def tokens_contain(caption_ids: list[int], phrase_ids: list[int], eos: int | Non
 class Writer:
     """Files of one export: atomic writes, media shared between formats, hard links for a layout's copies."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, media_root: Path | None = None) -> None:
         self.out = out
+        self.media_root = media_root or out
 
-    def write(self, rel: str, data: bytes, *, once: bool = False) -> Path:
+    def write(self, rel: str, data: bytes) -> Path:
+        """`rel` under the export, replaced atomically."""
         path = self.out / rel
-        if once and path.exists():
-            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_bytes(data)
@@ -156,8 +183,11 @@ class Writer:
         return path
 
     def media(self, clip_id: str, name: str, data: bytes) -> Path:
-        """`media/<clip_id>/<name>`, written once however many formats use it."""
-        return self.write(f"media/{clip_id}/{name}", data, once=True)
+        """`media/<clip_id>/<name>`, shared by every format: written when absent or different."""
+        path = self.media_root / "media" / clip_id / name
+        if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return path
+        return Writer(self.media_root).write(f"media/{clip_id}/{name}", data)
 
     def place(self, rel: str, src: Path) -> Path:
         """A layout's copy of a media file: a hard link where possible."""
@@ -171,11 +201,32 @@ class Writer:
             self.write(rel, src.read_bytes())
         return dst
 
+    @contextmanager
+    def folder(self, rel: str) -> Iterator[Writer]:
+        """Build the folder `rel` aside (a Writer rooted there) and rename it into place when the block ends
+        without an error; a folder of the same name is replaced."""
+        staging = self.out / ".staging" / uuid.uuid4().hex[:12]
+        staging.mkdir(parents=True)
+        try:
+            yield Writer(staging, self.media_root)
+            final = self.out / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            old = None
+            if final.exists():
+                old = self.out / ".staging" / f"old-{uuid.uuid4().hex[:12]}"
+                os.replace(final, old)
+            os.replace(staging, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
 
 class Exporter:
     """A format: `add` one sample (write its files, return its record), `finish` writes the index."""
 
     name: ClassVar[str]
+    version: ClassVar[str] = "1"  # bump when the output changes: earlier exports of a clip count as stale
 
     def __init__(self, writer: Writer, options: dict[str, Any]) -> None:
         self.w = writer
@@ -197,6 +248,8 @@ def png(data: bytes) -> bytes:
     import numpy as np
 
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError("an image member could not be decoded")
     ok, enc = cv2.imencode(".png", img)
     if not ok:
         raise ValueError("image could not be re-encoded as png")
@@ -227,14 +280,16 @@ def export(
     run: str | Path,
     out: str | Path,
     selection: str | None = None,
-    options: dict[str, Any] | None = None,
+    tokenizer: str | None = None,
     progress: Callable[[int], None] | None = None,
     flush_every: int = 200,
 ) -> ExportReport:
-    """Export a run's shards in `fmt` to `out`; resumes from the export manifest there."""
+    """Export a run's shards in `fmt` to `out`; resumes from the export manifest there. `tokenizer`: a tokenizer
+    folder every LumosX phrase is also checked with."""
     import pyarrow as pa
 
     from curation.manifest import atomic_write_table
+    from curation.stage import STORAGE_ERRNOS
 
     exporters = _exporters()
     if fmt not in exporters:
@@ -248,16 +303,25 @@ def export(
         import pyarrow.parquet as pq
 
         keep = set(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
+    options = {"matcher": token_matcher(tokenizer)} if tokenizer else {}
+    cls = exporters[fmt]
+    key = f"{fmt}:{cls.version}:{tokenizer or ''}"
     out.mkdir(parents=True, exist_ok=True)
-    exporter = exporters[fmt](Writer(out), dict(options or {}))
+    exporter = cls(Writer(out), options)
     mdir = out / "manifest" / fmt
     done: dict[str, dict[str, Any]] = {}
     for part in sorted(mdir.glob("part-*.parquet")):
         for r in _read_part(part):
             done[r["clip_id"]] = r
-    already = sum(r["status"] != "error" for r in done.values())
+
+    def current(cid: str, fp: str) -> bool:
+        r = done.get(cid)
+        return r is not None and r["status"] != "error" and r["fingerprint"] == fp and r["exporter"] == key
+
     t0 = time.perf_counter()
     pending: list[dict[str, Any]] = []
+    seen: list[str] = []
+    already = 0
 
     def flush() -> None:
         if pending:
@@ -265,46 +329,54 @@ def export(
             atomic_write_table(table, mdir / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
             pending.clear()
 
-    for s in iter_samples(run, keep):
-        prev = done.get(s.clip_id)
-        if prev is not None and prev["status"] != "error":
-            continue
-        try:
-            res = exporter.add(s)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            if isinstance(exc, OSError) and exc.errno in (28, 30, 122):  # full / read-only disk: end the export
+    try:
+        for s in iter_samples(run, keep, lambda cid, fp: not current(cid, fp)):
+            seen.append(s.clip_id)
+            if current(s.clip_id, s.fingerprint):
+                already += 1
+                continue
+            try:
+                res = exporter.add(s)
+            except CurationError:
                 raise
-            log.warning("export %s: clip %s failed: %s", fmt, s.clip_id, exc)
-            res = Result("error", type(exc).__name__, notes=[str(exc)])
-        row = {
-            "clip_id": s.clip_id,
-            "format": fmt,
-            "status": res.status,
-            "reason": res.reason,
-            "notes": json.dumps(res.notes, ensure_ascii=False),
-            "files": json.dumps(res.files, ensure_ascii=False),
-            "record": json.dumps(res.record, ensure_ascii=False) if res.record is not None else None,
-            "shard": s.shard,
-            "exported_ts": time.time(),
-        }
-        pending.append(row)
-        done[s.clip_id] = row
-        if progress is not None:
-            progress(1)
-        if len(pending) >= flush_every:
-            flush()
-    flush()
-    records = [(cid, json.loads(r["record"])) for cid, r in done.items() if r["status"] == "ok" and r["record"]]
-    index = exporter.finish(sorted(records, key=lambda x: x[0]))
+            except Exception as exc:  # a per-clip failure is data; a full or read-only disk ends the export
+                if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                    raise
+                log.warning("export %s: clip %s failed: %s: %s", fmt, s.clip_id, type(exc).__name__, exc)
+                res = Result("error", type(exc).__name__, notes=[str(exc)])
+            row = {
+                "clip_id": s.clip_id,
+                "format": fmt,
+                "exporter": key,
+                "fingerprint": s.fingerprint,
+                "status": res.status,
+                "reason": res.reason,
+                "notes": json.dumps(res.notes, ensure_ascii=False),
+                "files": json.dumps(res.files, ensure_ascii=False),
+                "record": json.dumps(res.record, ensure_ascii=False) if res.record is not None else None,
+                "shard": s.shard,
+                "exported_ts": time.time(),
+            }
+            pending.append(row)
+            done[s.clip_id] = row
+            if progress is not None:
+                progress(1)
+            if len(pending) >= flush_every:
+                flush()
+    finally:
+        flush()
+    rows = [done[c] for c in seen]
+    records = sorted((r["clip_id"], json.loads(r["record"])) for r in rows if r["status"] == "ok" and r["record"])
+    index = exporter.finish(records)
     skipped: dict[str, int] = {}
-    for r in done.values():
+    for r in rows:
         if r["status"] == "skip":
             skipped[r["reason"]] = skipped.get(r["reason"], 0) + 1
     return ExportReport(
         fmt,
-        ok=sum(r["status"] == "ok" for r in done.values()),
+        ok=sum(r["status"] == "ok" for r in rows),
         skipped=skipped,
-        errors=sum(r["status"] == "error" for r in done.values()),
+        errors=sum(r["status"] == "error" for r in rows),
         already=already,
         seconds=time.perf_counter() - t0,
         index=index,
@@ -314,19 +386,8 @@ def export(
 def _schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("clip_id", pa.string()),
-            ("format", pa.string()),
-            ("status", pa.string()),
-            ("reason", pa.string()),
-            ("notes", pa.string()),
-            ("files", pa.string()),
-            ("record", pa.string()),
-            ("shard", pa.string()),
-            ("exported_ts", pa.float64()),
-        ]
-    )
+    names = ["clip_id", "format", "exporter", "fingerprint", "status", "reason", "notes", "files", "record", "shard"]
+    return pa.schema([*((n, pa.string()) for n in names), ("exported_ts", pa.float64())])
 
 
 def _read_part(path: Path) -> list[dict[str, Any]]:

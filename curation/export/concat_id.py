@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from curation.export import Exporter, Result, Sample, png
-from curation.export.lumosx import _member, linked_tracks
+from curation.export.lumosx import linked_tracks
 
 
 class ConcatId(Exporter):
@@ -21,7 +21,7 @@ class ConcatId(Exporter):
             return Result("skip", "no_caption")
         refs = []
         for t, subj in linked_tracks(s):
-            face = _member(s, t.get("face_ref")) if subj.get("category") == "person" else None
+            face = s.member(t.get("face_ref")) if subj.get("category") == "person" else None
             if face is not None:
                 refs.append(self.w.media(s.clip_id, f"face_{t['k']}.png", png(face)))
         if not refs:

@@ -29,13 +29,6 @@ from curation.export import Exporter, Result, Sample, phrase_problem, png
 from curation.masks import rle_decode
 
 
-def _member(s: Sample, name: str | None) -> bytes | None:
-    """A member named in the sample json (`<clip_id>.<suffix>`) or by its suffix."""
-    if not name:
-        return None
-    return s.members.get(name.split(".", 1)[1] if name.startswith(s.clip_id + ".") else name)
-
-
 def linked_tracks(s: Sample) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(track, caption subject) for every track linked to a caption subject, in track order."""
     out = []
@@ -47,11 +40,22 @@ def linked_tracks(s: Sample) -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 
 def attribute_parts(s: Sample, k: int) -> list[dict[str, Any]]:
+    """The attribute crops the crops stage made for track k."""
     return [p for p in s.meta.get("parts") or [] if p.get("kind") == "attribute" and p.get("k") == k and p.get("file")]
 
 
 def background_part(s: Sample) -> dict[str, Any] | None:
+    """The background plate, when the crops stage wrote one."""
     return next((p for p in s.meta.get("parts") or [] if p.get("kind") == "background" and p.get("file")), None)
+
+
+def shared_phrases(s: Sample) -> set[str]:
+    """Attribute phrases given to more than one subject: a reader binding names to words cannot tell whose they are."""
+    owners: dict[str, set[int]] = {}
+    for p in s.meta.get("parts") or []:
+        if p.get("kind") == "attribute":
+            owners.setdefault(p["phrase"], set()).add(int(p["subject_id"]))
+    return {ph for ph, ids in owners.items() if len(ids) > 1}
 
 
 class LumosX(Exporter):
@@ -64,12 +68,14 @@ class LumosX(Exporter):
         if "{" in cap or cap.startswith("|0|"):  # the reader parses "{" as inline JSON and "|0|" as a loop prompt
             return Result("skip", "caption_unsafe")
         match = self.options.get("matcher")
-        root = f"lumosx/{s.clip_id}"
         files: list[tuple[str, bytes]] = []
         notes: list[str] = []
+        shared = shared_phrases(s)
 
         def usable(span: Any, phrase: str | None, role: str) -> bool:
             why = phrase_problem(cap, span, phrase, role, match)
+            if why is None and role == "attribute" and phrase in shared:
+                why = "shared_by_subjects"
             if why:
                 notes.append(f"{role} {phrase!r}: {why}")
             return why is None
@@ -78,45 +84,50 @@ class LumosX(Exporter):
         for t, subj in linked_tracks(s):
             if subj.get("category") != "person":
                 continue
-            face = _member(s, t.get("face_ref"))
+            face = s.member(t.get("face_ref"))
             name = s.phrase(subj["span"])
             if face is None:
                 notes.append(f"person {name!r} (track {t['k']}): no face crop")
                 continue
             if not usable(subj["span"], name, "subject"):
                 continue
-            folder = f"{root}/subjects/{n}"
+            folder = f"subjects/{n}"
             files.append((f"{folder}/face_{name}.png", png(face)))
             seen = set()
             for p in attribute_parts(s, t["k"]):
-                if p["phrase"] in seen or not usable(p["span"], p["phrase"], "attribute"):
+                data = s.member(p["file"])
+                if p["phrase"] in seen or data is None or not usable(p["span"], p["phrase"], "attribute"):
                     continue
                 seen.add(p["phrase"])
-                files.append((f"{folder}/{p['phrase']}.png", _member(s, p["file"]) or b""))
+                files.append((f"{folder}/{p['phrase']}.png", data))
             n += 1
         used: set[str] = set()
         for t, subj in linked_tracks(s):
             if subj.get("category") == "person":
                 continue
             name = s.phrase(subj["span"])
-            ref = _member(s, t.get("ref"))
+            ref = s.member(t.get("ref"))
             if ref is None or name in used or not usable(subj["span"], name, "object"):
                 continue
             used.add(name)
-            files.append((f"{root}/objects/{name}.png", png(ref)))
-        bg = background_part(s)
-        if bg is not None and bg.get("phrase") and usable(bg["span"], bg["phrase"], "background"):
-            files.append((f"{root}/background/{bg['phrase']}.png", _member(s, bg["file"]) or b""))
+            files.append((f"objects/{name}.png", png(ref)))
         if not files:
-            return Result("skip", "no_reference", notes=notes)
+            return Result("skip", "no_subject", notes=notes)  # a background alone is not a subject-to-video sample
+        bg = background_part(s)
+        data = s.member(bg["file"]) if bg else None
+        if bg is not None and data and bg.get("phrase") and usable(bg["span"], bg["phrase"], "background"):
+            files.append((f"background/{bg['phrase']}.png", data))
         video = self.w.media(s.clip_id, "video.mp4", s.members["mp4"])
-        self.w.place(f"{root}/video.mp4", video)
-        self.w.write(f"{root}/caption.txt", f"{s.clip_id};{cap}".encode())
-        for rel, data in files:
-            self.w.write(rel, data)
+        root = f"lumosx/{s.clip_id}"
+        with self.w.folder(root) as w:
+            w.place("video.mp4", video)
+            w.write("caption.txt", f"{s.clip_id};{cap}".encode())
+            for rel, data in files:
+                w.write(rel, data)
         names = [rel for rel, _ in files]
-        record = {"id": s.clip_id, "folder": root, "caption": cap, "files": [r[len(root) + 1 :] for r in names]}
-        return Result("ok", files=[*names, f"{root}/video.mp4", f"{root}/caption.txt"], record=record, notes=notes)
+        record = {"id": s.clip_id, "folder": root, "caption": cap, "files": names}
+        written = [f"{root}/{x}" for x in (*names, "video.mp4", "caption.txt")]
+        return Result("ok", files=written, record=record, notes=notes)
 
 
 class LumosXTrain(Exporter):
@@ -161,10 +172,12 @@ class LumosXTrain(Exporter):
             return names
 
         person, others = [], []
+        shared = shared_phrases(s)
         for t, subj in linked_tracks(s):
             phrase = s.phrase(subj["span"])
-            if phrase_problem(cap, subj["span"], phrase, "subject"):
-                notes.append(f"subject {phrase!r}: not a caption span")
+            why = phrase_problem(cap, subj["span"], phrase, "subject")
+            if why:
+                notes.append(f"subject {phrase!r}: {why}")
                 continue
             slug = f"s{t['k']}_" + "_".join(phrase.split())
             body = mask_files(slug, masks_doc["tracks"][str(t["k"])])
@@ -184,7 +197,10 @@ class LumosXTrain(Exporter):
             attrs = []
             for p in attribute_parts(s, t["k"]):
                 rles = (parts_doc.get("masks") or {}).get(p["file"].split(".", 1)[1].rsplit(".", 1)[0])
-                if not rles or phrase_problem(cap, p["span"], p["phrase"], "attribute"):
+                why = phrase_problem(cap, p["span"], p["phrase"], "attribute")
+                why = why or ("shared_by_subjects" if p["phrase"] in shared else None)
+                if not rles or why:
+                    notes.append(f"attribute {p['phrase']!r}: {why or 'no masks'}")
                     continue
                 names = mask_files(f"s{t['k']}_a{p['attribute']}_" + "_".join(p["phrase"].split()), rles)
                 if names:
@@ -199,7 +215,7 @@ class LumosXTrain(Exporter):
             tags["other_subjects"] = others
         bg = background_part(s)
         if bg is not None and bg.get("phrase") and not phrase_problem(cap, bg["span"], bg["phrase"], "background"):
-            data = _member(s, bg["file"])
+            data = s.member(bg["file"])
             if data:
                 self.w.write(f"{ann}/background.png", data)
                 written.append(f"{ann}/background.png")
@@ -208,9 +224,8 @@ class LumosXTrain(Exporter):
             return Result("skip", "no_reference", notes=notes)
         info = {"video": str(vpath), "selected_frames": frames, "word_tags_path": tags}
         self.w.write(f"{ann}/info.json", json.dumps(info, ensure_ascii=False, indent=1).encode())
-        fps = float((s.meta.get("clip") or {}).get("fps") or 0) or 1.0
-        n = int(video_meta.get("frames") or 0)
-        record = {"path": str(vpath), "text": cap, "duration": max(1, int(n / fps)), "height": h, "width": w}
+        seconds = float((s.meta.get("clip") or {}).get("duration_s") or 0)
+        record = {"path": str(vpath), "text": cap, "duration": max(1, int(seconds)), "height": h, "width": w}
         return Result("ok", files=[*written, f"{ann}/info.json"], record=record, notes=notes)
 
     def finish(self, records: list[tuple[str, Any]]) -> list[str]:

@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 from curation.export import Exporter, Result, Sample, png
-from curation.export.lumosx import _member, background_part, linked_tracks
+from curation.export.lumosx import background_part, linked_tracks
 from curation.masks import mask_box, rle_decode, rle_encode
 
 
@@ -73,15 +73,16 @@ class OpenS2V(Exporter):
         video = self.w.media(s.clip_id, "video.mp4", s.members["mp4"])
         files = [str(self.w.place(f"opens2v/videos/{s.clip_id}.mp4", video).relative_to(self.w.out))]
         bg = background_part(s)
-        if bg is not None:
-            self.w.write(f"opens2v/background/{s.clip_id}.png", _at_size(_member(s, bg["file"]) or b"", w, h))
+        plate = s.member(bg["file"]) if bg else None
+        if plate is not None:
+            self.w.write(f"opens2v/background/{s.clip_id}.png", _at_size(plate, w, h))
             files.append(f"opens2v/background/{s.clip_id}.png")
         fps = float((s.meta.get("clip") or {}).get("fps") or 0)
         words: dict[str, list[str]] = {"background": [], "subject": [], "object": []}
         words["pre_define"] = ["person", "human head"]
         for _, subj in tracks:
             words["subject" if subj.get("category") == "person" else "object"].append(s.phrase(subj["span"]).lower())
-        if bg is not None and bg.get("phrase"):
+        if plate is not None and bg and bg.get("phrase"):
             words["background"].append(bg["phrase"].lower())
         record = {
             "metadata": {
@@ -137,8 +138,6 @@ class OpenS2VEval(Exporter):
     name = "opens2v-eval"
 
     def add(self, s: Sample) -> Result:
-        from curation.stages.caption.lexicon import lexicon
-
         cap = s.caption
         if s.meta.get("caption_origin") == "template" or not cap:
             return Result("skip", "no_caption")
@@ -149,18 +148,24 @@ class OpenS2VEval(Exporter):
             if t.get("face_ref_source") != "other_clip":
                 notes.append(f"track {t['k']}: face reference not from another clip ({t.get('face_ref_source')})")
                 return Result("skip", "reference_from_same_clip", notes=notes)
-            gender = lexicon().gender(str(subj.get("name") or ""))
-            if gender not in ("m", "f"):
+            face = s.member(t.get("face_ref"))
+            gender = next(
+                (p.get("gender") for p in s.meta.get("parts") or [] if p.get("kind") == "person" and p["k"] == t["k"]),
+                None,
+            )
+            if face is None:
+                return Result("skip", "no_face_reference", notes=[f"track {t['k']}"])
+            if gender not in ("male", "female"):
                 return Result("skip", "unknown_gender", notes=[f"subject {subj.get('name')!r}"])
-            refs.append((t, "man" if gender == "m" else "woman"))
+            refs.append((t, face, "man" if gender == "male" else "woman"))
         if not refs:
             return Result("skip", "no_person", notes=notes)
         refs = refs[:3]
         category = "singleface" if len(refs) == 1 else "multiface"
         paths, labels, files = [], [], []
-        for t, who in refs:
+        for t, face, who in refs:
             rel = f"opens2v-eval/Images/{category}/crop_{who}/{s.clip_id}_{t['k']}.png"
-            self.w.write(rel, png(_member(s, t["face_ref"]) or b""))
+            self.w.write(rel, png(face))
             paths.append(rel.removeprefix("opens2v-eval/"))
             labels.append(who.capitalize())
             files.append(rel)

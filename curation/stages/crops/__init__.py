@@ -16,7 +16,7 @@ here carries its verbatim caption span. Per clip:
   camera holds still (`max_residual`) and enough of the scene was seen.
 
 Parts that cannot be made are listed with a reason (`unknown_kind`, `no_track`, `not_in_view`, `camera_moves`,
-`low_coverage`, `no_scene_phrase`), so an export can say why a clip lacks one.
+`low_coverage`, `background_unseen`, `no_scene_phrase`), so an export can say why a clip lacks one.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from curation.filters import FilterConfig
 from curation.manifest import atomic_write_bytes
 from curation.masks import mask_box, rle_decode, rle_encode
 from curation.stage import Resources, Row, Stage, StageContext
-from curation.stages.crops.background import median_plate, subject_free
+from curation.stages.crops.background import MIN_FRAMES, median_plate, subject_free
 from curation.stages.crops.regions import attribute_region, body, region_mask
 from curation.storage import local_file
 
@@ -159,43 +159,48 @@ class Crops(Stage[CropsConfig]):
         out_dir.mkdir(parents=True, exist_ok=True)
         parts: list[dict[str, Any]] = []
         masks: dict[str, list[dict[str, Any]]] = {}
-        linked = {t["subject_id"]: t for t in tracks if t.get("subject_id") is not None}
+        linked: dict[int, list[dict[str, Any]]] = {}  # a subject with a count ("two girls") has several tracks
+        for t in tracks:
+            if t.get("subject_id") is not None:
+                linked.setdefault(int(t["subject_id"]), []).append(t)
         for sid, s in sorted(subjects.items()):
-            t = linked.get(sid)
-            if s.get("category") != "person":
-                if s.get("span"):
-                    parts.append(_object_part(s, t, caption))
+            if not s.get("span"):
                 continue
+            if s.get("category") != "person":
+                parts += [_subject_part("object", s, t, caption) for t in linked.get(sid) or [None]]
+                continue
+            parts += [_subject_part("person", s, t, caption) for t in linked.get(sid) or [None]]
             if not c.attributes:
                 continue
             for j, a in enumerate(s.get("attributes") or []):
                 if not a.get("span"):
                     continue
-                part: dict[str, Any] = {
-                    "kind": "attribute",
-                    "subject_id": sid,
-                    "attribute": j,
-                    "phrase": caption[a["span"]["start"] : a["span"]["end"]],
-                    "span": [a["span"]["start"], a["span"]["end"]],
-                    "k": t["k"] if t else None,
-                    "region": attribute_region(a.get("text") or ""),
-                    "file": None,
-                    "frame": None,
-                    "method": None,
-                    "skipped": None,
-                }
-                parts.append(part)
-                if part["region"] is None:
-                    part["skipped"] = "unknown_kind"
-                elif t is None:
-                    part["skipped"] = "no_track"
-                else:
-                    name = f"attr_{t['k']}_{j}"
-                    per_frame = self._attribute(part, t, grids[t["k"]], positions, frames, (gw, gh), out_dir, name)
-                    if per_frame is None:
-                        part["skipped"] = "not_in_view"
+                for t in linked.get(sid) or [None]:
+                    part: dict[str, Any] = {
+                        "kind": "attribute",
+                        "subject_id": sid,
+                        "attribute": j,
+                        "phrase": caption[a["span"]["start"] : a["span"]["end"]],
+                        "span": [a["span"]["start"], a["span"]["end"]],
+                        "k": t["k"] if t else None,
+                        "region": attribute_region(a.get("text") or ""),
+                        "file": None,
+                        "frame": None,
+                        "method": None,
+                        "skipped": None,
+                    }
+                    parts.append(part)
+                    if part["region"] is None:
+                        part["skipped"] = "unknown_kind"
+                    elif t is None:
+                        part["skipped"] = "no_track"
                     else:
-                        masks[name] = per_frame
+                        name = f"attr_{t['k']}_{j}"
+                        got = self._attribute(part, t, grids[t["k"]], positions, frames, (gw, gh), out_dir, name)
+                        if got is None:
+                            part["skipped"] = "not_in_view"
+                        else:
+                            masks[name] = got
         scene, coverage, residual = None, None, None
         if c.background:
             bg = self._background(r, grids, frames, (gw, gh), (fw, fh), out_dir)
@@ -314,8 +319,11 @@ class Crops(Stage[CropsConfig]):
             ms = [cv2.resize(grids[k][i], (fw, fh), interpolation=cv2.INTER_NEAREST) for k in grids]
             free.append(subject_free(ms, dilate) if ms else np.ones((fh, fw), bool))
         plate = median_plate([frames[i] for i in order], free, self._fill)
-        part.update(coverage=round(plate.coverage, 4), residual=round(min(plate.residual, 255.0), 3))
-        if plate.residual > c.max_residual:
+        measured = plate.usable >= MIN_FRAMES
+        part.update(coverage=round(plate.coverage, 4), residual=round(plate.residual, 3) if measured else None)
+        if plate.residual == float("inf"):
+            part["skipped"] = "background_unseen"
+        elif plate.residual > c.max_residual:
             part["skipped"] = "camera_moves"
         elif plate.coverage < c.min_coverage:
             part["skipped"] = "low_coverage"
@@ -333,8 +341,6 @@ class Crops(Stage[CropsConfig]):
         parts = json.loads(row.get(self.col("parts")) or "[]")
         cid = row["clip_id"]
         for p in parts:
-            if p["kind"] == "object":
-                continue  # its image is the subject reference already in the sample
             if p.get("file"):
                 p["file"] = f"{cid}.{p['file']}"
             if p["kind"] == "attribute" and p.get("file"):
@@ -348,7 +354,7 @@ class Crops(Stage[CropsConfig]):
         d = Path(d)
         out = [("parts.json", (d / "parts.json").read_bytes())]
         for p in json.loads(row.get(self.col("parts")) or "[]"):
-            if p["kind"] != "object" and p.get("file"):
+            if p["kind"] in ("attribute", "background") and p.get("file"):  # persons' and objects': subjects' files
                 out.append((p["file"], (d / p["file"]).read_bytes()))
         return out
 
@@ -365,17 +371,26 @@ class Crops(Stage[CropsConfig]):
         return text
 
 
-def _object_part(s: dict[str, Any], t: dict[str, Any] | None, caption: str) -> dict[str, Any]:
-    """An animal or object the caption names: its image is the subject crop of the linked track."""
+def _subject_part(kind: str, s: dict[str, Any], t: dict[str, Any] | None, caption: str) -> dict[str, Any]:
+    """A person (its face crop) or an animal or object (its subject crop) the caption names, with its phrase: the
+    images are the `subjects` stage's (replaced by `identity`'s from another clip), listed here with their words.
+    A person's grammatical gender from its noun ("woman", "boy"): benchmarks file face references by it."""
+    from curation.stages.caption.lexicon import lexicon
+
     sp = s["span"]
-    has = bool(t and t.get("ref"))
-    return {
-        "kind": "object",
+    key = "face_ref" if kind == "person" else "ref"
+    has = bool(t and t.get(key))
+    name = (f"ref_{t['k']}_face.jpg" if kind == "person" else f"ref_{t['k']}_subject.png") if t and has else None
+    part = {
+        "kind": kind,
         "subject_id": int(s["id"]),
         "phrase": caption[sp["start"] : sp["end"]],
         "span": [sp["start"], sp["end"]],
         "k": t["k"] if t else None,
-        "file": f"ref_{t['k']}_subject.png" if has and t else None,
-        "method": "subject-ref" if has else None,
-        "skipped": None if has else "no_track",
+        "file": name,
+        "method": ("face-ref" if kind == "person" else "subject-ref") if has else None,
+        "skipped": None if has else ("no_track" if t is None else f"no_{key}"),
     }
+    if kind == "person":
+        part["gender"] = {"m": "male", "f": "female"}.get(lexicon().gender(str(s.get("name") or ""))) or None
+    return part

@@ -21,6 +21,9 @@ class Plate:
     image: np.ndarray  # BGR uint8
     coverage: float  # share of pixels seen free of subjects in at least one frame
     residual: float  # median over frames of the mean |frame - plate| on that frame's background, 8-bit levels
+    usable: int  # frames that show enough background (5%) to measure the residual on; fewer than 3: inf
+
+MIN_FRAMES = 3  # with one or two frames the median is (nearly) the frame itself: no evidence the camera holds still
 
 
 def subject_free(masks: list[np.ndarray], dilate_px: int) -> np.ndarray:
@@ -73,5 +76,5 @@ def median_plate(
             continue
         g = cv2.cvtColor(f, cv2.COLOR_BGR2GRAY).astype(np.float32)
         diffs.append(float(np.abs(g - grey)[m].mean()))
-    residual = float(np.median(diffs)) if diffs else float("inf")
-    return Plate(med, float(seen.mean()), residual)
+    residual = float(np.median(diffs)) if len(diffs) >= MIN_FRAMES else float("inf")
+    return Plate(med, float(seen.mean()), residual, len(diffs))

@@ -52,7 +52,7 @@ def attribute_region(phrase: str) -> str | None:
 
 @dataclass(frozen=True)
 class Body:
-    """A person's mask box and head geometry on one frame (frame pixels)."""
+    """A person's mask box and head geometry on one frame, in the mask's pixels (whatever its size)."""
 
     box: tuple[int, int, int, int]
     chin: float

@@ -113,7 +113,7 @@ class SubjectsConfig(FilterConfig):
 
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
-    version = "5"
+    version = "6"
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")
     default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)

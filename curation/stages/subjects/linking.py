@@ -13,9 +13,10 @@ def link_subjects(tracks: list[dict[str, Any]], caption_subjects: list[dict[str,
 
     Category must agree, except that a moving region of unknown kind may take an animal (0.6) or an object (0.4).
     Position words in a subject's attributes (left / right / middle) pick the track by horizontal position;
-    otherwise the largest tracks go first. Confidence 0.9 when category and count leave no choice or a position word
-    decides, 0.6 when more tracks of the category than subjects competed; 0.95 for a track the subject's own phrase
-    found (`grounded_subject`, the reference backend's caption grounding), which is linked before the others.
+    otherwise tracks with a face passing the reference gates go first, then the largest. Confidence 0.9 when category
+    and count leave no choice or a position word decides, 0.6 when more tracks of the category than subjects
+    competed; 0.95 for a track the subject's own phrase found (`grounded_subject`, the reference backend's caption
+    grounding), which is linked before the others.
     """
     slots: list[tuple[dict[str, Any], float | None]] = []
     for t in tracks:
@@ -36,7 +37,9 @@ def link_subjects(tracks: list[dict[str, Any]], caption_subjects: list[dict[str,
         slots.extend([(s, pos)] * left)
     order = {"person": 0, "animal": 1, "object": 2}  # a moving region of unknown kind is likelier an animal
     slots.sort(key=lambda sp: (sp[1] is None, order.get(sp[0].get("category"), 3)))  # position words first
-    free = sorted(tracks, key=lambda t: -t["area"] * t["presence"])
+    # A caption names the people it shows clearly: among tracks of a kind, one with a face that passed the reference
+    # gates goes before a larger one seen only in profile or blurred; then the largest, longest-seen first.
+    free = sorted(tracks, key=lambda t: (not _clear_face(t), -t["area"] * t["presence"]))
     for s, pos in slots:
         cat = s.get("category")
         same = [t for t in free if t["category"] == cat]
@@ -54,3 +57,7 @@ def link_subjects(tracks: list[dict[str, Any]], caption_subjects: list[dict[str,
                 conf = 0.6
         chosen["subject_id"], chosen["link_confidence"] = int(s["id"]), conf
         free.remove(chosen)
+
+
+def _clear_face(t: dict[str, Any]) -> bool:
+    return any(f.get("ok") for f in (t.get("faces") or {}).values())
