@@ -1,6 +1,7 @@
 """WebDataset shards of the packaged clips: `shards/shard-%06d.tar`, per clip `<clip_id>.json` plus the members the
 stages contribute (`Stage.shard_members`): the packaged `<clip_id>.mp4`, and when the subjects stage ran
-`<clip_id>.masks.json` (COCO RLE tracks), `<clip_id>.ref_<k>_face.jpg` and `<clip_id>.ref_<k>_subject.png`.
+`<clip_id>.masks.json` (COCO RLE tracks), `<clip_id>.ref_<k>_face.jpg` and `<clip_id>.ref_<k>_subject.png`, and when
+the crops stage ran `<clip_id>.parts.json`, `<clip_id>.attr_<k>_<j>.png` and `<clip_id>.background.png`.
 The json is built the same way: clip, video and source, then each stage's `shard_fields` and its scores.
 
 Shards are numbered from the shard index (the `shards` manifest table), written to a temp name and renamed, and

@@ -28,7 +28,7 @@ def _captions(run: Path) -> list[str]:
     for shard in sorted((run / "shards").glob("shard-*.tar")):
         with tarfile.open(shard) as tf:
             for m in tf.getmembers():
-                if m.name.endswith(".json") and not m.name.endswith(".masks.json"):
+                if m.name.count(".") == 1 and m.name.endswith(".json"):  # the sample json, not masks/parts
                     caps.append(json.loads(tf.extractfile(m).read())["caption"])  # type: ignore[union-attr]
     return caps
 

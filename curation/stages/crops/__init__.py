@@ -56,6 +56,12 @@ class CropsConfig(FilterConfig):
     text_threshold: float = Field(0.25, ge=0, le=1, description="reference: Grounding DINO text score threshold")
     inpaint_model: str = Field("lama/big-lama.pt", description="reference: LaMa TorchScript file in models_dir")
 
+    reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("sam2/sam2.1_hiera_large.pt", SAM2_SOURCE),
+        ("grounding-dino-tiny", GROUNDING_SOURCE),
+        ("lama/big-lama.pt", LAMA_SOURCE),
+    )  # the defaults; `weights()` follows the settings
+
     def weights(self) -> tuple[tuple[str, str], ...]:
         from curation.stages.subjects import sam2_checkpoint
 
