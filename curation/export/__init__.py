@@ -335,8 +335,9 @@ def export(
             if current(s.clip_id, s.fingerprint):
                 already += 1
                 continue
-            try:
-                res = exporter.add(s)
+            try:  # every format binds references to caption words: a clip without a real caption has none
+                captioned = s.caption and s.meta.get("caption_origin") != "template"
+                res = exporter.add(s) if captioned else Result("skip", "no_caption")
             except CurationError:
                 raise
             except Exception as exc:  # a per-clip failure is data; a full or read-only disk ends the export

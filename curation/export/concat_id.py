@@ -17,8 +17,6 @@ class ConcatId(Exporter):
 
     def add(self, s: Sample) -> Result:
         cap = s.caption
-        if s.meta.get("caption_origin") == "template" or not cap:
-            return Result("skip", "no_caption")
         refs = []
         for t, subj in linked_tracks(s):
             face = s.member(t.get("face_ref")) if subj.get("category") == "person" else None

@@ -63,8 +63,6 @@ class LumosX(Exporter):
 
     def add(self, s: Sample) -> Result:
         cap = s.caption
-        if s.meta.get("caption_origin") == "template" or not cap:
-            return Result("skip", "no_caption")
         if "{" in cap or cap.startswith("|0|"):  # the reader parses "{" as inline JSON and "|0|" as a loop prompt
             return Result("skip", "caption_unsafe")
         match = self.options.get("matcher")
@@ -137,8 +135,6 @@ class LumosXTrain(Exporter):
         import cv2
 
         cap = s.caption
-        if s.meta.get("caption_origin") == "template" or not cap:
-            return Result("skip", "no_caption")
         video_meta = s.meta.get("video") or {}
         w, h = int(video_meta.get("width") or 0), int(video_meta.get("height") or 0)
         masks_doc = json.loads(s.members.get("masks.json") or b"{}")

@@ -32,8 +32,6 @@ class OpenS2V(Exporter):
         import cv2
 
         cap = s.caption
-        if s.meta.get("caption_origin") == "template" or not cap:
-            return Result("skip", "no_caption")
         vm = s.meta.get("video") or {}
         w, h, n = int(vm.get("width") or 0), int(vm.get("height") or 0), int(vm.get("frames") or 0)
         doc = json.loads(s.members.get("masks.json") or b"{}")
@@ -139,8 +137,6 @@ class OpenS2VEval(Exporter):
 
     def add(self, s: Sample) -> Result:
         cap = s.caption
-        if s.meta.get("caption_origin") == "template" or not cap:
-            return Result("skip", "no_caption")
         refs, notes = [], []
         for t, subj in linked_tracks(s):
             if subj.get("category") != "person":
