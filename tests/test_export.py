@@ -82,6 +82,7 @@ def test_an_attribute_two_subjects_share_is_ambiguous_and_a_failed_folder_never_
         f.write("caption.txt", b"abc;A woman.")
     assert [p.name for p in (tmp_path / "lumosx" / "abc").iterdir()] == ["caption.txt"]
     assert (tmp_path / "lumosx/abc/caption.txt").read_text() == "abc;A woman."
+    assert not list((tmp_path / ".staging").iterdir())  # the replaced folder is gone too
 
 
 def test_a_subject_without_a_track_is_a_part_that_says_so() -> None:
@@ -152,6 +153,8 @@ def test_median_plate_removes_a_moving_subject_and_flags_a_moving_camera() -> No
     panned = [np.roll(bg, 6 * i, axis=1) for i in range(8)]
     moving = median_plate(panned, [np.ones((60, 80), bool)] * 8)
     assert moving.residual > 20
+    two = median_plate(panned[:2], [np.ones((60, 80), bool)] * 2)  # two frames: no evidence either way
+    assert two.usable == 2 and two.residual == float("inf")
 
 
 # -- a real run, exported in every format ---------------------------------------------------------------------
@@ -477,3 +480,50 @@ def test_a_selection_into_a_used_folder_indexes_only_its_clips(run: Path, export
     assert rep.already == rep.ok + sum(rep.skipped.values())  # nothing redone: the clips were exported before
     export("concat-id", run, out)  # the whole run again: the index is whole again
     assert len(json.loads((out / "concat-id.json").read_text())) == exported["concat-id"].ok
+
+
+@pytest.mark.slow
+def test_a_changed_sample_is_redone_and_a_clip_no_longer_exported_leaves_the_folder(
+    run: Path, exported: dict[str, Any], tmp_path: Path
+) -> None:
+    """Rerun on changed shards: the changed clip is redone (its fingerprint differs), the others are not; a LumosX
+    clip that is now skipped loses its folder (the reader lists folders). Rows from before fingerprints count as
+    stale instead of failing."""
+    import shutil
+
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    shutil.copytree(exported["out"], out)
+    folders = sorted(p.name for p in (out / "lumosx").iterdir())
+    victim = folders[0]
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name == f"{victim}.json":
+            meta = json.loads(data)
+            meta["caption"] += " {unsafe}"  # LumosX's reader parses "{" as JSON: the clip must now be skipped
+            return json.dumps(meta).encode()
+        return data
+
+    changed = _copy_run(run, tmp_path / "changed", edit)
+    rep = export("lumosx", changed, out)
+    from curation.manifest import Manifests
+
+    kept = Manifests(run).rows("SELECT count(*) AS n FROM shards")[0]["n"]
+    assert rep.already == kept - 1  # only the changed clip was done again
+    rows = dict(duckdb.sql(f"SELECT clip_id, reason FROM '{out}/manifest/lumosx/*.parquet' ORDER BY exported_ts")
+                .fetchall())  # fmt: skip
+    assert rows[victim] == "caption_unsafe" and not (out / "lumosx" / victim).exists()
+    assert sorted(p.name for p in (out / "lumosx").iterdir()) == folders[1:]
+    # a manifest written before fingerprints: no crash, every clip redone
+    old = tmp_path / "old"
+    (old / "manifest" / "concat-id").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"clip_id": [victim], "format": ["concat-id"], "status": ["ok"], "reason": [None], "notes": ["[]"],
+                  "files": ["[]"], "record": [None], "shard": ["x"], "exported_ts": [0.0]}),
+        old / "manifest" / "concat-id" / "part-0.parquet",
+    )  # fmt: skip
+    again = export("concat-id", run, old)
+    assert again.already == 0 and again.ok == exported["concat-id"].ok

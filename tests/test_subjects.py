@@ -118,6 +118,17 @@ def test_tracks_link_to_caption_subjects(run: dict[str, list[Row]]) -> None:
     assert linked["woman"]["cx"] < linked["dog"]["cx"]  # she is left of the dog throughout
 
 
+def test_a_person_links_to_the_track_with_a_clear_face_before_a_larger_one() -> None:
+    """A caption names the person it shows clearly: a smaller track whose face passed the reference gates is linked
+    before a larger one seen only in profile."""
+    tracks = [
+        {"category": "person", "area": 0.2, "presence": 1.0, "cx": 0.3, "faces": {"0": {"ok": False}}},
+        {"category": "person", "area": 0.05, "presence": 1.0, "cx": 0.7, "faces": {"0": {"ok": True}}},
+    ]
+    link_subjects(tracks, [{"id": 0, "category": "person", "count": 1, "attributes": []}])
+    assert tracks[1]["subject_id"] == 0 and tracks[0]["subject_id"] is None
+
+
 def test_link_uses_position_words_and_keeps_extra_detections_unlinked() -> None:
     tracks = [
         {"category": "person", "area": 0.2, "presence": 1.0, "cx": 0.8},

@@ -86,36 +86,47 @@ def iter_samples(
     run: Path, keep: set[str] | None = None, wanted: Callable[[str, str], bool] | None = None
 ) -> Iterator[Sample]:
     """The run's samples, shard by shard, in the order they were written. `wanted(clip_id, fingerprint)` is asked
-    after a sample's json is read (its first member); a sample it declines is yielded with no members read."""
+    after a sample's json is read (the shard writer puts it first); a sample it declines is yielded with no members
+    read. A shard that cannot be read ends the export naming it."""
     shards = sorted((run / "shards").glob("shard-*.tar"))
     if not shards:
         raise CurationError(f"{run} has no shards: run `curation run` (or `curation stage package`) first")
     for shard in shards:
-        current: Sample | None = None
-        read = False
-        with tarfile.open(shard) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                cid, _, suffix = info.name.partition(".")
-                if current is not None and cid != current.clip_id:
-                    yield current
-                    current = None
-                if keep is not None and cid not in keep:
-                    continue
-                if current is None:
-                    current, read = Sample(cid, {}, {}, shard.name), False
-                if suffix == "json":
-                    fh = tar.extractfile(info)
-                    data = fh.read() if fh else b"{}"
+        try:
+            yield from _shard_samples(shard, keep, wanted)
+        except tarfile.TarError as exc:
+            raise CurationError(f"shard {shard} cannot be read ({exc}): it is damaged or cut short") from None
+
+
+def _shard_samples(shard: Path, keep: set[str] | None, wanted: Callable[[str, str], bool] | None) -> Iterator[Sample]:
+    current: Sample | None = None
+    read = False
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            cid, _, suffix = info.name.partition(".")
+            if current is not None and cid != current.clip_id:
+                yield current
+                current = None
+            if keep is not None and cid not in keep:
+                continue
+            if current is None:
+                current, read = Sample(cid, {}, {}, shard.name), False
+            if suffix == "json":
+                fh = tar.extractfile(info)
+                data = fh.read() if fh else b"{}"
+                current.fingerprint = hashlib.sha1(data).hexdigest()[:16]
+                try:
                     current.meta = json.loads(data)
-                    current.fingerprint = hashlib.sha1(data).hexdigest()[:16]
-                    read = wanted is None or wanted(cid, current.fingerprint)
-                elif read:
-                    fh = tar.extractfile(info)
-                    current.members[suffix] = fh.read() if fh else b""
-        if current is not None:
-            yield current
+                except ValueError as exc:  # becomes the clip's error row
+                    current.meta = {"_broken": f"sample json: {exc}"}
+                read = wanted is None or wanted(cid, current.fingerprint)
+            elif read:
+                fh = tar.extractfile(info)
+                current.members[suffix] = fh.read() if fh else b""
+    if current is not None:
+        yield current
 
 
 MAX_NAME_BYTES = 200  # file names are at most 255 bytes; room for a prefix and the extension
@@ -215,11 +226,24 @@ class Writer:
             if final.exists():
                 old = self.out / ".staging" / f"old-{uuid.uuid4().hex[:12]}"
                 os.replace(final, old)
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                if old is not None:  # the clip keeps its previous folder
+                    os.replace(old, final)
+                raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def remove(self, rel: str) -> None:
+        """Remove a clip's earlier output (a folder or a file) when the clip is no longer exported."""
+        path = self.out / rel
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
 
 
 class Exporter:
@@ -227,6 +251,7 @@ class Exporter:
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"  # bump when the output changes: earlier exports of a clip count as stale
+    uses_tokenizer: ClassVar[bool] = False  # whether `--tokenizer` changes what this format writes
 
     def __init__(self, writer: Writer, options: dict[str, Any]) -> None:
         self.w = writer
@@ -238,6 +263,10 @@ class Exporter:
     def finish(self, records: list[tuple[str, Any]]) -> list[str]:
         """Write the index from every exported clip's record (this run's and earlier ones'); returns its paths."""
         return []
+
+    def remove(self, clip_id: str) -> None:
+        """Take back a clip exported before that is now skipped or failed: for formats whose readers list folders
+        (no index file to leave it out of)."""
 
 
 def png(data: bytes) -> bytes:
@@ -305,8 +334,9 @@ def export(
         keep = set(pq.read_table(path, columns=["clip_id"]).column("clip_id").to_pylist())
     options = {"matcher": token_matcher(tokenizer)} if tokenizer else {}
     cls = exporters[fmt]
-    key = f"{fmt}:{cls.version}:{tokenizer or ''}"
+    key = f"{fmt}:{cls.version}:{os.path.realpath(tokenizer) if tokenizer and cls.uses_tokenizer else ''}"
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / ".staging", ignore_errors=True)  # folders a killed export was building
     exporter = cls(Writer(out), options)
     mdir = out / "manifest" / fmt
     done: dict[str, dict[str, Any]] = {}
@@ -316,7 +346,12 @@ def export(
 
     def current(cid: str, fp: str) -> bool:
         r = done.get(cid)
-        return r is not None and r["status"] != "error" and r["fingerprint"] == fp and r["exporter"] == key
+        # rows written before fingerprints were recorded have none: they count as stale
+        return r is not None and r["status"] != "error" and r.get("fingerprint") == fp and r.get("exporter") == key
+
+    def prev_ok(cid: str) -> bool:
+        r = done.get(cid)
+        return r is not None and r["status"] == "ok"
 
     t0 = time.perf_counter()
     pending: list[dict[str, Any]] = []
@@ -337,7 +372,10 @@ def export(
                 continue
             try:  # every format binds references to caption words: a clip without a real caption has none
                 captioned = s.caption and s.meta.get("caption_origin") != "template"
-                res = exporter.add(s) if captioned else Result("skip", "no_caption")
+                if "_broken" in s.meta:
+                    res = Result("error", "broken_sample", notes=[s.meta["_broken"]])
+                else:
+                    res = exporter.add(s) if captioned else Result("skip", "no_caption")
             except CurationError:
                 raise
             except Exception as exc:  # a per-clip failure is data; a full or read-only disk ends the export
@@ -358,6 +396,8 @@ def export(
                 "shard": s.shard,
                 "exported_ts": time.time(),
             }
+            if res.status != "ok" and prev_ok(s.clip_id):
+                exporter.remove(s.clip_id)
             pending.append(row)
             done[s.clip_id] = row
             if progress is not None:

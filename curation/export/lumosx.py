@@ -60,6 +60,10 @@ def shared_phrases(s: Sample) -> set[str]:
 
 class LumosX(Exporter):
     name = "lumosx"
+    uses_tokenizer = True
+
+    def remove(self, clip_id: str) -> None:
+        self.w.remove(f"lumosx/{clip_id}")  # its reader lists the folder: a clip no longer exported must go
 
     def add(self, s: Sample) -> Result:
         cap = s.caption
@@ -94,7 +98,10 @@ class LumosX(Exporter):
             seen = set()
             for p in attribute_parts(s, t["k"]):
                 data = s.member(p["file"])
-                if p["phrase"] in seen or data is None or not usable(p["span"], p["phrase"], "attribute"):
+                if data is None:
+                    notes.append(f"attribute {p['phrase']!r}: member {p['file']} missing")
+                    continue
+                if p["phrase"] in seen or not usable(p["span"], p["phrase"], "attribute"):
                     continue
                 seen.add(p["phrase"])
                 files.append((f"{folder}/{p['phrase']}.png", data))
@@ -105,7 +112,10 @@ class LumosX(Exporter):
                 continue
             name = s.phrase(subj["span"])
             ref = s.member(t.get("ref"))
-            if ref is None or name in used or not usable(subj["span"], name, "object"):
+            if ref is None:
+                notes.append(f"object {name!r} (track {t['k']}): no crop")
+                continue
+            if name in used or not usable(subj["span"], name, "object"):
                 continue
             used.add(name)
             files.append((f"objects/{name}.png", png(ref)))
@@ -113,7 +123,9 @@ class LumosX(Exporter):
             return Result("skip", "no_subject", notes=notes)  # a background alone is not a subject-to-video sample
         bg = background_part(s)
         data = s.member(bg["file"]) if bg else None
-        if bg is not None and data and bg.get("phrase") and usable(bg["span"], bg["phrase"], "background"):
+        if bg is not None and data is None:
+            notes.append(f"background: member {bg['file']} missing")
+        elif bg is not None and bg.get("phrase") and usable(bg["span"], bg["phrase"], "background"):
             files.append((f"background/{bg['phrase']}.png", data))
         video = self.w.media(s.clip_id, "video.mp4", s.members["mp4"])
         root = f"lumosx/{s.clip_id}"
@@ -141,15 +153,13 @@ class LumosXTrain(Exporter):
         if not masks_doc or not w or not h:
             return Result("skip", "no_masks")
         frames = [int(f) for f in masks_doc["frames"]]
-        video = self.w.media(s.clip_id, "video.mp4", s.members["mp4"])
         vpath = (self.w.out / "lumosx-train" / "videos" / s.clip_id[:2] / s.clip_id[2:4] / f"{s.clip_id}.mp4").resolve()
-        self.w.place(str(vpath.relative_to(self.w.out.resolve())), video)
         parts = str(vpath).split("/")
         if len(parts) < 8:
             raise CurationError(f"lumosx-train: {vpath} is too short a path for LumosX's loader: use a deeper --out")
         ann = f"lumosx-train/annotations/{parts[3]}/{parts[4]}/{parts[5]}/{parts[6]}/{s.clip_id}"
         parts_doc = json.loads(s.members.get("parts.json") or b"{}")
-        written: list[str] = []
+        files: list[tuple[str, bytes]] = []  # written together at the end, into a folder built aside
         notes: list[str] = []
 
         def mask_files(prefix: str, rles: list[dict[str, Any]]) -> list[str]:
@@ -162,8 +172,7 @@ class LumosXTrain(Exporter):
                 ok, enc = cv2.imencode(".png", big)
                 if ok:
                     name = f"{prefix}_frame{f}.png"
-                    self.w.write(f"{ann}/{name}", enc.tobytes())
-                    written.append(f"{ann}/{name}")
+                    files.append((name, enc.tobytes()))
                     names.append(name)
             return names
 
@@ -210,19 +219,24 @@ class LumosXTrain(Exporter):
         if others:
             tags["other_subjects"] = others
         bg = background_part(s)
-        if bg is not None and bg.get("phrase") and not phrase_problem(cap, bg["span"], bg["phrase"], "background"):
-            data = s.member(bg["file"])
-            if data:
-                self.w.write(f"{ann}/background.png", data)
-                written.append(f"{ann}/background.png")
-                tags["background"] = {bg["phrase"]: ["background.png"]}
+        data = s.member(bg["file"]) if bg else None
+        if bg is not None and data is None:
+            notes.append(f"background: member {bg['file']} missing")
+        elif bg is not None and bg.get("phrase") and not phrase_problem(cap, bg["span"], bg["phrase"], "background"):
+            files.append(("background.png", data))
+            tags["background"] = {bg["phrase"]: ["background.png"]}
         if not tags:
             return Result("skip", "no_reference", notes=notes)
         info = {"video": str(vpath), "selected_frames": frames, "word_tags_path": tags}
-        self.w.write(f"{ann}/info.json", json.dumps(info, ensure_ascii=False, indent=1).encode())
+        files.append(("info.json", json.dumps(info, ensure_ascii=False, indent=1).encode()))
+        video = self.w.media(s.clip_id, "video.mp4", s.members["mp4"])
+        self.w.place(str(vpath.relative_to(self.w.out.resolve())), video)
+        with self.w.folder(ann) as fw:
+            for name, blob in files:
+                fw.write(name, blob)
         seconds = float((s.meta.get("clip") or {}).get("duration_s") or 0)
         record = {"path": str(vpath), "text": cap, "duration": max(1, int(seconds)), "height": h, "width": w}
-        return Result("ok", files=[*written, f"{ann}/info.json"], record=record, notes=notes)
+        return Result("ok", files=[f"{ann}/{n}" for n, _ in files], record=record, notes=notes)
 
     def finish(self, records: list[tuple[str, Any]]) -> list[str]:
         buf = io.StringIO()

@@ -70,8 +70,11 @@ class OpenS2V(Exporter):
             return Result("skip", "no_subjects")
         video = self.w.media(s.clip_id, "video.mp4", s.members["mp4"])
         files = [str(self.w.place(f"opens2v/videos/{s.clip_id}.mp4", video).relative_to(self.w.out))]
+        notes: list[str] = []
         bg = background_part(s)
         plate = s.member(bg["file"]) if bg else None
+        if bg is not None and plate is None:
+            notes.append(f"background: member {bg['file']} missing")
         if plate is not None:
             self.w.write(f"opens2v/background/{s.clip_id}.png", _at_size(plate, w, h))
             files.append(f"opens2v/background/{s.clip_id}.png")
@@ -112,7 +115,7 @@ class OpenS2V(Exporter):
                 "mask_annotation": {str(frames[best]): masks},
             },
         }
-        return Result("ok", files=files, record=record)
+        return Result("ok", files=files, record=record, notes=notes)
 
     def finish(self, records: list[tuple[str, Any]]) -> list[str]:
         data = json.dumps(dict(records), ensure_ascii=False).encode()
@@ -145,12 +148,12 @@ class OpenS2VEval(Exporter):
                 notes.append(f"track {t['k']}: face reference not from another clip ({t.get('face_ref_source')})")
                 return Result("skip", "reference_from_same_clip", notes=notes)
             face = s.member(t.get("face_ref"))
-            gender = next(
-                (p.get("gender") for p in s.meta.get("parts") or [] if p.get("kind") == "person" and p["k"] == t["k"]),
-                None,
-            )
+            part = next((p for p in s.meta.get("parts") or [] if p.get("kind") == "person" and p["k"] == t["k"]), None)
             if face is None:
                 return Result("skip", "no_face_reference", notes=[f"track {t['k']}"])
+            if part is None:  # the crops stage names each person's gender: it did not run on this clip
+                return Result("skip", "no_person_part", notes=[f"track {t['k']}: run the crops stage"])
+            gender = part.get("gender")
             if gender not in ("male", "female"):
                 return Result("skip", "unknown_gender", notes=[f"subject {subj.get('name')!r}"])
             refs.append((t, face, "man" if gender == "male" else "woman"))

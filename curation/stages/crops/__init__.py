@@ -15,8 +15,9 @@ here carries its verbatim caption span. Per clip:
   and `residual`; what no frame shows is painted (embedded: OpenCV's Telea; reference: LaMa); written when the
   camera holds still (`max_residual`) and enough of the scene was seen.
 
-Parts that cannot be made are listed with a reason (`unknown_kind`, `no_track`, `not_in_view`, `camera_moves`,
-`low_coverage`, `background_unseen`, `no_scene_phrase`), so an export can say why a clip lacks one.
+Parts that cannot be made are listed with a reason (`unknown_kind`, `no_track`, `no_face_ref`, `no_ref`,
+`not_in_view`, `camera_moves`, `low_coverage`, `too_few_frames`, `background_unseen`, `no_scene_phrase`), so an
+export can say why a clip lacks one.
 """
 
 from __future__ import annotations
@@ -327,7 +328,9 @@ class Crops(Stage[CropsConfig]):
         plate = median_plate([frames[i] for i in order], free, self._fill)
         measured = plate.usable >= MIN_FRAMES
         part.update(coverage=round(plate.coverage, 4), residual=round(plate.residual, 3) if measured else None)
-        if plate.residual == float("inf"):
+        if len(order) < MIN_FRAMES:
+            part["skipped"] = "too_few_frames"
+        elif plate.residual == float("inf"):
             part["skipped"] = "background_unseen"
         elif plate.residual > c.max_residual:
             part["skipped"] = "camera_moves"
