@@ -108,7 +108,7 @@ def mllm_content(
 
 class Caption(Stage[CaptionConfig]):
     name = "caption"
-    version = "3"  # 3: the embedded parser works on a dependency parse
+    version = "4"  # 3: the embedded parser works on a dependency parse; 4: verbs misparsed as singular nouns
     config_class = CaptionConfig
     default_resources = Resources(cpus=0.25, batch_size=16, pool_max=2)
     gpu_backends: ClassVar[dict[str, float]] = {"vllm": 1.0}  # one engine per GPU

@@ -169,6 +169,8 @@ class _Analysis:
         self.entities: list[Entity] = []
         self.of: dict[int, Entity] = {}  # token index -> the entity it mentions
         self.relations: list[tuple[Entity, str, Entity, int, int]] = []
+        # tokens of sentences the parse left without any verb (a caption sentence says what someone does)
+        self.verbless = {t.i for s in doc.sents if not any(t.pos_ in ("VERB", "AUX") for t in s) for t in s}
         self.pseudo = {t.i for t in doc if self.misparsed_verb(t)}
 
     # -- tokens --------------------------------------------------------------------------------------------------
@@ -182,8 +184,10 @@ class _Analysis:
     def misparsed_verb(self, tok: Any) -> bool:
         """A verb the small model tagged as a plural noun: in a chain of actions ("... rocks her and hums a
         lullaby", "tastes the sauce, frowns, and speaks"), or right after its subject ("his old beagle naps at his
-        feet", "a toddler in dinosaur pajamas hugs a rabbit"). Only words the lemmatizer knows as verbs."""
-        if tok.tag_ != "NNS":
+        feet", "a toddler in dinosaur pajamas hugs a rabbit"). Only words the lemmatizer knows as verbs. A singular
+        noun only in a sentence the parse left without any verb ("a girl and a boy in a dark shirt jump on a bed"):
+        a caption sentence says what someone does."""
+        if tok.tag_ != "NNS" and not (tok.tag_ == "NN" and tok.i in self.verbless):
             return False
         lemma = self.lemma(tok)
         if lemma not in self.verb_lemmas or self.lex.category(lemma) in ("person", "animal"):
@@ -461,6 +465,8 @@ class _Analysis:
     def phrase(self, head: Any) -> tuple[str, int, int] | None:
         """A noun's appearance phrase: its pre-nominal modifiers and itself, without determiners or numbers."""
         left = [t for t in head.subtree if t.i < head.i]
+        if head.dep_ == "compound" and head.head.i in self.pseudo:  # modifiers the parse hung on a misparsed verb
+            left += [t for c in head.head.children if c.i < head.i for t in c.subtree if t.i < head.i]
         keep = [t for t in left if t.dep_ not in ("det", "poss", "predet", "nummod", "case", "punct", "cc", "prep")]
         keep = [t for t in keep if not (t.dep_ == "amod" and t.lower_ in NOT_MODIFIERS)]
         start_tok = min(keep, key=lambda t: t.i) if keep else head
@@ -522,8 +528,10 @@ class _Analysis:
 
     def appearance(self, ent: Entity, noun: Any) -> None:
         """Phrases attached to a noun: in / with / over / under + garment, wearing / dressed in, coordination."""
-        if noun.i in self.pseudo:  # "in pajamas watches": the garment is the word before the misparsed verb
-            noun = next((c for c in noun.children if c.dep_ == "compound" and c.i == noun.i - 1), noun)
+        if noun.i in self.pseudo:  # "in pajamas watches": the garment is the nearest word before the misparsed
+            # verb that can be worn ("in a white uniform arm wrestles": not "arm")
+            before = sorted((c for c in noun.children if c.dep_ == "compound" and c.i < noun.i), key=lambda c: -c.i)
+            noun = next((c for c in before if self.wearable(c)), before[0] if before else noun)
         for item in self.coordinated(noun):
             if not self.wearable(item):
                 continue
