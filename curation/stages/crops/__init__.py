@@ -397,6 +397,7 @@ def _subject_part(kind: str, s: dict[str, Any], t: dict[str, Any] | None, captio
         "span": [sp["start"], sp["end"]],
         "k": t["k"] if t else None,
         "file": name,
+        "frame": (t.get(f"{key}_frame") if t and has else None),  # the clip frame the crop was cut from
         "method": ("face-ref" if kind == "person" else "subject-ref") if has else None,
         "skipped": None if has else ("no_track" if t is None else f"no_{key}"),
     }
