@@ -94,7 +94,7 @@ def test_a_subject_without_a_track_is_a_part_that_says_so() -> None:
     assert p["file"] is None and p["skipped"] == "no_track" and p["gender"] == "female" and p["phrase"] == "woman"
     t = {"k": 3, "face_ref": None, "ref": "ref_3_subject.png", "ref_frame": 17}
     assert _subject_part("person", woman, t, cap)["skipped"] == "no_face_ref"
-    dog = {"id": 1, "name": "dog", "span": {"start": 15, "end": 18}}
+    dog = {"id": 1, "name": "dog", "span": {"start": 16, "end": 19}}
     part = _subject_part("object", dog, t, cap)
     assert part["file"] == "ref_3_subject.png" and part["frame"] == 17 and part["phrase"] == "dog"
 
