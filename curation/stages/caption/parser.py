@@ -169,9 +169,7 @@ class _Analysis:
         self.entities: list[Entity] = []
         self.of: dict[int, Entity] = {}  # token index -> the entity it mentions
         self.relations: list[tuple[Entity, str, Entity, int, int]] = []
-        # tokens of sentences the parse left without any verb (a caption sentence says what someone does)
-        self.verbless = {t.i for s in doc.sents if not any(t.pos_ in ("VERB", "AUX") for t in s) for t in s}
-        self.pseudo = {t.i for t in doc if self.misparsed_verb(t)}
+        self.pseudo = {t.i for t in doc if self.misparsed_verb(t) or self.misparsed_singular_verb(t)}
 
     # -- tokens --------------------------------------------------------------------------------------------------
     def lemma(self, tok: Any) -> str:
@@ -184,10 +182,8 @@ class _Analysis:
     def misparsed_verb(self, tok: Any) -> bool:
         """A verb the small model tagged as a plural noun: in a chain of actions ("... rocks her and hums a
         lullaby", "tastes the sauce, frowns, and speaks"), or right after its subject ("his old beagle naps at his
-        feet", "a toddler in dinosaur pajamas hugs a rabbit"). Only words the lemmatizer knows as verbs. A singular
-        noun only in a sentence the parse left without any verb ("a girl and a boy in a dark shirt jump on a bed"):
-        a caption sentence says what someone does."""
-        if tok.tag_ != "NNS" and not (tok.tag_ == "NN" and tok.i in self.verbless):
+        feet", "a toddler in dinosaur pajamas hugs a rabbit"). Only words the lemmatizer knows as verbs."""
+        if tok.tag_ != "NNS":
             return False
         lemma = self.lemma(tok)
         if lemma not in self.verb_lemmas or self.lex.category(lemma) in ("person", "animal"):
@@ -212,6 +208,22 @@ class _Analysis:
         ):  # fmt: skip
             return False
         return verb_like_next
+
+    def misparsed_singular_verb(self, tok: Any) -> bool:
+        """A verb tagged as a singular noun right after its subject, in a sentence the parse left without any verb
+        ("a girl and a boy in a dark shirt jump on a bed"): a caption sentence says what someone does. Cheap checks
+        first: this runs on every noun."""
+        if tok.tag_ != "NN" or tok.i == 0 or tok.dep_ == "conj" or tok.i + 1 >= len(self.doc):
+            return False
+        prev, nxt = self.doc[tok.i - 1], self.doc[tok.i + 1]
+        if prev.pos_ not in ("NOUN", "PROPN") or nxt.pos_ not in ("DET", "PRON", "ADV", "ADP") or nxt.lower_ == "of":
+            return False
+        lemma = self.lemma(tok)
+        if lemma not in self.verb_lemmas or self.lex.category(lemma) in ("person", "animal"):
+            return False
+        if self.lex.category(self.lemma(prev)) not in ("person", "animal", "clothing", "bodypart"):
+            return False
+        return not any(t.pos_ in ("VERB", "AUX") for t in tok.sent)
 
     def governing_verb(self, tok: Any) -> Any | None:
         t = tok
