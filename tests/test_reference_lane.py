@@ -152,7 +152,9 @@ def test_crops_reference_grounds_attributes_and_paints_the_plate_with_lama(subje
     parts = [p for r in rows for p in json.loads(r["crops_parts"])]
     plates = [p for p in parts if p["kind"] == "background"]
     assert plates and all(p["method"] == "temporal-median+lama" for p in plates)
-    assert all(p["file"] or p["skipped"] in ("camera_moves", "low_coverage") for p in plates), plates
+    # random masks may cover whole frames: then the plate is skipped for a reason, never an error
+    skips = ("camera_moves", "low_coverage", "background_unseen", "too_few_frames")
+    assert all(p["file"] or p["skipped"] in skips for p in plates), [p["skipped"] for p in plates]
     attrs = [p for p in parts if p["kind"] == "attribute"]
     assert attrs and {p["method"] for p in attrs if p["file"]} <= {"grounding+sam2:grounding-dino-tiny", "body-region"}
 
