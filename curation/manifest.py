@@ -48,14 +48,16 @@ def atomic_write_table(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see all of it or none of it."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write a file so that readers see all of it or none of it. `durable=False` skips the fsync: for outputs that
+    are cheap to redo and written by the thousand (export masks), where a crash costs a rerun, not a lost record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

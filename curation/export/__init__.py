@@ -186,11 +186,10 @@ class Writer:
 
     def write(self, rel: str, data: bytes) -> Path:
         """`rel` under the export, replaced atomically."""
+        from curation.manifest import atomic_write_bytes
+
         path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data, durable=False)  # the export manifest, written after, is the record
         return path
 
     def media(self, clip_id: str, name: str, data: bytes) -> Path:

@@ -280,7 +280,7 @@ class Crops(Stage[CropsConfig]):
         method = "body-region"
         if self._ref is not None:
             person = cv2.resize(grid_masks[best], (fw, fh), interpolation=cv2.INTER_NEAREST)
-            found = self._ref.segment(img, person, part["phrase"])
+            found = self._ref.segment(img, person, part["phrase"], key=(str(out_dir), best))  # clip, frame
             if found is not None:
                 rm, method = found, f"grounding+sam2:{self.config.grounding_model}"
         b = mask_box(rm)

@@ -36,9 +36,11 @@ class AttributeSegmenter:
         self._grounder = Grounder(root / c.grounding_model, device)
         self._torch = torch
         self._c = c
+        self._key: object = None  # the frame whose embedding SAM2 holds
 
-    def segment(self, bgr: np.ndarray, person: np.ndarray, phrase: str) -> np.ndarray | None:
-        """uint8 mask (frame size) of `phrase` on `person` (frame-size mask), or None when it is not found there."""
+    def segment(self, bgr: np.ndarray, person: np.ndarray, phrase: str, key: object = None) -> np.ndarray | None:
+        """uint8 mask (frame size) of `phrase` on `person` (frame-size mask), or None when it is not found there.
+        `key` names the frame: attributes on the same frame share SAM2's image embedding."""
         pb = mask_box(person)
         if pb is None:
             return None
@@ -53,7 +55,9 @@ class AttributeSegmenter:
             return None
         box = np.array(max(on_person, key=lambda b: b[1])[0], dtype=np.float32)
         with self._torch.inference_mode():
-            self._sam.set_image(np.ascontiguousarray(bgr[..., ::-1]))
+            if key is None or key != self._key:
+                self._sam.set_image(np.ascontiguousarray(bgr[..., ::-1]))
+                self._key = key
             masks, _, _ = self._sam.predict(box=box, multimask_output=False)
         m = (np.asarray(masks[0]) > 0) & (person > 0)
         need = max(64, int(0.01 * (person > 0).sum()))
