@@ -1,6 +1,6 @@
 """Quality filters: fused (decode once) vs each filter decoding the video itself, and vs a bare ffmpeg decode.
 
-    python bench/filters.py [--media DIR] [--filters motion,aesthetics,watermark,ocr] [--set ocr.threads=1 ...]
+    python bench/filters.py [--media DIR] [--filters motion,aesthetics,ocr,watermark] [--set ocr.threads=1 ...]
                             [--baseline GIT_REV]
 
 (a) fused: the `scenecut` pass (one decode per video, frame samples kept) then every filter on the samples;
@@ -101,7 +101,7 @@ def _scores(stage: Any, row: Row, samples: dict[str, np.ndarray]) -> dict[str, A
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--media", type=Path, default=REPO.parent / "shared" / "media" / "video")
-    ap.add_argument("--filters", default="motion,aesthetics,watermark,ocr")
+    ap.add_argument("--filters", default="motion,aesthetics,ocr,watermark")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "filters.json")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (ocr.threads=1)")
     ap.add_argument("--baseline", metavar="GIT_REV", help="also run this commit's code and report per-clip ratios")
@@ -226,6 +226,10 @@ def _against(args: argparse.Namespace, report: dict[str, Any], names: list[str])
         "clips": {"this": report["clips"], "baseline": base["clips"]},
         "fused_s_per_clip": {"this": round(w_new, 3), "baseline": round(w_old, 3)},
         "fused_cpu_s_per_clip": {"this": round(c_new, 3), "baseline": round(c_old, 3)},
+        "parts_s": {
+            k: {"scenecut_pass": r["scenecut_pass_s"], **{n: r["fused_filter_s"][n] for n in names}}
+            for k, r in (("this", report), ("baseline", base))
+        },
         "wall_ratio_this_vs_baseline": round(w_new / w_old, 3),
         "cpu_ratio_this_vs_baseline": round(c_new / c_old, 3),
     }

@@ -101,6 +101,13 @@ class Pipeline:
         stages = self.cfg.stages
         return stages[: stages.index(name)] if name in stages else list(stages)
 
+    def reads(self, name: str) -> tuple[str, ...]:
+        """The upstream columns the stage reads here: `requires`, and each `optional_requires` column whose stage
+        runs before it in `stages`."""
+        cls = registry()[name]
+        ups = self._upstream(name)
+        return cls.requires + tuple(c for c in cls.optional_requires if any(c.startswith(f"{u}_") for u in ups))
+
     def _base_sql(self, name: str, selection: Path | None = None) -> str:
         """Every row the stage could take: what the earlier stages in `stages` kept (or a selection)."""
         reg = registry()
@@ -131,7 +138,7 @@ class Pipeline:
         that rewrites a clip's samples, the filters redo that clip even though its id is unchanged."""
         cls = registry()[name]
         key = cls.key()
-        base = f"SELECT *, {fingerprint_sql(cls.requires)} AS _upstream FROM ({self._base_sql(name, selection)})"
+        base = f"SELECT *, {fingerprint_sql(self.reads(name))} AS _upstream FROM ({self._base_sql(name, selection)})"
         mine = f'SELECT 1 FROM "{name}" m WHERE m.{key} = q.{key}'
         fresh = f"EXISTS ({mine} AND m.{name}_upstream IS NOT DISTINCT FROM q._upstream)"
         params: list[Any] = []
@@ -314,6 +321,7 @@ class Pipeline:
                         rows,
                         self.run_dir,
                         {n: b.update for n, b in bars.items()},
+                        reads={n: self.reads(n) for n in chain},
                     )
                 finally:
                     for b in bars.values():

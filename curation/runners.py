@@ -336,9 +336,12 @@ class RayRunner:
         rows: InputFiles,
         run_dir: Path,
         progress: dict[str, Progress | None] | None = None,
+        reads: dict[str, tuple[str, ...]] | None = None,
     ) -> dict[str, dict[str, float]]:
         """Stream the rows through every stage in `stages` (none grouped) in one Ray Data pipeline: a GPU stage works
-        while the CPU stages before it still do, and each stage writes its manifest part per batch as in `run`."""
+        while the CPU stages before it still do, and each stage writes its manifest part per batch as in `run`.
+        `reads`: the upstream columns each stage reads (`Pipeline.reads`; default its `requires`), which the rows
+        handed to it are fingerprinted over."""
         import ray
 
         self._init()
@@ -353,7 +356,8 @@ class RayRunner:
         # (16 captions, a video's clips) would put all of a slow next stage's rows (subjects, 1 a batch) on one actor.
         ds.context.target_max_block_size = CHAIN_BLOCK_BYTES
         for i, s in enumerate(built):
-            nxt = (built[i + 1].name, list(built[i + 1].requires)) if i + 1 < len(built) else None
+            after = built[i + 1] if i + 1 < len(built) else None
+            nxt = (after.name, list((reads or {}).get(after.name, after.requires))) if after is not None else None
             ds = self._map(ds, s, run_dir, first_batch if i == 0 else s.resources().batch_size, share, nxt)
         return self._collect(ds, [s.name for s in built], progress or {})
 

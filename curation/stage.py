@@ -172,6 +172,9 @@ class Stage(ABC, Generic[C]):
     config_class: ClassVar[type[StageConfig]] = StageConfig
     # Upstream columns `process` reads; checked before the stage runs, with a message naming what is missing.
     requires: ClassVar[tuple[str, ...]] = ()
+    # Upstream columns `process` reads when a stage before it in `stages` wrote them (`<stage>_...`), and goes
+    # without otherwise; part of the upstream fingerprint when read (`Pipeline.reads`).
+    optional_requires: ClassVar[tuple[str, ...]] = ()
     default_resources: ClassVar[Resources] = Resources()
     # GPUs one worker needs per backend value (`config.backend`): a reference backend asks Ray for them.
     gpu_backends: ClassVar[dict[str, float]] = {}

@@ -359,7 +359,7 @@ def test_streaming_chains_hold_only_gpu_pools_that_fit_together() -> None:
     pipe = Pipeline(cfg, "unused")
     one = pipe.segments(_GpuCluster(1.0))  # type: ignore[arg-type]
     assert one == [
-        ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "nsfw"],
+        ["probe", "scenecut", "motion", "aesthetics", "ocr", "watermark", "nsfw"],
         ["dedup"],
         ["caption"],
         ["subjects"],

@@ -54,7 +54,8 @@ def test_every_input_video_has_a_row(ray_run: Path) -> None:
     }
     assert vp9["video_id"] in dups
     ok = sum(v["status"] == "ok" for v in readable)
-    assert len(readable) == 16 and ok + len(dups) == 9  # 9 kept a clip before dedup; 7 had none
+    # 10 kept a clip before dedup (vtest's small walkers are not near-static since motion v4); 6 had none
+    assert len(readable) == 16 and ok + len(dups) == 10
     for v in readable:  # ok only with a clip that survived every stage; otherwise it says why not
         assert (v["status"] == "ok") == (v["n_clips_kept"] > 0), v["uri"]
         if v["status"] != "ok":
@@ -128,7 +129,7 @@ def test_streamed_stages_leave_nothing_to_redo(ray_run: Path) -> None:
     pipe = Pipeline(cfg, ray_run)
     runner = pipe.runner()
     assert pipe.segments(runner) == [
-        ["probe", "scenecut", "motion", "aesthetics", "watermark", "ocr", "nsfw"],
+        ["probe", "scenecut", "motion", "aesthetics", "ocr", "watermark", "nsfw"],
         ["dedup"],
         ["caption", "subjects"],
         ["identity"],

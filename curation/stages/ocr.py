@@ -1,8 +1,19 @@
-"""`ocr`: how much of the frame is covered by text (burnt-in subtitles, captions, overlays).
+"""`ocr`: burnt-in text (subtitles, captions, timestamps, channel names, copyright lines), and how much of the
+frame any text covers.
 
 Per sample frame, the area of the detected text boxes divided by the frame area; the clip's score is the maximum
 over its samples (`ocr_text_area`). Recognised strings and their boxes (normalised to [0, 1]) are recorded too.
-- `embedded`: rapidocr with the PP-OCR detection/recognition ONNX models shipped inside its wheel (onnxruntime, CPU).
+
+Text in the scene (a shop sign, letters on a shirt) is part of the picture; text drawn over it is not, whatever its
+size. A box counts as drawn over the picture (`kind` in `ocr_boxes`) from where it sits and what it says, not from
+its size, because a small clock is as much an overlay as two lines of subtitles:
+- `mark`: in the top or bottom band of the frame (`band`), and either reading as a clock/date or a copyright /
+  address line, or anchored to the left or right edge (`edge`) in the same place in most samples (channel names,
+  timestamps, credits);
+- `caption`: a line of words centred in the bottom band, in at least two samples (subtitles come and go).
+A clip is rejected for text when it has a `mark` or `caption` box, or when any text covers more than
+`max_text_area` of a frame (title cards; scene text that fills the picture).
+""- `embedded`: rapidocr with the PP-OCR detection/recognition ONNX models shipped inside its wheel (onnxruntime, CPU).
 - `reference`: PaddleOCR (the `gpu` extra), models read from `models_dir`.
 """
 
@@ -10,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,11 +36,15 @@ log = logging.getLogger(__name__)
 
 class OcrConfig(FilterConfig):
     max_text_area: float = Field(
-        0.01,
+        0.25,
         ge=0,
         le=1,
-        description="reject when text covers more of a frame than this (two subtitle lines: 2-9%; a corner logo: <1%)",
+        description="reject when text of any kind covers more of a frame than this (title cards; text drawn over the "
+        "picture is rejected at any size, see the module docstring)",
     )
+    band: float = Field(0.2, gt=0, le=0.5, description="top and bottom bands where overlays sit, share of the height")
+    edge: float = Field(0.06, ge=0, le=0.5, description="a mark touches the left or right edge within this share")
+    reject_overlays: bool = Field(True, description="reject clips with text drawn over the picture (mark, caption)")
     max_frames: int = Field(4, ge=1, le=64)
     min_box_score: float = Field(
         0.85,
@@ -158,6 +174,37 @@ def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, flo
     return inter / union if union > 0 else 0.0
 
 
+CLOCK = re.compile(
+    r"\d{1,2}\s?[:.]\s?\d{2}\s?[:.]\s?\d{2}"  # 12:30:07
+    r"|\d{4}\s?[-/.]\s?\d{1,2}\s?[-/.]\s?\d{1,2}"  # 2023-04-18
+    r"|\d{1,2}/\d{1,2}/\d{2,4}"  # 18/04/23
+)
+CREDIT = re.compile(r"\(c\)|©|copyright|all rights|www\.|https?:|\.(com|net|org|tv)\b|^@\w", re.IGNORECASE)
+
+
+def classify_overlays(boxes: list[dict[str, Any]], n_frames: int, band: float, edge: float) -> None:
+    """Set each box's `kind`: `mark`, `caption` or None (scene text), from where it sits and what it reads (see the
+    module docstring); needs the `overlay` (same place in most samples) flags set first."""
+    centred_frames: set[int] = set()
+    geo = []
+    for b in boxes:
+        x0, y0, x1, y1 = _rect(b)
+        in_band = y1 <= band or y0 >= 1 - band
+        words = len(re.findall(r"\w+", b["text"]))
+        centred = in_band and y0 >= 1 - band and abs((x0 + x1) / 2 - 0.5) <= edge and words >= 2
+        if centred:
+            centred_frames.add(b["frame"])
+        geo.append((in_band, x0 <= edge or x1 >= 1 - edge, centred))
+    need_captions = 2 if n_frames > 1 else 1
+    for b, (in_band, anchored, centred) in zip(boxes, geo, strict=True):
+        kind = None
+        if in_band and (CLOCK.search(b["text"]) or CREDIT.search(b["text"]) or (anchored and b["overlay"])):
+            kind = "mark"
+        elif centred and len(centred_frames) >= need_captions:
+            kind = "caption"
+        b["kind"] = kind
+
+
 def _mark_overlays(boxes: list[dict[str, Any]], n_frames: int, share: float) -> float:
     """Mark each box `overlay` when a box covers the same place (IoU >= 0.5) in at least `share` of the sampled
     frames: captions, timestamps and channel names stay put while the picture moves; text on things in the scene
@@ -177,7 +224,7 @@ def _mark_overlays(boxes: list[dict[str, Any]], n_frames: int, share: float) -> 
 
 class Ocr(SampleFilter):
     name = "ocr"
-    version = "5"
+    version = "6"
     config_class = OcrConfig
     requires = ("clip_samples_path",)
     default_resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
@@ -213,6 +260,7 @@ class Ocr(SampleFilter):
                     texts.append(text)
             areas.append(float(mask.mean()))
         overlay_area = _mark_overlays(boxes_out, len(idx), self.config.overlay_frames)
+        classify_overlays(boxes_out, len(idx), self.config.band, self.config.edge)
         return {
             "text_area": float(max(areas)),
             "text_area_mean": float(np.mean(areas)),
@@ -220,6 +268,9 @@ class Ocr(SampleFilter):
             "texts": sorted(set(texts)),
             "overlay_area": overlay_area,
             "overlay_texts": sorted({b["text"] for b in boxes_out if b["overlay"] and b["text"]}),
+            "marks": sorted({b["text"] for b in boxes_out if b["kind"] == "mark" and b["text"]}),
+            "mark_boxes": sum(b["kind"] == "mark" for b in boxes_out),
+            "caption_boxes": sum(b["kind"] == "caption" for b in boxes_out),
             "boxes": json.dumps(boxes_out, ensure_ascii=False),
         }
 
@@ -230,7 +281,10 @@ class Ocr(SampleFilter):
         return sum(ch.isalnum() for ch in box[1]) >= self.config.tall_min_chars
 
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
-        return ("reject", "text") if s["text_area"] > self.config.max_text_area else ("ok", None)
+        drawn = bool(s.get("mark_boxes")) or bool(s.get("caption_boxes"))
+        if s["text_area"] > self.config.max_text_area or (self.config.reject_overlays and drawn):
+            return "reject", "text"
+        return "ok", None
 
     def draw(self, row: Row, frame: int, image: Any) -> None:
         import cv2

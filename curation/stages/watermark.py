@@ -6,13 +6,19 @@
   shots (shots whose median frames differ by more than `distinct_shots` grey levels). Long straight persistent
   lines (letterbox bars, frame borders) are removed. The score is the largest density of such pixels in a frame
   corner minus the density in the centre. A single shot, or several cut from one fixed camera, is no evidence of an
-  overlay (a static background persists too): the score is then 0 and `watermark_distinct_shots` says why.
+  overlay (a static background persists too): the score is then 0 and `watermark_distinct_shots` says why. (Asking
+  the same inside one moving shot was tried: busy texture under a slow pan lines up as often as a drawn mark does.)
+- Text marks, whatever the backend: when `ocr` ran before this stage, its `mark` boxes (a clock, a date, a
+  copyright or address line, or a name anchored to a side edge of the top or bottom band in the same place in most
+  samples) are marks too (`watermark_text_marks`), so a timestamp on a single shot or a fixed camera is found where
+  no edge statistic can tell. A graphic mark with no letters on a single shot is left to the reference backend.
 - `reference`: the LAION watermark classifier (timm EfficientNet-B3 with a 2-class head, weights
   `watermark_model_v1.pt`), mean probability over the clip's samples.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,6 +41,7 @@ class WatermarkConfig(FilterConfig):
         12.0, ge=0, description="mean grey difference between two shots' median frames for them to count as distinct"
     )
     max_shots: int = Field(16, ge=2, description="at most this many of the video's clips (evenly spaced) are compared")
+    text_marks: bool = Field(True, description="reject clips where the ocr stage (run before this one) found a mark")
     video_frames: int | None = operational(None, description="deprecated (watermark v2), ignored")
     min_change: float | None = operational(None, description="deprecated (watermark v2), ignored")
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
@@ -109,6 +116,13 @@ def overlay_score(
     return out
 
 
+def text_marks(boxes_json: str | None) -> list[str]:
+    """The texts of the `mark` boxes the ocr stage recorded for the clip (none without ocr)."""
+    if not boxes_json:
+        return []
+    return [str(b.get("text") or "") for b in json.loads(boxes_json) if b.get("kind") == "mark"]
+
+
 class _LaionWatermark:
     """Reference backend (imported lazily from the `gpu` extra)."""
 
@@ -145,9 +159,10 @@ class _LaionWatermark:
 
 class Watermark(SampleFilter):
     name = "watermark"
-    version = "3"
+    version = "4"
     config_class = WatermarkConfig
     requires = ("clip_samples_path",)
+    optional_requires = ("ocr_boxes",)
     default_resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
     gpu_backends: ClassVar[dict[str, float]] = {"reference": 0.25}
     backend_names: ClassVar[dict[str, str]] = {"embedded": "edge-persistence", "reference": "laion-watermark-v1"}
@@ -158,6 +173,11 @@ class Watermark(SampleFilter):
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+        marks = text_marks(row.get("ocr_boxes"))
+        found = {"text_marks": sorted({m for m in marks if m}), "text_mark_boxes": len(marks)}
+        return {**self._visual(row, samples), **found}
+
+    def _visual(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         if self._ref is not None:
             return self._ref(samples["frames"][pick(len(samples["frames"]), self.config.max_frames)])
         # The score is a property of the whole video's samples: computed once per video, not once per clip.
@@ -171,6 +191,8 @@ class Watermark(SampleFilter):
         return dict(self._cache[key])
 
     def decide(self, s: dict[str, Any]) -> tuple[str, str | None]:
+        if self.config.text_marks and s.get("text_mark_boxes"):
+            return "reject", "watermark"
         if "probability" in s:
             return ("reject", "watermark") if s["probability"] > self.config.max_probability else ("ok", None)
         return ("reject", "watermark") if s["score"] > self.config.max_score else ("ok", None)
