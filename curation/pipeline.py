@@ -108,6 +108,20 @@ class Pipeline:
         ups = self._upstream(name)
         return cls.requires + tuple(c for c in cls.optional_requires if any(c.startswith(f"{u}_") for u in ups))
 
+    def _unread(self, name: str, selection: Path | None = None) -> list[str]:
+        """The stage's optional columns that the selection has but the stage must not read here (a stage after it
+        in `stages` wrote them): left out of its input rows, as they are out of its fingerprint."""
+        cls = registry()[name]
+        extra = [c for c in cls.optional_requires if c not in self.reads(name)]
+        if not extra:
+            return []
+        con = self.manifests.connect()
+        try:
+            have = {r[0] for r in con.execute(f"DESCRIBE {self._base_sql(name, selection)}").fetchall()}
+        finally:
+            con.close()
+        return [c for c in extra if c in have]
+
     def _base_sql(self, name: str, selection: Path | None = None) -> str:
         """Every row the stage could take: what the earlier stages in `stages` kept (or a selection)."""
         reg = registry()
@@ -138,7 +152,10 @@ class Pipeline:
         that rewrites a clip's samples, the filters redo that clip even though its id is unchanged."""
         cls = registry()[name]
         key = cls.key()
-        base = f"SELECT *, {fingerprint_sql(self.reads(name))} AS _upstream FROM ({self._base_sql(name, selection)})"
+        drop = self._unread(name, selection)
+        star = "*" + (f" EXCLUDE ({', '.join(f'{chr(34)}{c}{chr(34)}' for c in drop)})" if drop else "")
+        sql = self._base_sql(name, selection)
+        base = f"SELECT {star}, {fingerprint_sql(self.reads(name))} AS _upstream FROM ({sql})"
         mine = f'SELECT 1 FROM "{name}" m WHERE m.{key} = q.{key}'
         fresh = f"EXISTS ({mine} AND m.{name}_upstream IS NOT DISTINCT FROM q._upstream)"
         params: list[Any] = []

@@ -103,10 +103,13 @@ def _raise_fatal(record: str) -> None:
     raise ConfigError(rec["message"])
 
 
-def chain_rows(stage: Stage[Any], rows: list[Row], out: list[Row], requires: tuple[str, ...]) -> list[Row]:
+def chain_rows(
+    stage: Stage[Any], rows: list[Row], out: list[Row], requires: tuple[str, ...], unread: tuple[str, ...] = ()
+) -> list[Row]:
     """The next stage's input rows, built in the worker from this stage's inputs and outputs: what the pipeline's
     selection query would return for them (the rows this stage kept, joined with its columns; a split stage's
-    clips with their `clip_*` geometry), fingerprinted over the next stage's `requires` the way the query does."""
+    clips with their `clip_*` geometry, without the `unread` optional columns), fingerprinted over the next stage's
+    reads the way the query does."""
     st = stage.col("status")
     if stage.kind == Kind.SPLIT:
         by_video = {r.get("video_id"): r for r in rows}
@@ -122,6 +125,9 @@ def chain_rows(stage: Stage[Any], rows: list[Row], out: list[Row], requires: tup
         nxt = [{**by_key.get(o.get(key), {}), **o} for o in out if o.get(st) == "ok"]
     if not nxt:
         return []
+    for r in nxt if unread else ():
+        for c in unread:
+            r.pop(c, None)
     import duckdb
 
     cols = (
@@ -151,6 +157,8 @@ class _RayStageWorker:
     ) -> None:
         self.name = stage_name
         self.next_requires = tuple(nxt[1]) if nxt else None
+        # the next stage's optional columns it does not read here (a later stage's output): kept from its rows
+        self.next_unread = tuple(c for c in get_stage(nxt[0]).optional_requires if c not in nxt[1]) if nxt else ()
         self.fatal = ""  # an error building the stage is reported with the first batch, as one line in the driver
         try:
             log_to_file(run_dir, worker_log_name())
@@ -192,7 +200,7 @@ class _RayStageWorker:
                 out = self.stage.run_batch(rows)
                 self.manifests.write(self.stage.name, out)
                 if self.next_requires is not None:
-                    nxt = chain_rows(self.stage, rows, out, self.next_requires)
+                    nxt = chain_rows(self.stage, rows, out, self.next_requires, self.next_unread)
             except Exception as exc:
                 if not is_fatal(exc):
                     raise

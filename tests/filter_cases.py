@@ -4,8 +4,10 @@ Each row of `tests/data/filter_cases.csv` says how to make one short video (a ba
 what a person would say about it (burnt-in text, a logo/watermark, near-static). The overlays are the kinds the
 unseen-footage measurement missed: small timestamps, copyright lines, channel labels, thin subtitles, graphic marks,
 on single shots and fixed cameras; the negatives are scene text that belongs to the picture and small movers on
-static wide shots. `split` is `dev` (looked at while building the filters) or `heldout` (other bases, other fonts
-and styles: never looked at case by case).
+static wide shots. `split` is `dev` (looked at while building the filters), `heldout` (other bases, other fonts
+and styles: scored as totals only) or `heldout2` (layouts a review named after the rules were written: short
+clocks, title-safe insets, two-line and left-aligned subtitles, plates and podium signs low in the frame; scored
+once, nothing changed after).
 
     python -m tests.filter_cases OUT_DIR        # write the videos (and print the P/R table the test asserts)
 """
@@ -62,7 +64,7 @@ def _photo(name: str) -> np.ndarray:
 
 
 def _camera(
-    photo: np.ndarray, camera: str, n: int, rng: np.random.Generator, sign: str | None = None
+    photo: np.ndarray, camera: str, n: int, rng: np.random.Generator, sign: str | None = None, where: str = "any"
 ) -> Iterator[np.ndarray]:
     """A 16:9 window over the photo (scaled so the window is W wide and the photo is 1.35x larger), static, panning
     or zooming; sensor noise on every frame so a still camera is not a frozen picture."""
@@ -77,7 +79,7 @@ def _camera(
     x0 = rng.uniform(max(0.0, -dx), (cw - W) - max(0.0, dx))
     y0 = rng.uniform(max(0.0, -dy), (ch - h_out) - max(0.0, dy))
     if sign:  # drawn on the scene, inside what the first frame shows
-        _scene_text(canvas, rng, sign, (x0, y0, W, h_out))
+        _scene_text(canvas, rng, sign, (x0, y0, W, h_out), where)
     for i in range(n):
         t = i / max(1, n - 1)
         if camera == "pan":
@@ -163,11 +165,14 @@ def _style(rng: np.random.Generator, split: str) -> dict[str, Any]:
             "outline": int(rng.choice([0, 1])),
             "colour": (255, 255, 255),
         }
-    return {
+    out = {
         "font": "freetype",
         "outline": int(rng.choice([0, 1])),
         "colour": tuple(int(c) for c in rng.choice([(255, 255, 255), (255, 230, 40), (235, 235, 235)])),
     }
+    if split == "heldout2":  # broadcast title-safe placement, further from the edges
+        out["margin"] = float(rng.uniform(0.06, 0.09))
+    return out
 
 
 def _logo(img: np.ndarray, corner: str, size: float, alpha: float) -> None:
@@ -209,16 +214,33 @@ def _overlay(img: np.ndarray, kind: str, i: int, rng_seed: int, split: str) -> N
     elif name == "subtitles":
         line = SUBTITLES[(i * len(SUBTITLES)) // int(FPS * SECONDS) % len(SUBTITLES)]
         _text(img, line, rng.uniform(0.03, 0.045) * hh, (0.5, 0.96), {**st, "thickness": 1})
+    elif name == "clock":  # a short clock: "REC 00:12", "10:22 AM"
+        t = int(rng.integers(0, 600)) + int(i / FPS)
+        text = str(rng.choice([f"REC {t // 60:02d}:{t % 60:02d}", f"{1 + t // 60 % 12}:{t % 60:02d} PM"]))
+        _text(img, text, rng.uniform(0.035, 0.05) * hh, CORNERS[corner], st)
+    elif name == "subtitles2":  # two centred lines
+        k = (i * len(SUBTITLES)) // int(FPS * SECONDS) % len(SUBTITLES)
+        size = rng.uniform(0.03, 0.04) * hh
+        _text(img, SUBTITLES[k], size, (0.5, 0.86), {**st, "thickness": 1})
+        _text(img, SUBTITLES[(k + 1) % len(SUBTITLES)], size, (0.5, 0.96), {**st, "thickness": 1})
+    elif name == "subtitles_left":  # left-aligned, as some players and social videos set them
+        line = SUBTITLES[(i * len(SUBTITLES)) // int(FPS * SECONDS) % len(SUBTITLES)]
+        _text(img, line, rng.uniform(0.03, 0.045) * hh, (0.0, 0.95), {**st, "thickness": 1, "margin": 0.08})
     elif name == "logo":
         _logo(img, corner, rng.uniform(0.09, 0.14), rng.uniform(0.45, 0.8))
     elif name != "none":
         raise ValueError(f"unknown overlay {kind!r}")
 
 
-def _scene_text(canvas: np.ndarray, rng: np.random.Generator, split: str, window: tuple[float, ...]) -> None:
+def _scene_text(
+    canvas: np.ndarray, rng: np.random.Generator, split: str, window: tuple[float, ...], where: str = "any"
+) -> None:
     """A sign in the scene (drawn on the photo before the camera moves over it): a light board with dark letters,
-    slanted by a perspective warp, somewhere in the picture."""
+    slanted by a perspective warp, somewhere in the picture (`band`: centred low in the first frame, as a number
+    plate or a podium sign would be)."""
     word = str(rng.choice(["OPEN", "BAKERY", "EXIT 12", "HOTEL", "MARKET ST", "TOYS"]))
+    if where == "band":
+        word = str(rng.choice(["AB 123 CD", "CITY COUNCIL", "GATE 4 ARRIVALS"]))
     ch, cw = canvas.shape[:2]
     wx, wy, ww, wh = window
     board = np.full((int(wh * 0.2), int(ww * 0.36), 3), rng.integers(190, 250), np.uint8)
@@ -228,6 +250,8 @@ def _scene_text(canvas: np.ndarray, rng: np.random.Generator, split: str, window
     src = np.float32([[0, 0], [bw, 0], [bw, bh], [0, bh]])
     jit = rng.uniform(-0.12, 0.12, (4, 2)) * [bw, bh]
     x, y = wx + rng.uniform(0.1, 0.5) * ww, wy + rng.uniform(0.2, 0.6) * wh
+    if where == "band":
+        x, y = wx + 0.5 * ww - board.shape[1] / 2, wy + rng.uniform(0.8, 0.84) * wh - 0.1 * board.shape[0]
     dst = np.float32(src + jit + [x, y])
     m = cv2.getPerspectiveTransform(src, dst)
     warped = cv2.warpPerspective(board, m, (cw, ch))
@@ -267,8 +291,9 @@ def render_case(case: dict[str, str], out: Path, ffmpeg: str = "ffmpeg") -> Path
         name, _, start = name.partition("@")
         frames: Iterator[np.ndarray] = _video_frames(name, float(start or 0), n)
     else:
-        sign = case["split"] if case.get("scene_text") == "sign" else None
-        frames = _camera(_photo(name), case.get("camera") or "static", n, rng, sign)
+        sign = case["split"] if case.get("scene_text") in ("sign", "bandsign") else None
+        where = "band" if case.get("scene_text") == "bandsign" else "any"
+        frames = _camera(_photo(name), case.get("camera") or "static", n, rng, sign, where)
     sprites = _sprites() if int(case.get("movers") or 0) else []
     path = out / f"{case['case']}.mp4"
     proc = None

@@ -20,6 +20,7 @@ from curation.stages.aesthetics import quality_proxy
 from curation.stages.motion import motion_scores
 from curation.stages.watermark import overlay_score
 from tests.conftest import MEDIA, REPO, VIDEOS
+from tests.filter_cases import score_folder
 
 FILTERS = ["motion", "aesthetics", "ocr", "watermark"]
 LABELS = {r["file"]: r for r in csv.DictReader((REPO / "tests" / "data" / "media_labels.csv").open())}
@@ -33,20 +34,7 @@ def test_labels_cover_every_media_file() -> None:
 def scored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Row]]:
     """Probe + scene cut over all the media, then every filter over every clip (each filter on its own, so no
     filter hides clips from another); returns {video file name: [clip row with all filter columns]}."""
-    run = tmp_path_factory.mktemp("filters")
-    cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut"]})
-    pipe = Pipeline(cfg, run)
-    pipe.run(str(VIDEOS))
-    clips = pipe.manifests.rows("SELECT * FROM clips WHERE scenecut_status = 'ok' ORDER BY clip_id")
-    for name in FILTERS:
-        stage = registry()[name]()
-        stage.bind(run)
-        for row, out in zip(clips, stage.run_batch(clips), strict=True):
-            row.update(out)
-    by_video: dict[str, list[Row]] = {}
-    for r in clips:
-        by_video.setdefault(Path(r["uri"]).name, []).append(r)
-    return by_video
+    return score_folder(VIDEOS, tmp_path_factory.mktemp("filters"), tuple(FILTERS))
 
 
 def _labelled(column: str, value: str) -> list[str]:

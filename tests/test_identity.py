@@ -149,15 +149,17 @@ def pairwise(items: list[tuple[str, str, Any]]) -> tuple[float, float, int]:
 
 @pytest.mark.slow
 def test_identity_pairwise_precision_and_recall(people_run: Pipeline) -> None:
-    """Reported against the labelled table. Gated just under what the embedded backend reaches today (precision
-    0.69, recall 0.36 when written); the target is 0.9 / 0.9: not met, see docs/benchmarks.md for where it is lost."""
+    """Reported against the labelled table. Precision is gated at the 0.9 target (1.00 since subjects v7 drops the
+    faces a track took from someone else and identity v2 lets a person's duplicate tracks merge); recall just under
+    what the embedded backend reaches (0.44; the target is 0.9: not met, see docs/benchmarks.md for where it is
+    lost)."""
     rows = people_run.manifests.rows("SELECT * FROM clips WHERE identity_status = 'ok'")
     items = _labelled_to_tracks(rows)
     p, r, positives = pairwise(items)
     print(f"identity pairwise precision {p:.2f} recall {r:.2f} over {positives} same-person pairs")
     assert positives >= 40
-    assert p >= 0.65
-    assert r >= 0.33
+    assert p >= 0.9
+    assert r >= 0.4
 
 
 @pytest.mark.slow
@@ -229,6 +231,51 @@ def test_references_come_from_another_clip_of_the_identity(people_run: Pipeline)
             assert members[f"ref_{k}_face.jpg"] == Path(t["face_ref_path"]).read_bytes()
             track = next(x for x in fields["tracks"] if str(x["k"]) == k)
             assert track["face_ref_source"] == "other_clip" and track["identity_id"] == t["identity_id"]
+
+
+def _canvas(face: np.ndarray, x: int) -> np.ndarray:
+    """A 360x640 grey frame with the photo (scaled to 200 px tall) pasted at column x."""
+    import cv2
+
+    img = np.full((360, 640, 3), 90, np.uint8)
+    s = 200 / face.shape[0]
+    f = cv2.resize(face, (max(1, round(face.shape[1] * s)), 200), interpolation=cv2.INTER_AREA)[:, :300]
+    img[80 : 80 + f.shape[0], x : x + f.shape[1]] = f
+    return img
+
+
+def test_a_track_that_hands_its_face_to_someone_else_keeps_one_person() -> None:
+    """A person box spanning two people hands its face from one to the other (seen in the meeting clip): the other
+    person's faces are dropped from the track, while the same person jumping across the frame stays whole."""
+    import cv2
+
+    from curation.stages.subjects import SubjectsConfig, _describe, _foreign_faces
+    from curation.stages.subjects.embedded import Track
+    from curation.stages.subjects.faces import FaceEmbedder
+    from tests.conftest import MEDIA
+
+    a = cv2.imread(str(MEDIA / "photos" / "obama.jpg"))
+    b = cv2.imread(str(MEDIA / "photos" / "biden.jpg"))
+    det, emb, cfg = FaceDetector(640, min_score=0.5), FaceEmbedder(), SubjectsConfig()
+    positions = list(range(5))
+
+    def track(frames: list[np.ndarray]) -> Track:
+        t = Track(k=0)
+        for i, fr in enumerate(frames):
+            face = max(det.detect(fr), key=lambda f: f.height)
+            t.faces[i], t.face_info[i] = face.box, face  # grid == frame pixels here
+            t.boxes[i], t.masks[i] = face.box, np.ones((360, 640), np.uint8)
+        return t
+
+    switched = [_canvas(a, 20)] * 3 + [_canvas(b, 380)] * 2
+    t = track(switched)
+    info = _describe(t, positions, (640, 360), 1.0, cfg, switched)
+    assert all(f["ok"] for f in info["faces"].values()), info["faces"]
+    assert _foreign_faces(emb, t, info, switched, positions, cfg, {}) == [3, 4]
+    moved = [_canvas(a, 20)] * 3 + [_canvas(a, 380)] * 2
+    t = track(moved)
+    info = _describe(t, positions, (640, 360), 1.0, cfg, moved)
+    assert _foreign_faces(emb, t, info, moved, positions, cfg, {}) == []
 
 
 def test_clustering_keeps_people_seen_together_apart() -> None:

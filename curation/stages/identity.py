@@ -48,7 +48,7 @@ class IdentityConfig(StageConfig):
 
 class Identity(Stage[IdentityConfig]):
     name = "identity"
-    version = "1"
+    version = "2"
     kind = Kind.CLIP
     config_class = IdentityConfig
     requires = ("video_id", "subjects_tracks", "subjects_dir")
@@ -212,7 +212,9 @@ def _face_tracks(rows: list[Row]) -> list[tuple[int, dict]]:
 def cluster(items: list[tuple[int, dict]], max_distance: float) -> list[int]:
     """Average-linkage agglomerative clustering of face tracks by descriptor distance; returns a label per item.
 
-    Two tracks of one clip whose faces share a tracked frame are never merged (a frame cannot show one person twice).
+    Two tracks of one clip with gated faces in a common tracked frame are never merged (a frame cannot show one
+    person twice). Faces that failed the gates do not count: a soft or turned detection is the weaker evidence, and
+    a duplicate track of one person (body and face found apart) would otherwise be kept two people.
     """
     n = len(items)
     if n == 0:
@@ -223,7 +225,7 @@ def cluster(items: list[tuple[int, dict]], max_distance: float) -> list[int]:
     for a in range(n):
         for b in range(a + 1, n):
             (ca, ta), (cb, tb) = items[a], items[b]
-            if ca == cb and set(ta.get("face_frames") or []) & set(tb.get("face_frames") or []):
+            if ca == cb and _gated_frames(ta) & _gated_frames(tb):
                 cannot[a, b] = cannot[b, a] = True
     clusters: dict[int, list[int]] = {i: [i] for i in range(n)}
     while len(clusters) > 1:
@@ -246,6 +248,15 @@ def cluster(items: list[tuple[int, dict]], max_distance: float) -> list[int]:
         for i in members:
             labels[i] = lab
     return labels
+
+
+def _gated_frames(track: dict) -> set[str]:
+    """Tracked frames where the track's face passed the gates (all face frames for tracks written before the
+    per-face `ok` flag)."""
+    faces = track.get("faces")
+    if not isinstance(faces, dict):
+        return {str(f) for f in track.get("face_frames") or []}
+    return {p for p, f in faces.items() if f.get("ok", True)}
 
 
 def face_similarity(a: Any, b: Any) -> float:

@@ -7,13 +7,15 @@ over its samples (`ocr_text_area`). Recognised strings and their boxes (normalis
 Text in the scene (a shop sign, letters on a shirt) is part of the picture; text drawn over it is not, whatever its
 size. A box counts as drawn over the picture (`kind` in `ocr_boxes`) from where it sits and what it says, not from
 its size, because a small clock is as much an overlay as two lines of subtitles:
-- `mark`: in the top or bottom band of the frame (`band`), and either reading as a clock/date or a copyright /
-  address line, or anchored to the left or right edge (`edge`) in the same place in most samples (channel names,
-  timestamps, credits);
+- `mark`: in the top or bottom band of the frame (`band`), and either reading as a clock or a date, or anchored to
+  the left or right edge (`edge`: the title-safe margin) or in the same place in most samples while reading as a
+  copyright / address line, or anchored and in the same place (channel names, credits);
 - `caption`: a line of words centred in the bottom band, in at least two samples (subtitles come and go).
 A clip is rejected for text when it has a `mark` or `caption` box, or when any text covers more than
-`max_text_area` of a frame (title cards; scene text that fills the picture).
-""- `embedded`: rapidocr with the PP-OCR detection/recognition ONNX models shipped inside its wheel (onnxruntime, CPU).
+`max_text_area` of a frame (title cards; scene text that fills the picture). Without recognition
+(`recognise: false`) only position can tell: marks need the same place in most samples, captions any text.
+
+- `embedded`: rapidocr with the PP-OCR detection/recognition ONNX models shipped inside its wheel (onnxruntime, CPU).
 - `reference`: PaddleOCR (the `gpu` extra), models read from `models_dir`.
 """
 
@@ -43,7 +45,10 @@ class OcrConfig(FilterConfig):
         "picture is rejected at any size, see the module docstring)",
     )
     band: float = Field(0.2, gt=0, le=0.5, description="top and bottom bands where overlays sit, share of the height")
-    edge: float = Field(0.06, ge=0, le=0.5, description="a mark touches the left or right edge within this share")
+    edge: float = Field(
+        0.1, ge=0, le=0.5, description="a mark sits within this share of the left or right edge (broadcast title-safe)"
+    )
+    centre: float = Field(0.06, ge=0, le=0.5, description="a caption line's middle is this close to the frame's")
     reject_overlays: bool = Field(True, description="reject clips with text drawn over the picture (mark, caption)")
     max_frames: int = Field(4, ge=1, le=64)
     min_box_score: float = Field(
@@ -174,15 +179,20 @@ def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, flo
     return inter / union if union > 0 else 0.0
 
 
+MONTHS = r"(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?"
 CLOCK = re.compile(
-    r"\d{1,2}\s?[:.]\s?\d{2}\s?[:.]\s?\d{2}"  # 12:30:07
+    r"(?<![\d.])\d{1,2}\s?:\s?\d{2}(\s?:\s?\d{2})?(?![\d.])"  # 12:30, 12:30:07 (colons: "02.45.67" is a phone)
     r"|\d{4}\s?[-/.]\s?\d{1,2}\s?[-/.]\s?\d{1,2}"  # 2023-04-18
-    r"|\d{1,2}/\d{1,2}/\d{2,4}"  # 18/04/23
+    r"|(?<![\d.])\d{1,2}[-/]\d{1,2}[-/](\d{4}|\d{2}\b)|(?<![\d.])\d{1,2}\.\d{1,2}\.\d{4}"  # 18/04/23, 18.04.2023
+    rf"|\b{MONTHS}\s?\d{{1,2}},?\s?\d{{4}}|\b\d{{1,2}}\s?{MONTHS}\s?\d{{4}}",  # APR 18 2023, 18 Apr 2023
+    re.IGNORECASE,
 )
-CREDIT = re.compile(r"\(c\)|©|copyright|all rights|www\.|https?:|\.(com|net|org|tv)\b|^@\w", re.IGNORECASE)
+CREDIT = re.compile(r"\(c\)|©|copyright|all rights|photo\s?by|www\.|https?:|\.[a-z]{2,4}\b/?$|^@\w", re.IGNORECASE)
 
 
-def classify_overlays(boxes: list[dict[str, Any]], n_frames: int, band: float, edge: float) -> None:
+def classify_overlays(
+    boxes: list[dict[str, Any]], n_frames: int, band: float, edge: float, centre: float = 0.06
+) -> None:
     """Set each box's `kind`: `mark`, `caption` or None (scene text), from where it sits and what it reads (see the
     module docstring); needs the `overlay` (same place in most samples) flags set first."""
     centred_frames: set[int] = set()
@@ -191,14 +201,16 @@ def classify_overlays(boxes: list[dict[str, Any]], n_frames: int, band: float, e
         x0, y0, x1, y1 = _rect(b)
         in_band = y1 <= band or y0 >= 1 - band
         words = len(re.findall(r"\w+", b["text"]))
-        centred = in_band and y0 >= 1 - band and abs((x0 + x1) / 2 - 0.5) <= edge and words >= 2
+        # words: recognised words, or any line when nothing was read (detection only)
+        centred = in_band and y0 >= 1 - band and abs((x0 + x1) / 2 - 0.5) <= centre and (words >= 2 or not b["text"])
         if centred:
             centred_frames.add(b["frame"])
         geo.append((in_band, x0 <= edge or x1 >= 1 - edge, centred))
     need_captions = 2 if n_frames > 1 else 1
     for b, (in_band, anchored, centred) in zip(boxes, geo, strict=True):
         kind = None
-        if in_band and (CLOCK.search(b["text"]) or CREDIT.search(b["text"]) or (anchored and b["overlay"])):
+        credit = bool(CREDIT.search(b["text"])) and (anchored or b["overlay"])  # not a web address on a passing van
+        if in_band and (CLOCK.search(b["text"]) or credit or (anchored and b["overlay"])):
             kind = "mark"
         elif centred and len(centred_frames) >= need_captions:
             kind = "caption"
@@ -260,7 +272,7 @@ class Ocr(SampleFilter):
                     texts.append(text)
             areas.append(float(mask.mean()))
         overlay_area = _mark_overlays(boxes_out, len(idx), self.config.overlay_frames)
-        classify_overlays(boxes_out, len(idx), self.config.band, self.config.edge)
+        classify_overlays(boxes_out, len(idx), self.config.band, self.config.edge, self.config.centre)
         return {
             "text_area": float(max(areas)),
             "text_area_mean": float(np.mean(areas)),

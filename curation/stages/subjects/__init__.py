@@ -18,6 +18,7 @@ yaw); the `identity` stage later links faces across clips and may replace the cr
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,6 +70,15 @@ class SubjectsConfig(FilterConfig):
     max_face_yaw: float = Field(45.0, ge=0, le=90, description="gate: a face reference turned further is skipped")
     min_face_blur: float = Field(8.0, ge=0, description="gate: Laplacian variance of the face at 64 px, below: blurred")
     face_embeddings: int = Field(3, ge=0, le=16, description="faces per track embedded (best first); 0: none")
+    face_jump: float = Field(
+        1.0,
+        gt=0,
+        description="a track's face moving more than this many face sizes between tracked frames may be "
+        "someone else's: the face runs are compared by descriptor",
+    )
+    same_face_distance: float = Field(
+        0.5, gt=0, description="face runs of one track whose descriptors are closer than this are one person"
+    )
     min_mask_area: float = Field(0.002, ge=0, le=1, description="gate: mean mask area (frame share) below: dropped")
     max_mask_area: float = Field(0.8, ge=0, le=1, description="gate: mean mask area above: dropped")
     min_track_iou: float = Field(0.15, ge=0, le=1, description="gate: mean consecutive mask IoU below: unstable")
@@ -113,7 +123,7 @@ class SubjectsConfig(FilterConfig):
 
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
-    version = "6"
+    version = "7"
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")
     default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
@@ -173,7 +183,15 @@ class Subjects(Stage[SubjectsConfig]):
         for t in raw:
             info = _describe(t, positions, grid, scale * src_scale, c, frames)
             if self._embedder is not None:
-                _embed(self._embedder, t, info, frames, positions, c)
+                vecs: dict[int, np.ndarray] = {}
+                foreign = _foreign_faces(self._embedder, t, info, frames, positions, c, vecs)
+                if foreign:  # the box held two people: the other one's faces are not this track's
+                    for i in foreign:
+                        t.faces.pop(i, None)
+                        t.face_info.pop(i, None)
+                    info = _describe(t, positions, grid, scale * src_scale, c, frames)
+                info["foreign_faces"] = len(foreign)
+                _embed(self._embedder, t, info, frames, positions, c, vecs)
             (dropped if info["gates"] and set(info["gates"]) - {"face_too_small"} else tracks).append((t, info))
         caption_subjects = json.loads(r.get("caption_subjects") or "[]")
         link_subjects([i for _, i in tracks], caption_subjects)
@@ -365,22 +383,93 @@ def _face_ok(e: dict[str, Any], c: SubjectsConfig) -> bool:
     )
 
 
+def _face_rank(t: Track, i: int) -> float:
+    """Best face first: largest x sharpest."""
+    f = t.face_info[i]
+    return -f.height * float(np.log1p(f.quality["blur"]))
+
+
+def _descriptors(
+    embedder: FaceEmbedder, t: Track, frames: list[np.ndarray], idx: list[int], cache: dict[int, np.ndarray]
+) -> list[np.ndarray]:
+    """The descriptors of the track's faces at `idx`, each computed once (`cache` by frame)."""
+    for i in idx:
+        if i not in cache:
+            cache[i] = embedder.embed(frames[i], t.face_info[i])
+    return [cache[i] for i in idx]
+
+
+def _foreign_faces(
+    embedder: FaceEmbedder,
+    t: Track,
+    info: dict,
+    frames: list[np.ndarray],
+    positions: list[int],
+    c: SubjectsConfig,
+    vecs: dict[int, np.ndarray],
+) -> list[int]:
+    """Frames whose face is someone else's. A person box that spans two people sitting close hands its face from
+    one to the other between tracked frames, and one descriptor averaged over both links the wrong people. So the
+    track's faces are cut into runs wherever the face jumps (`face_jump` face sizes, or changes size by 1.8x); runs
+    whose descriptors agree (`same_face_distance`) are one person; the person with the most gated faces (then the
+    most faces) keeps the track, the other runs' faces are dropped from it. `vecs` caches descriptors by frame."""
+    order = sorted(i for i in t.faces if i in t.face_info)
+    if len(order) < 2:
+        return []
+    runs = [[order[0]]]
+    for a, b in itertools.pairwise(order):
+        fa, fb = t.faces[a], t.faces[b]
+        sa = float(np.sqrt(max(1e-6, (fa[2] - fa[0]) * (fa[3] - fa[1]))))
+        sb = float(np.sqrt(max(1e-6, (fb[2] - fb[0]) * (fb[3] - fb[1]))))
+        jump = float(np.hypot((fa[0] + fa[2] - fb[0] - fb[2]) / 2, (fa[1] + fa[3] - fb[1] - fb[3]) / 2))
+        if jump > c.face_jump * max(sa, sb) or max(sa, sb) > 1.8 * min(sa, sb):
+            runs.append([b])
+        else:
+            runs[-1].append(b)
+    if len(runs) == 1:
+        return []
+    gated = [[i for i in r if info["faces"][str(positions[i])]["ok"]] for r in runs]
+    descs: list[np.ndarray | None] = []
+    for g in gated:
+        best = sorted(g, key=lambda i: _face_rank(t, i))[: max(1, c.face_embeddings)]
+        descs.append(np.mean(_descriptors(embedder, t, frames, best, vecs), axis=0) if best else None)
+    groups: list[list[int]] = []
+    for k, d in enumerate(descs):
+        home = None
+        if d is not None:
+            home = next(
+                (
+                    g
+                    for g in groups
+                    if any(descs[j] is not None and np.linalg.norm(d - descs[j]) < c.same_face_distance for j in g)
+                ),
+                None,
+            )
+        if home is None:
+            groups.append([k])
+        else:
+            home.append(k)
+    keep = max(groups, key=lambda g: (sum(len(gated[k]) for k in g), sum(len(runs[k]) for k in g)))
+    return [i for k, r in enumerate(runs) if k not in keep for i in r]
+
+
 def _embed(
-    embedder: FaceEmbedder, t: Track, info: dict, frames: list[np.ndarray], positions: list[int], c: SubjectsConfig
+    embedder: FaceEmbedder,
+    t: Track,
+    info: dict,
+    frames: list[np.ndarray],
+    positions: list[int],
+    c: SubjectsConfig,
+    vecs: dict[int, np.ndarray] | None = None,
 ) -> None:
     """The track's face descriptor: the mean of the descriptors of its `face_embeddings` best faces (largest x
     sharpest) among those that pass the reference gates. A turned, soft or doubtful face gives a descriptor that
     links the wrong people (measured: wrong merges across shots with a looser gate), so such a track has none."""
     n = c.face_embeddings
-
-    def rank(i: int) -> float:
-        f = t.face_info[i]
-        return -f.height * float(np.log1p(f.quality["blur"]))
-
-    ok = sorted((i for i in t.face_info if info["faces"][str(positions[i])]["ok"]), key=rank)
-    vecs = [embedder.embed(frames[i], t.face_info[i]) for i in ok[:n]]
-    info["face_embedding"] = [round(float(v), 5) for v in np.mean(vecs, axis=0)] if vecs else None
-    info["embedding_model"] = EMBEDDING_MODEL if vecs else None
+    ok = sorted((i for i in t.face_info if info["faces"][str(positions[i])]["ok"]), key=lambda i: _face_rank(t, i))
+    got = _descriptors(embedder, t, frames, ok[:n], {} if vecs is None else vecs)
+    info["face_embedding"] = [round(float(v), 5) for v in np.mean(got, axis=0)] if got else None
+    info["embedding_model"] = EMBEDDING_MODEL if got else None
     info["embedding_frames"] = [positions[i] for i in ok[:n]]
 
 
