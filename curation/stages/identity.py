@@ -5,8 +5,8 @@ come from another shot of the same person (OpenS2V-Nexus cross-video pairs, Conc
 takes every clip of a source video at once (`group_by = "video_id"`; `scope: run` takes the whole run) and:
 
 1. clusters the face tracks the `subjects` stage embedded (average linkage on the descriptor distance, stopping at
-   `max_distance`; two tracks seen in the same frames of one clip are never merged: they are two people) into
-   `identity_id`s;
+   `max_distance`; two tracks of one clip with gated faces in a common frame are never merged: they are two people)
+   into `identity_id`s;
 2. for each track with an identity, picks the reference crops from another clip of that identity whose face
    similarity to the track lies in [`min_similarity`, `max_similarity`] (above: near-identical, a copy; below:
    probably someone else), best face first; without one, the clip's own crops stay, marked `same_clip` with their

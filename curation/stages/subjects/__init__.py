@@ -189,8 +189,10 @@ class Subjects(Stage[SubjectsConfig]):
                     for i in foreign:
                         t.faces.pop(i, None)
                         t.face_info.pop(i, None)
+                    t.foreign = set(foreign)
                     info = _describe(t, positions, grid, scale * src_scale, c, frames)
                 info["foreign_faces"] = len(foreign)
+                info["foreign_frames"] = sorted(positions[i] for i in foreign)
                 _embed(self._embedder, t, info, frames, positions, c, vecs)
             (dropped if info["gates"] and set(info["gates"]) - {"face_too_small"} else tracks).append((t, info))
         caption_subjects = json.loads(r.get("caption_subjects") or "[]")
@@ -412,7 +414,9 @@ def _foreign_faces(
     one to the other between tracked frames, and one descriptor averaged over both links the wrong people. So the
     track's faces are cut into runs wherever the face jumps (`face_jump` face sizes, or changes size by 1.8x); runs
     whose descriptors agree (`same_face_distance`) are one person; the person with the most gated faces (then the
-    most faces) keeps the track, the other runs' faces are dropped from it. `vecs` caches descriptors by frame."""
+    most faces on the track's own mask, then the most faces) keeps the track, the other runs' faces are dropped from
+    it. A run without a gated face has no descriptor and is dropped too when another person keeps the track: a wrong
+    face box on a subject costs a trainer more than a missing one. `vecs` caches descriptors by frame."""
     order = sorted(i for i in t.faces if i in t.face_info)
     if len(order) < 2:
         return []
@@ -449,7 +453,21 @@ def _foreign_faces(
             groups.append([k])
         else:
             home.append(k)
-    keep = max(groups, key=lambda g: (sum(len(gated[k]) for k in g), sum(len(runs[k]) for k in g)))
+
+    def inside(i: int) -> bool:  # the face's centre on the track's own mask at that frame
+        f, m = t.faces[i], t.masks.get(i)
+        cx, cy = int((f[0] + f[2]) / 2), int((f[1] + f[3]) / 2)
+        return m is not None and 0 <= cy < m.shape[0] and 0 <= cx < m.shape[1] and bool(m[cy, cx])
+
+    # most gated faces, then most faces on the track's own mask, then most faces
+    keep = max(
+        groups,
+        key=lambda g: (
+            sum(len(gated[k]) for k in g),
+            sum(inside(i) for k in g for i in runs[k]),
+            sum(len(runs[k]) for k in g),
+        ),
+    )
     return [i for k, r in enumerate(runs) if k not in keep for i in r]
 
 
@@ -529,7 +547,8 @@ def _write_refs(
         v = view(i)
         return float(v[1].sum()) * np.log1p(_sharpness(v[0])) if v else 0.0
 
-    best = max(t.masks, key=quality)
+    own = [i for i in t.masks if i not in t.foreign] or list(t.masks)  # not where its face was someone else's
+    best = max(own, key=quality)
     v = view(best)
     info["ref"], info["ref_frame"] = None, None
     if v is not None:

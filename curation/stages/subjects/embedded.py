@@ -44,6 +44,7 @@ class Track:
     grounded_subject: int | None = None
     grounded_phrase: str | None = None
     grounded_category: str | None = None
+    foreign: set[int] = field(default_factory=set)  # frame positions whose face was someone else's (subjects v7)
 
     @property
     def last(self) -> tuple[int, Box]:
