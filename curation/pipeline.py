@@ -115,12 +115,16 @@ class Pipeline:
         extra = [c for c in cls.optional_requires if c not in self.reads(name)]
         if not extra:
             return []
+        have = self._columns(name, selection)
+        return [c for c in extra if c in have]
+
+    def _columns(self, name: str, selection: Path | None = None) -> set[str]:
+        """The columns of every row the stage could take (`_base_sql`)."""
         con = self.manifests.connect()
         try:
-            have = {r[0] for r in con.execute(f"DESCRIBE {self._base_sql(name, selection)}").fetchall()}
+            return {r[0] for r in con.execute(f"DESCRIBE {self._base_sql(name, selection)}").fetchall()}
         finally:
             con.close()
-        return [c for c in extra if c in have]
 
     def _base_sql(self, name: str, selection: Path | None = None) -> str:
         """Every row the stage could take: what the earlier stages in `stages` kept (or a selection)."""
@@ -185,11 +189,7 @@ class Pipeline:
         cls = registry()[name]
         if not cls.requires:
             return
-        con = self.manifests.connect()
-        try:
-            have = {r[0] for r in con.execute(f"DESCRIBE {self._base_sql(name)}").fetchall()}
-        finally:
-            con.close()
+        have = self._columns(name)
         missing = [c for c in cls.requires if c not in have]
         if missing:
             ups = self._upstream(name)
