@@ -85,19 +85,20 @@ def test_sets_are_big_enough_and_mostly_long() -> None:
 
 def test_f1_on_the_development_set(record_property: pytest.RecordProperty) -> None:
     f1 = _report("dev", DEV, record_property)
-    assert f1["subjects"] >= 0.88 and f1["attributes"] >= 0.85 and f1["relations"] >= 0.70
+    assert f1["subjects"] >= 0.9 and f1["attributes"] >= 0.9 and f1["relations"] >= 0.82
 
 
 def test_f1_on_the_held_out_set(record_property: pytest.RecordProperty) -> None:
-    """Its errors never read; the gate guards against regressions (measured 0.88 / 0.81 / 0.67 when written)."""
+    """Its errors never read; the gate guards against regressions (measured 0.88 / 0.81 / 0.67 when written, 0.89 /
+    0.85 / 0.73 after the second parse of misread verbs and the auxiliary lemmas)."""
     f1 = _report("held-out", TEST, record_property)
-    assert f1["subjects"] >= 0.85 and f1["attributes"] >= 0.78 and f1["relations"] >= 0.62
+    assert f1["subjects"] >= 0.87 and f1["attributes"] >= 0.83 and f1["relations"] >= 0.70
 
 
 def test_f1_on_the_earlier_sets(record_property: pytest.RecordProperty) -> None:
     gold = _report("gold-v1", GOLD, record_property)
     held = _report("held-v1", HELDOUT, record_property)
-    assert gold["subjects"] >= 0.9 and gold["attributes"] >= 0.75 and gold["relations"] >= 0.75
+    assert gold["subjects"] >= 0.9 and gold["attributes"] >= 0.85 and gold["relations"] >= 0.85
     assert held["subjects"] >= 0.9 and held["attributes"] >= 0.8
 
 
@@ -229,3 +230,51 @@ def test_word_lists_keep_subjects_and_non_subjects_apart() -> None:
     for name in ("bodypart", "clothing", "place", "abstract"):
         assert not subjects & set(getattr(lex, name)), name
     assert set(lex.person) & set(lex.animal) == {"boxer", "kid", "shepherd"}
+
+
+def test_a_verb_read_as_a_noun_is_parsed_again() -> None:
+    """The small model tags present-tense verbs after a garment or an animal as plural nouns ("apron kneads",
+    "eagle swoops"), which wrecks the sentence's parse; the sentence is parsed again with the verb in the past tense,
+    and the relation's predicate and span are still the caption's own words."""
+    cap = "A burly baker in a flour-dusted apron kneads soft dough on a marble counter."
+    rec, by = _by_name(cap)
+    assert _rels(rec) == {("baker", "kneads", "dough")}
+    rel = next(r for r in rec.relations if r.kind == "interaction")
+    assert rel.span is not None and cap[rel.span.start : rel.span.end] == "kneads"
+    assert [a.text for a in by["dough"][0].attributes] == ["soft"]
+    rec, by = _by_name("A golden eagle swoops low over a snowy valley and grabs a fleeing hare.")
+    assert by["eagle"][0].category == "animal" and ("eagle", "grabs", "hare") in _rels(rec)
+
+
+def test_auxiliary_verbs_are_lemmatized() -> None:
+    """ "has" and "is" are tagged AUX, which the rule lemmatizer leaves as written: "She has curly hair" and "The
+    parrot is green" must still give attributes."""
+    _, by = _by_name("A fruit vendor stands behind a stall. She has curly black hair. Her parrot is green.")
+    assert "curly black hair" in [a.text for a in by["vendor"][0].attributes]
+    assert "green" in [a.text for a in by["parrot"][0].attributes]
+
+
+def test_an_object_pronoun_is_not_the_verbs_own_subject() -> None:
+    rec, _ = _by_name("A technician kneels beside a printer. An office manager, a woman with a grey bob, watches him.")
+    assert _rels(rec) == {("manager", "watches", "technician")}
+
+
+def test_a_path_is_not_acted_on_but_a_goal_is() -> None:
+    rec, by = _by_name("A grey heron wades through the reeds and snaps up a frog. A baby crawls toward a stuffed bear.")
+    assert "reed" not in by
+    assert {("heron", "snaps up", "frog"), ("baby", "crawls toward", "bear")} <= _rels(rec)
+
+
+def test_numpy_matmul_parses_as_the_stock_model_does() -> None:
+    """The pipeline runs its matrix products through numpy instead of thinc's BLIS (faster here): the parse must be
+    the one the model gives as shipped."""
+    import spacy
+
+    ours = parser.nlp()
+    name = next(n for n in parser.MODELS if spacy.util.is_package(n))
+    stock = spacy.load(name, exclude=["ner", "attribute_ruler", "lemmatizer"])
+    # captions without hyphens, where the two tokenize alike (ours keeps hyphenated words whole)
+    plain = [g["caption"] for g in DEV if "-" not in g["caption"]][:40]
+    assert len(plain) >= 10
+    for a, b in zip(ours.pipe(plain), stock.pipe(plain), strict=True):
+        assert [(t.text, t.tag_, t.dep_, t.head.i) for t in a] == [(t.text, t.tag_, t.dep_, t.head.i) for t in b]

@@ -43,6 +43,7 @@ PRONOUNS = {
     "it": "n", "its": "n", "itself": "n",
     "they": "p", "them": "p", "their": "p", "theirs": "p", "themselves": "p",
 }  # fmt: skip
+IRREGULAR = {"are": "be", "am": "be", "'re": "be", "'m": "be", "'s": "be", "'ve": "have"}  # the rules miss these
 RELATIVES = {"who", "that", "which", "whom", "whose"}
 GENERIC_PEOPLE = {
     "person", "man", "woman", "boy", "girl", "child", "kid", "guy", "lady", "figure", "individual", "gentleman",
@@ -204,7 +205,10 @@ class _Analysis:
         """The token's lemma, lowercased (computed on first use: most tokens never need one)."""
         got = self.lemma_of.get(tok.i)
         if got is None:
-            got = self.lemma_of[tok.i] = _lemma(tok.lower_, tok.pos_, tok.tag_)
+            # auxiliaries as verbs: the lemmatizer's rules leave an AUX alone ("is", "has" would stay as written)
+            pos = "VERB" if tok.pos_ == "AUX" else tok.pos_
+            got = IRREGULAR.get(tok.lower_) if pos == "VERB" else None
+            got = self.lemma_of[tok.i] = got or _lemma(tok.lower_, pos, tok.tag_)
         return got
 
     def misparsed_verb(self, tok: Any) -> bool:
@@ -231,7 +235,7 @@ class _Analysis:
             return True
         if prev.text == "," and bare and verb_like_next and nxt is not None and nxt.pos_ != "PUNCT":
             return True  # "..., a bald man in a navy blazer, types on a laptop"
-        prev_cat = self.lex.category(self.lemma(prev))
+        prev_cat = self.lex.category(self.lemma(prev)) or self.lex.category(prev.lower_)
         if prev.pos_ not in ("NOUN", "PROPN") and not (prev.pos_ == "ADJ" and prev_cat in ("person", "animal")):
             return False  # (the small model tags some animal nouns as adjectives: "a black kitten/JJ pounces")
         if prev_cat not in ("person", "animal", "clothing", "bodypart"):
@@ -264,7 +268,11 @@ class _Analysis:
             return []
         out = []
         for sent in self.doc.sents:
-            fix = {i: "VBZ" if self.toks[i].tag_ == "NNS" else "VBP" for i in self.pseudo if sent.start <= i < sent.end}
+            fix = {
+                i: "VBZ" if self.toks[i].tag_ == "NNS" else "VBP"
+                for i in self.nouns
+                if sent.start <= i < sent.end and (i in self.pseudo or self.loose_verb(self.toks[i]))
+            }
             if not fix and not self.verbal[sent.start : sent.end].any():
                 verb = self.verbless_action(sent)  # "a chef in a jacket and a tall toque inspects plates"
                 if verb is not None:
@@ -273,6 +281,25 @@ class _Analysis:
                 words = [(_past(_verb_lemma(self, t)) if t.i in fix else t.text) + t.whitespace_ for t in sent]
                 out.append((sent.start, sent.end, "".join(words), fix))
         return out
+
+    def loose_verb(self, tok: Any) -> bool:
+        """A plural-noun tag on a word that can be a verb, right after a person, animal or garment and before an
+        adjective or an object ("a golden eagle swoops low", "in a raincoat chases several pigeons"): too loose to
+        read as a verb on its own, a candidate for the second parse, which decides."""
+        if tok.tag_ != "NNS" or tok.i == 0 or tok.i + 1 >= len(self.toks):
+            return False
+        lemma = self.lemma(tok)
+        if lemma not in self.verb_lemmas or self.lex.category(lemma) is not None:
+            return False
+        if tok.dep_ == "ROOT" and any(c.dep_ == "nsubj" for c in tok.children):
+            return True  # the parse made it the predicate of a subject: "a doctor in scrubs naps/NNS on a couch"
+        prev, nxt = self.toks[tok.i - 1], self.toks[tok.i + 1]
+        if nxt.pos_ not in ("ADJ", "DET", "NUM", "PRON", "ADV", "ADP") or nxt.lower_ == "of":
+            return False
+        if prev.pos_ not in ("NOUN", "PROPN", "ADJ"):
+            return False
+        cat = self.lex.category(self.lemma(prev)) or self.lex.category(prev.lower_)
+        return cat in ("person", "animal", "clothing")
 
     def verbless_action(self, sent: Any) -> Any | None:
         """In a sentence the parse left without a verb, the first word after a person or animal that can be a verb
@@ -285,13 +312,23 @@ class _Analysis:
                 continue
             if not seen_actor or t.tag_ not in ("NNS", "NN") or t.i + 1 >= sent.end:
                 continue
-            if t.tag_ == "NN" and self.doc[t.i + 1].pos_ not in ("DET", "PRON", "ADV", "ADP"):
+            after_actor = self.toks[t.i - 1].pos_ in ("NOUN", "PROPN") and self.lex.category(
+                self.lemma(self.toks[t.i - 1])) in ("person", "animal")  # fmt: skip
+            objects = ("DET", "PRON", "ADV", "ADP") + (("NOUN", "ADJ") if after_actor else ())
+            if t.tag_ == "NN" and self.toks[t.i + 1].pos_ not in objects:  # "her grandson plant tomato seedlings"
                 continue
             lemma = self.lemma(t)
             if lemma in self.verb_lemmas and self.lex.category(lemma) not in ("person", "animal", "clothing",
                                                                                "bodypart"):  # fmt: skip
                 return t
         return None
+
+    def verb_in(self, verb: Any, role: str) -> bool:
+        """Whether a verb is in a role's list, by its lemma or, where the rule lemmatizer cuts too much ("wades" ->
+        "wad"), by its present form less the "s"."""
+        names = self.lex.verbs.get(role, frozenset())
+        w = verb.lower_
+        return self.lemma(verb) in names or (verb.tag_ == "VBZ" and w.endswith("s") and w[:-1] in names)
 
     def governing_verb(self, tok: Any) -> Any | None:
         t = tok
@@ -309,7 +346,7 @@ class _Analysis:
             return None  # "a wooden horse", "a plush dinosaur", "a wooden frame": a thing
         if lemma in self.lex.ambiguous:  # "a pitcher throws" vs "a milk pitcher": what it does decides
             acts = tok.dep_ in ("nsubj", "nsubjpass") or any(c.dep_ == "relcl" for c in tok.children)
-            return "person" if acts else None
+            return ("animal" if cat == "animal" else "person") if acts else None  # "a bat flies" / "swings a bat"
         if cat is not None:
             return cat
         # A noun the lists do not know: what it does, wears or who it is decides.
@@ -322,10 +359,9 @@ class _Analysis:
                 ):
                     return "person"
         if tok.dep_ in ("nsubj", "nsubjpass"):
-            verb = self.lemma(tok.head)
-            if verb in self.lex.verbs.get("person", ()):
+            if self.verb_in(tok.head, "person"):
                 return "person"
-            if verb in self.lex.verbs.get("animal", ()):
+            if self.verb_in(tok.head, "animal"):
                 return "animal"
         return None
 
@@ -362,6 +398,10 @@ class _Analysis:
             if target is None:
                 continue
             cat = self.kind(target)
+            if cat in ("abstract", "place") and any(
+                e.category == "object" and e.name == self.lemma(target) for e in self.entities
+            ):
+                cat = None  # "lifts a wooden frame ... inspects the frame": once a thing, its re-mentions are too
             if cat not in ("person", "animal", None):
                 continue
             ent = self.refer(target, cat)
@@ -450,8 +490,9 @@ class _Analysis:
             g = self.lex.gender(lemma)  # "the boy" is the toddler from before; "her baby" is someone new
             fits = [e for e in earlier if e.category == "person" and not e.plural and e.gender in ("", g or e.gender)]
             return fits[-1] if fits else None
-        if cat is None and lemma in self.lex.object_generic:
-            fits = [e for e in earlier if e.category == "object"]
+        if cat is None and lemma in self.lex.object_generic:  # the newest thing of the same number
+            plural = tok.tag_ in ("NNS", "NNPS")
+            fits = [e for e in earlier if e.category == "object" and e.plural == plural]
             return fits[-1] if fits else None
         return None
 
@@ -712,13 +753,33 @@ class _Analysis:
         if verb.dep_ in ("xcomp", "advcl") and verb.head.pos_ in ("VERB", "AUX") and verb.tag_ in ("VB", "VBG"):
             return self.subjects_of(verb.head)
         if verb.dep_ in ("acl", "relcl") and verb.head.pos_ in ("NOUN", "PROPN", "PRON", "NUM", "ADJ"):
-            return [verb.head]
+            return [self.doer(verb.head)]
         if verb.tag_ in ("VBZ", "VBD", "VBP"):
             sent = verb.sent
             before = [t for t in sent if t.i < verb.i and (e := self.of.get(t.i)) is not None
                       and e.category in ("person", "animal")]  # fmt: skip
             return before[-1:] if before else []
         return []
+
+    def doer(self, noun: Any) -> Any:
+        """Who does what a participle hung on `noun` says: the noun itself when it is a subject ("a bag containing
+        apples"); for a garment, a body part or a turn of phrase, the person it belongs to ("a cowboy in a hat and a
+        shirt riding a horse", "the toddlers take turns petting the hamster")."""
+        if noun.i in self.of or noun.lower_ in PRONOUNS or noun.lower_ in RELATIVES:
+            return noun
+        t = noun
+        for _ in range(6):
+            if t.dep_ in ("conj", "pobj", "prep", "appos", "compound") and t.head.i != t.i:
+                t = t.head
+            elif t.dep_ in ("dobj", "obj") and t.head.pos_ in ("VERB", "AUX"):
+                subs = self.subjects_of(t.head)
+                return subs[0] if subs else noun
+            else:
+                break
+            ent = self.of.get(t.i)
+            if ent is not None and ent.category in ("person", "animal"):
+                return t
+        return noun
 
     def noun_of(self, tok: Any) -> Any:
         """The noun a token stands for: for a misparsed verb in an object slot ("walking a greyhound steps
@@ -773,7 +834,7 @@ class _Analysis:
                     targets.append((o, -1))
             # a verb with a direct object keeps its prepositions for places and recipients ("guides a student at a
             # wheel", "tosses a ball to the dog"); a verb of posture keeps them for places ("sits at a desk")
-            if not targets and not blocked and lemma not in verbs.get("posture", ()):
+            if not targets and not blocked and not self.verb_in(v, "posture"):
                 for c in v.children:  # a phrase before the verb sets the scene ("On the sideline, the coach claps")
                     if c.dep_ == "prep" and c.lower_ in inter and c.i > v.i:
                         for pobj in c.children:
@@ -783,7 +844,7 @@ class _Analysis:
                 nxt = self.next_mention(v)  # "pajamas hugs a fluffy rabbit": the parse lost the object
                 if nxt is not None:
                     targets.append((nxt, -1))
-            motion = lemma in verbs.get("motion", ())
+            motion = self.verb_in(v, "motion")
             for obj_tok, prep in targets:
                 obj = self.resolve(obj_tok)
                 if obj is None:
