@@ -3,6 +3,9 @@
 - `caption_dev.jsonl`: 110 captions (two annotators, half long MLLM-style), the set the rules were developed on.
 - `caption_test.jsonl`: 55 captions by a third annotator whose errors were never read to write rules (its totals
   were seen during development): the closest to an honest estimate here.
+- `caption_heldout2.jsonl`: 40 captions (20 long) written and annotated by a fourth annotator who saw only the guide,
+  after the rules of 2026-11-30 evening were written; scored once (its errors not read): before those rules 0.886 /
+  0.840 / 0.710, after 0.874 / 0.845 / 0.741.
 - `caption_gold.jsonl` / `caption_heldout.jsonl`: the earlier sets (an older convention: no coreference rules), kept
   as regression guards.
 Convention: `tests/data/caption_guide.md`. F1 is printed for every set (run with -s to see it) and gated.
@@ -31,6 +34,7 @@ DEV = _load("caption_dev.jsonl")
 TEST = _load("caption_test.jsonl")
 GOLD = _load("caption_gold.jsonl")
 HELDOUT = _load("caption_heldout.jsonl")
+HELDOUT2 = _load("caption_heldout2.jsonl")
 
 
 def _singular(word: str) -> str:
@@ -95,6 +99,13 @@ def test_f1_on_the_held_out_set(record_property: pytest.RecordProperty) -> None:
     assert f1["subjects"] >= 0.87 and f1["attributes"] >= 0.83 and f1["relations"] >= 0.70
 
 
+def test_f1_on_the_second_held_out_set(record_property: pytest.RecordProperty) -> None:
+    """Another annotator's captions, scored once; the gate guards against regressions only."""
+    f1 = _report("held-2", HELDOUT2, record_property)
+    assert len(HELDOUT2) == 40 and sum(g["style"] == "long" for g in HELDOUT2) == 20
+    assert f1["subjects"] >= 0.85 and f1["attributes"] >= 0.82 and f1["relations"] >= 0.70
+
+
 def test_f1_on_the_earlier_sets(record_property: pytest.RecordProperty) -> None:
     gold = _report("gold-v1", GOLD, record_property)
     held = _report("held-v1", HELDOUT, record_property)
@@ -103,7 +114,7 @@ def test_f1_on_the_earlier_sets(record_property: pytest.RecordProperty) -> None:
 
 
 def test_every_span_indexes_its_text_exactly() -> None:
-    for g, rec in zip(DEV + TEST, parse_captions(g["caption"] for g in DEV + TEST), strict=True):
+    for g, rec in zip(DEV + TEST + HELDOUT2, parse_captions(g["caption"] for g in DEV + TEST + HELDOUT2), strict=True):
         CaptionRecord.model_validate(rec.model_dump())  # spans inside the caption, ids consistent
         cap = g["caption"]
         for s in rec.subjects:

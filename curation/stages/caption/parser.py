@@ -54,7 +54,18 @@ POSITION_WORDS = {
     "middle", "center", "centre",
 }  # fmt: skip
 DEFINITE = {"the", "this", "that", "these", "those"}
-PATH = {"through", "across", "along", "over", "around", "past", "off"}  # after a verb of motion: the way, not a goal
+PATH = {
+    "through",
+    "across",
+    "along",
+    "over",
+    "around",
+    "past",
+    "off",
+    "on",
+    "onto",
+    "into",
+}  # after a verb of motion: the way, not a goal
 
 
 @lru_cache(maxsize=1)
@@ -196,9 +207,7 @@ class _Analysis:
         self.nouns = [int(i) for i in np.flatnonzero((tags == nn) | (tags == nns))]
         self.verbal = np.isin(tags, verbal)  # verbs and modals
         self.toks = list(doc)  # Token objects are made on every access: make each once
-        self.pseudo = {
-            i for i in self.nouns if self.misparsed_verb(doc[i]) or self.misparsed_singular_verb(doc[i])
-        }
+        self.pseudo = {i for i in self.nouns if self.misparsed_verb(doc[i]) or self.misparsed_singular_verb(doc[i])}
 
     # -- tokens --------------------------------------------------------------------------------------------------
     def lemma(self, tok: Any) -> str:
