@@ -16,6 +16,8 @@ from typing import Any
 
 from curation.errors import ConfigError, CurationError
 from curation.logs import logging_to, native_stderr_to_file
+from curation.runstore import open_run
+from curation.storage import is_remote
 
 log = logging.getLogger("curation")
 
@@ -86,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.input:
         pipe.check_input(cfg.input)  # before the run directory exists: a storage error leaves nothing behind
     pipe.prepare()
-    native_stderr_to_file(cfg.out)
+    native_stderr_to_file(pipe.run_dir)
     t0 = time.perf_counter()
     reports = pipe.run(cfg.input, args.rerun, _progress_factory(cfg.progress))
     _print_reports(reports)
@@ -116,15 +118,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from curation.stage import get_stage
 
     get_stage(args.name)
-    cfg = _run_config(args.run, args.config, _apply_common(args, []))
+    local, _ = open_run(args.run)  # a run on object storage: its committed files pulled into the staging folder
+    cfg = _run_config(local, args.config, _apply_common(args, []))
     pipe = Pipeline(cfg, args.run)
-    native_stderr_to_file(args.run)
+    native_stderr_to_file(pipe.run_dir)
     selection = None
     if args.selection:
-        selection = Path(args.run) / "selections" / f"{args.selection}.parquet"
+        selection = pipe.run_dir / "selections" / f"{args.selection}.parquet"
         if not selection.is_file():
             raise CurationError(f"no selection {args.selection!r} in {args.run}: make it with `curation select`")
-    with logging_to(args.run):
+    with logging_to(pipe.run_dir), pipe.pushing():
         report = pipe.run_stage(args.name, pipe.runner(), args.rerun, selection, _progress_factory(cfg.progress))
     _print_reports([report])
     return 0
@@ -135,7 +138,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     from curation.manifest import Manifests, atomic_write_table
 
-    m = Manifests(args.run)
+    local, store = open_run(args.run)
+    m = Manifests(local)
     split = m.split_stage()
     if split is None or not m.has(split):
         raise CurationError(f"{args.run!r} has no clips yet: run `curation run` first")
@@ -144,8 +148,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         total = m.rows(f"SELECT count(*) AS n FROM clips WHERE {split}_status = 'ok'")[0]["n"]
     except duckdb.Error as exc:
         raise CurationError(f"--where is not valid over the clips view: {str(exc).splitlines()[0]}") from None
-    path = Path(args.run) / "selections" / f"{args.name}.parquet"
+    path = Path(local) / "selections" / f"{args.name}.parquet"
     atomic_write_table(table, path)
+    if store is not None:
+        store.push()
     _echo(
         f"selection {args.name!r}: {table.num_rows} of {total} clips match ({path}); package them with "
         f"`curation stage package --run {args.run} --selection {args.name}`"
@@ -158,10 +164,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from curation.manifest import Manifests
 
-    if not (Path(args.run) / "manifests").is_dir():
+    if not is_remote(args.run) and not (Path(args.run) / "manifests").is_dir():
         raise CurationError(f"{args.run!r} has no manifests: is it a run directory?")
+    manifests = Manifests(args.run)  # on object storage: DuckDB reads the committed parts where they are
+    if manifests.store is not None and not manifests.remote_parts:
+        raise CurationError(f"{args.run!r} has no committed manifests: is it a run directory?")
     try:
-        table = Manifests(args.run).query(args.sql)
+        table = manifests.query(args.sql)
     except duckdb.Error as exc:
         raise CurationError(f"query failed: {str(exc).splitlines()[0]}") from None
     if args.format == "json":
@@ -229,9 +238,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from curation.report import build_report
 
-    if not (Path(args.run) / "manifests").is_dir():
+    local, store = open_run(args.run)
+    if not (Path(local) / "manifests").is_dir():
         raise CurationError(f"{args.run!r} has no manifests: is it a run directory?")
-    _echo(str(build_report(args.run, args.out, args.samples)))
+    out = build_report(local, args.out, args.samples)
+    if store is not None and args.out is None:
+        store.push()
+        out = store.url(Path(out).relative_to(local).as_posix())
+    _echo(str(out))
     return 0
 
 
@@ -330,13 +344,14 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from curation.export import export
 
-    if not (Path(args.run) / "manifests").is_dir():
+    run, _ = open_run(args.run)  # exports read a run on object storage from its staging folder
+    if not (Path(run) / "manifests").is_dir():
         raise CurationError(f"{args.run!r} has no manifests: is it a run directory?")
-    if args.selection and not (Path(args.run) / "selections" / f"{args.selection}.parquet").is_file():
+    if args.selection and not (Path(run) / "selections" / f"{args.selection}.parquet").is_file():
         raise CurationError(f"no selection {args.selection!r} in {args.run}: make it with `curation select`")
     bar = None if args.no_progress else _progress_factory(True)(args.format, 0)
     try:
-        rep = export(args.format, args.run, args.out, args.selection, args.tokenizer, bar.update if bar else None)
+        rep = export(args.format, run, args.out, args.selection, args.tokenizer, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()

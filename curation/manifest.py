@@ -81,22 +81,30 @@ def _table_key(name: str) -> tuple[str, str, str]:
     return key, row_id, f"{name}_ts"
 
 
-def pipeline_order(run_dir: Path) -> list[str]:
+def pipeline_order(run_dir: Path, saved_config: str | None = None, tables: set[str] | None = None) -> list[str]:
     """The run's stages in pipeline order: its saved config's list; without one (manifests copied on their own),
-    the installed stages that have a table."""
+    the installed stages that have a table. A run on object storage passes its config's text and its tables."""
     reg = registry()
     cfg = run_dir / "config.yaml"
-    if cfg.is_file():
+    if saved_config is None and cfg.is_file():
+        saved_config = cfg.read_text()
+    if saved_config is not None:
         import yaml
 
-        saved = (yaml.safe_load(cfg.read_text()) or {}).get("stages")
+        saved = (yaml.safe_load(saved_config) or {}).get("stages")
         if saved is None:
             from curation.config import DEFAULT_STAGES
 
             saved = DEFAULT_STAGES
         return [n for n in saved if n in reg]
+    if tables is not None:
+        return [n for n in reg if n in tables]
     root = run_dir / "manifests"
     return [n for n in reg if (root / n).is_dir() and any((root / n).glob("part-*.parquet"))]
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
@@ -109,6 +117,18 @@ class Manifests:
     """The manifests of one run directory."""
 
     def __init__(self, run_dir: str | Path) -> None:
+        from curation.storage import is_remote
+
+        self.store: Any = None
+        self.remote_parts: dict[str, list[str]] = {}
+        if is_remote(str(run_dir)):  # read where it is: the committed parts, through fsspec (`curation.runstore`)
+            from curation.runstore import RunStore
+
+            self.store = RunStore(str(run_dir))
+            for rel in self.store.committed():
+                bits = rel.split("/")
+                if len(bits) == 3 and bits[0] == "manifests" and bits[2].startswith("part-"):
+                    self.remote_parts.setdefault(bits[1], []).append(self.store.url(rel))
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "manifests"
 
@@ -116,11 +136,29 @@ class Manifests:
         return self.root / name
 
     def has(self, name: str) -> bool:
+        if self.store is not None:
+            return bool(self.remote_parts.get(name))
         d = self.table_dir(name)
         return d.is_dir() and any(d.glob("part-*.parquet"))
 
+    def _tables(self) -> set[str]:
+        if self.store is not None:
+            return set(self.remote_parts)
+        return {p.name for p in self.root.iterdir() if p.is_dir()} if self.root.is_dir() else set()
+
+    def _order(self) -> list[str]:
+        if self.store is None:
+            return pipeline_order(self.run_dir)
+        try:
+            text = self.store.fs.cat_file(self.store.remote("config.yaml")).decode()
+        except FileNotFoundError:
+            text = None
+        return pipeline_order(self.run_dir, text, set(self.remote_parts))
+
     def write(self, name: str, rows: list[Row]) -> Path | None:
         """Append rows to a table as one new atomic part file."""
+        if self.store is not None:
+            raise ValueError("manifests on object storage are read-only here: stages write to the staging folder")
         if not rows:
             return None
         table = rows_to_table(rows)
@@ -132,10 +170,10 @@ class Manifests:
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB with one view per table plus the `videos` and `clips` views."""
         con = duckdb.connect()
+        if self.store is not None:
+            con.register_filesystem(self.store.fs)
         reg = registry()
-        names = set(reg) | set(SPECIAL_TABLES)
-        if self.root.is_dir():
-            names |= {p.name for p in self.root.iterdir() if p.is_dir()}
+        names = set(reg) | set(SPECIAL_TABLES) | self._tables()
         for name in sorted(names):
             sql = self._table_sql(name)
             declared = reg[name].declared_columns() if name in reg else {}
@@ -153,8 +191,11 @@ class Manifests:
     def _table_sql(self, name: str) -> str:
         key, row_id, ts = _table_key(name)
         if self.has(name):
-            glob = str(self.table_dir(name) / "part-*.parquet").replace("'", "''")
-            return _sql("stage_table").substitute(key=key, row_id=row_id, ts_col=ts, glob=glob)
+            if self.store is not None:
+                files = "[" + ", ".join(_literal(u) for u in self.remote_parts[name]) + "]"
+            else:
+                files = _literal(str(self.table_dir(name) / "part-*.parquet"))
+            return _sql("stage_table").substitute(key=key, row_id=row_id, ts_col=ts, files=files)
         # An empty, typed table so that views joining it work before the stage has run.
         cls = registry().get(name)
         keys = list(cls.output_keys()) if cls is not None else ["video_id", "clip_id"]
@@ -175,7 +216,7 @@ class Manifests:
     def _plan(self) -> tuple[list[str], str | None, list[str]]:
         """(video-level stages, the split stage, clip-level stages), each in pipeline order."""
         reg = registry()
-        order = pipeline_order(self.run_dir)
+        order = self._order()
         video = [n for n in order if reg[n].kind == Kind.VIDEO]
         splits = [n for n in order if reg[n].kind == Kind.SPLIT]
         clip = [n for n in order if reg[n].kind == Kind.CLIP]

@@ -6,7 +6,9 @@ earlier stage said ok to, minus those this stage already has, unless `rerun` ask
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -22,6 +24,7 @@ from curation.ingest import iter_inputs
 from curation.logs import logging_to
 from curation.manifest import InputFiles, Manifests, atomic_write_bytes
 from curation.runners import Progress, Runner, make_runner
+from curation.runstore import Pusher, RunStore
 from curation.stage import Kind, Row, Stage, StageContext, batched, fingerprint_sql, registry
 from curation.storage import is_remote
 
@@ -42,6 +45,10 @@ class StageReport:
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: str | Path) -> None:
         self.cfg = cfg
+        self.store: RunStore | None = None
+        if is_remote(str(run_dir)):  # on object storage: work in the staging folder, push with commit records
+            self.store = RunStore(str(run_dir))
+            run_dir = self.store.staging
         self.run_dir = Path(run_dir)
         self.manifests = Manifests(self.run_dir)
 
@@ -50,6 +57,9 @@ class Pipeline:
         """Create the run directory and save the effective config next to the manifests (once per pipeline)."""
         if getattr(self, "_prepared", False):
             return
+        if self.store is not None:
+            self.store.check_writable()  # wrong credentials: one line, nothing written anywhere
+            self.store.pull()  # the committed state of an earlier run: a rerun resumes from it
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / ".write-test"
@@ -204,7 +214,17 @@ class Pipeline:
 
     # -- running --------------------------------------------------------------------------------------------
     def runner(self) -> Runner:
-        return make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
+        runner = make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
+        if (
+            self.store is not None
+            and getattr(runner, "cluster_nodes", lambda: 1)() > 1
+            and not os.environ.get("CURATION_STAGING")
+        ):
+            raise ConfigError(
+                f"the run directory {self.store.uri} is staged in {self.store.staging} on this node, which the "
+                "other nodes' workers cannot see: set CURATION_STAGING to a folder every node mounts"
+            )
+        return runner
 
     def _stage_inputs(
         self, name: str, runner: Runner, rerun: Rerun, selection: Path | None, scratch: Path
@@ -279,7 +299,15 @@ class Pipeline:
             ],
         )
         log.info("stage %s: %d inputs, %s in %.1fs (%s)", name, n_in, _fmt(stats), report.seconds, mode)
+        if self.store is not None:
+            self.store.push()
         return report
+
+    def pushing(self) -> Any:
+        """While a run goes on, push a run on object storage every `CURATION_PUSH_SECONDS` (30)."""
+        if self.store is None:
+            return contextlib.nullcontext()
+        return Pusher(self.store, float(os.environ.get("CURATION_PUSH_SECONDS", "30")))
 
     def segments(self, runner: Runner, rerun: Rerun = "missing") -> list[list[str]]:
         """The stages grouped into what runs together: on Ray (`ray.streaming`; `auto`: on a cluster with GPUs or
@@ -356,7 +384,7 @@ class Pipeline:
         if input_spec is not None:
             self.check_input(input_spec)
         self.prepare()
-        with logging_to(self.run_dir):
+        with logging_to(self.run_dir), self.pushing():
             n_new = self.ingest(input_spec)
             log.info("ingest: %d new input video(s)", n_new)
             runner = self.runner()

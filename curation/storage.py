@@ -47,7 +47,7 @@ def filesystem(uri: str) -> tuple[Any, str]:
         raise ConfigError(f"{uri!r}: {exc}") from None
 
 
-def access_error(uri: str, exc: BaseException) -> ConfigError:
+def access_error(uri: str, exc: BaseException, verb: str = "read") -> ConfigError:
     """A storage error as one line naming the URI and where credentials come from (never their values)."""
     scheme = uri.split("://", 1)[0]
     how = (
@@ -56,7 +56,7 @@ def access_error(uri: str, exc: BaseException) -> ConfigError:
         else f"the credentials {scheme}:// takes"
     )
     msg = " ".join(str(exc).split()) or type(exc).__name__
-    return ConfigError(f"cannot read {uri}: {msg} (credentials and endpoint come from {how})")
+    return ConfigError(f"cannot {verb} {uri}: {msg} (credentials and endpoint come from {how})")
 
 
 class _Downloads:

