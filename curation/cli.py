@@ -121,6 +121,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     local, _ = open_run(args.run)  # a run on object storage: its committed files pulled into the staging folder
     cfg = _run_config(local, args.config, _apply_common(args, []))
     pipe = Pipeline(cfg, args.run)
+    if pipe.store is not None:
+        pipe.store.check_writable()  # read-only credentials: one line now, not after the stage's work
     native_stderr_to_file(pipe.run_dir)
     selection = None
     if args.selection:
@@ -139,6 +141,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     from curation.manifest import Manifests, atomic_write_table
 
     local, store = open_run(args.run)
+    if store is not None:
+        store.check_writable()
     m = Manifests(local)
     split = m.split_stage()
     if split is None or not m.has(split):

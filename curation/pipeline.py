@@ -384,10 +384,10 @@ class Pipeline:
         if input_spec is not None:
             self.check_input(input_spec)
         self.prepare()
+        runner = self.runner()  # before anything is ingested: a cluster this run directory cannot work on stops here
         with logging_to(self.run_dir), self.pushing():
             n_new = self.ingest(input_spec)
             log.info("ingest: %d new input video(s)", n_new)
-            runner = self.runner()
             reports: list[StageReport] = []
             for seg in self.segments(runner, rerun):
                 if len(seg) == 1:

@@ -10,8 +10,12 @@ they write is copied up with commit records that hold where rename is not atomic
   from the manifests as a local rerun does; files a killed run left in its staging folder are whole results and go up
   with the next push.
 
-The staging folder defaults to `~/.cache/musa-curation/runs/<hash of the URI>` (`CURATION_STAGING` overrides it). It
-must be one folder that every worker writing the run sees: on several Ray nodes, a shared mount.
+The staging folder is `/var/tmp/musa-curation/<hash of the URI>` (`CURATION_STAGING` replaces the first part). The
+manifests record artifact paths inside it (frame samples, clips, masks), so every machine that works on or resumes
+the run must stage it at the same path: the default is the same everywhere. It must also be one folder that every
+worker writing the run sees: on several Ray nodes, a shared mount.
+Files a run removes locally (parts a compaction folded, samples of an older cut, clips packed into shards) are
+listed as removed in the next commit record and deleted from the store.
 Credentials come from the environment the way fsspec's backends take them, never from the config.
 """
 
@@ -37,10 +41,12 @@ INDEX = ".pushed.json"  # in the staging folder: relpath -> [size, mtime_ns] of 
 LOCAL_ONLY = ("tmp",)  # top-level folders that never go up (driver scratch)
 
 
+DEFAULT_STAGING = "/var/tmp/musa-curation"  # the same path on every machine (see above); not wiped at reboot
+
+
 def staging_dir(uri: str) -> Path:
     """The local folder a remote run is staged in."""
-    root = os.environ.get("CURATION_STAGING")
-    base = Path(root) if root else Path.home() / ".cache" / "musa-curation" / "runs"
+    base = Path(os.environ.get("CURATION_STAGING") or DEFAULT_STAGING)
     return base / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
 
 
@@ -75,21 +81,23 @@ class RunStore:
             raise access_error(self.uri, exc, "write") from None
 
     def committed(self) -> list[str]:
-        """Every file a commit record lists (relative paths, sorted)."""
+        """Every file the commit records list and no later record removed (relative paths, sorted)."""
         try:
-            records = self.fs.find(self.remote(COMMITS))
+            records = sorted(r for r in self.fs.find(self.remote(COMMITS)) if r.endswith(".json"))
+            files: set[str] = set()
+            for rec in records:  # in commit order: names start with the commit time
+                try:
+                    body = json.loads(self.fs.cat_file(rec))
+                except FileNotFoundError:
+                    continue
+                files.update(body.get("files", ()))
+                files.difference_update(body.get("removed", ()))
         except FileNotFoundError:
             return []
+        except ConfigError:
+            raise
         except Exception as exc:
             raise access_error(self.uri, exc) from None
-        files: set[str] = set()
-        for rec in records:
-            if not rec.endswith(".json"):
-                continue
-            try:
-                files.update(json.loads(self.fs.cat_file(rec))["files"])
-            except FileNotFoundError:
-                continue
         return sorted(files)
 
     # -- staging <-> storage -------------------------------------------------------------------------------------
@@ -107,13 +115,19 @@ class RunStore:
         os.replace(tmp, path)
 
     def _local_files(self) -> dict[str, list[int]]:
+        """Signatures of the staging folder's files; the manifests first, so that a part listed here had its
+        artifacts (written before it) on disk when the rest of the folder is walked."""
+        out = self._walk(self.staging / "manifests")
+        out.update(self._walk(self.staging, skip_top=("manifests", *LOCAL_ONLY)))
+        return out
+
+    def _walk(self, top: Path, skip_top: tuple[str, ...] = ()) -> dict[str, list[int]]:
         out = {}
-        for dirpath, dirnames, filenames in os.walk(self.staging):
+        for dirpath, dirnames, filenames in os.walk(top):
             rel_dir = Path(dirpath).relative_to(self.staging)
-            if rel_dir == Path("."):
-                dirnames[:] = [d for d in dirnames if d not in LOCAL_ONLY and not d.startswith(".")]
-            else:
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            dirnames[:] = [
+                d for d in dirnames if not d.startswith(".") and not (Path(dirpath) == top and d in skip_top)
+            ]
             for name in filenames:
                 if name.startswith("."):  # temp files of atomic writes, the index
                     continue
@@ -126,22 +140,29 @@ class RunStore:
         return out
 
     def pull(self) -> int:
-        """Bring every committed file that the staging folder lacks (or has in another size) down; returns how many."""
+        """Bring the committed files down that the staging folder lacks, or holds as last pushed or pulled while the
+        store has another version; a file changed here since (a killed run's unpushed work) is kept, for the next
+        push. Returns how many files came down."""
         with self._lock:
             self.staging.mkdir(parents=True, exist_ok=True)
-            index = self._index()
+            committed = self.committed()
+            # what the index says went up but the store no longer holds (a run removed and restarted) goes up again
+            index = {rel: sig for rel, sig in self._index().items() if rel in set(committed)}
             n = 0
-            for rel in self.committed():
+            for rel in committed:
                 local = self.staging / rel
                 remote = self.remote(rel)
                 if local.is_file():
+                    st = local.stat()
+                    if index.get(rel) != [st.st_size, st.st_mtime_ns]:
+                        continue  # changed here and not pushed yet: the local file wins
                     try:
-                        if self.fs.size(remote) == local.stat().st_size:
-                            st = local.stat()
-                            index[rel] = [st.st_size, st.st_mtime_ns]
+                        if self.fs.size(remote) == st.st_size:
                             continue
                     except FileNotFoundError:
                         continue
+                    except Exception as exc:
+                        raise access_error(self.uri, exc) from None
                 local.parent.mkdir(parents=True, exist_ok=True)
                 part = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
                 try:
@@ -167,8 +188,10 @@ class RunStore:
             if not self.staging.is_dir():
                 return 0
             index = self._index()
-            changed = {rel: sig for rel, sig in self._local_files().items() if index.get(rel) != sig}
-            if not changed:
+            local = self._local_files()
+            changed = {rel: sig for rel, sig in local.items() if index.get(rel) != sig}
+            removed = sorted(rel for rel in index if rel not in local)
+            if not changed and not removed:
                 return 0
             sent = {}
             for rel in sorted(changed):
@@ -179,17 +202,24 @@ class RunStore:
                 except Exception as exc:
                     raise access_error(self.uri, exc, "write") from None
                 sent[rel] = changed[rel]
-            if not sent:
+            if not sent and not removed:
                 return 0
-            record = {"files": sorted(sent), "time": time.time()}
+            record = {"files": sorted(sent), "removed": removed, "time": time.time()}
             name = f"{COMMITS}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
             try:
                 self.fs.pipe_file(self.remote(name), json.dumps(record).encode())
             except Exception as exc:
                 raise access_error(self.uri, exc, "write") from None
             index.update(sent)
+            for rel in removed:
+                index.pop(rel, None)
             self._save_index(index)
-            log.info("pushed %d file(s) to %s", len(sent), self.uri)
+            for rel in removed:  # committed as removed first: a kill here leaves objects nobody reads
+                try:
+                    self.fs.rm_file(self.remote(rel))
+                except Exception as exc:  # an object left behind is unread, not an error
+                    log.debug("could not remove %s: %s", self.remote(rel), exc)
+            log.info("pushed %d file(s) to %s (%d removed)", len(sent), self.uri, len(removed))
             return len(sent)
 
 
@@ -201,15 +231,13 @@ class Pusher:
         self.store, self.interval = store, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="curation-push", daemon=True)
-        self.error: BaseException | None = None
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self.store.push()
-            except BaseException as exc:  # kept, and raised in the driver's thread when the run ends
-                self.error = exc
-                return
+            except Exception as exc:  # a passing storage error: the next push sends the same files again
+                log.warning("push to %s failed, will retry: %s", self.store.uri, exc)
 
     def __enter__(self) -> Pusher:
         self._thread.start()
@@ -219,9 +247,7 @@ class Pusher:
         self._stop.set()
         self._thread.join()
         if exc[0] is None:
-            if self.error is not None:
-                raise self.error
-            self.store.push()
+            self.store.push()  # the last push's error, if any, ends the run
 
 
 def open_run(run: str) -> tuple[str, RunStore | None]:

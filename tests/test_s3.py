@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -227,6 +228,14 @@ def test_a_run_directory_on_s3_killed_and_rerun_elsewhere_matches_an_uninterrupt
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     first = {**s3, "CURATION_STAGING": str(tmp_path / "stage-a"), "CURATION_PUSH_SECONDS": "1"}
+    # what the clean run removed locally (parts folded by compaction) is removed from the store as well
+    fs.invalidate_cache()
+    with _env(s3):
+        from curation.runstore import RunStore
+
+        live = set(RunStore("s3://runs/clean", tmp_path / "unused").committed())
+    stored = {p.removeprefix("runs/clean/") for p in fs.find("runs/clean") if "/_commits/" not in p}
+    assert live == stored, (sorted(stored - live), sorted(live - stored))
     killed = subprocess.Popen(
         [sys.executable, "-m", "curation.cli", "run", *RUN_ARGS, "--out", "s3://runs/broken"],
         cwd=REPO, env={**os.environ, **first}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -251,14 +260,16 @@ def test_a_run_directory_on_s3_killed_and_rerun_elsewhere_matches_an_uninterrupt
     with fs.open("runs/broken/manifests/probe/part-99999999999999999999-stray.parquet", "wb") as fh:
         pq.write_table(pa.table({"video_id": ["stray"], "probe_status": ["ok"], "probe_ts": [9e18]}), fh)
 
-    second = {**s3, "CURATION_STAGING": str(tmp_path / "stage-b")}  # an empty staging folder: another machine
+    # another machine: the same staging path (artifact paths in the manifests point into it), nothing in it
+    shutil.rmtree(tmp_path / "stage-a")
+    second = first
     proc = _cli(second, "run", *RUN_ARGS, "--out", "s3://runs/broken")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with _env(second):
         from curation.runstore import staging_dir
 
         log = (staging_dir("s3://runs/broken") / "logs" / "curation.log").read_text()
-    assert "stage scenecut: 0 inputs" in log  # it resumed from what the killed run had committed
+    assert "ingest: 0 new input video(s)" in log and "stage probe: 0 inputs" in log  # resumed from the commits
 
     q = "SELECT clip_id, status, reason, shard FROM clips ORDER BY clip_id"
     with _env(s3):
@@ -275,9 +286,9 @@ def test_a_run_directory_on_s3_killed_and_rerun_elsewhere_matches_an_uninterrupt
     inspect = _cli(s3, "inspect", "s3://runs/broken", "SELECT count(*) AS n FROM clips", "--format", "json")
     assert inspect.returncode == 0 and json.loads(inspect.stdout.splitlines()[0])["n"] == len(want), inspect.stderr
     # no credential or signed URL in anything the runs wrote, here or on S3
-    blob = b"".join(
-        _all_bytes(p) for p in (tmp_path / "stage-clean", tmp_path / "stage-a", tmp_path / "stage-b")
-    ) + b"".join(fs.cat_file(p) for p in fs.find("runs/broken") + fs.find("runs/clean"))
+    blob = b"".join(_all_bytes(p) for p in (tmp_path / "stage-clean", tmp_path / "stage-a")) + b"".join(
+        fs.cat_file(p) for p in fs.find("runs/broken") + fs.find("runs/clean")
+    )
     assert SECRET.encode() not in blob and KEY.encode() not in blob
     assert b"X-Amz-Signature" not in blob and b"Signature=" not in blob
 
