@@ -216,6 +216,8 @@ class _Analysis:
         if got is None:
             # auxiliaries as verbs: the lemmatizer's rules leave an AUX alone ("is", "has" would stay as written)
             pos = "VERB" if tok.pos_ == "AUX" else tok.pos_
+            if pos == "ADJ" and self.lex.category(tok.lower_) in ("person", "animal"):
+                pos = "NOUN"  # "the terrier/JJR trots": a noun the tagger took for a comparative
             got = IRREGULAR.get(tok.lower_) if pos == "VERB" else None
             got = self.lemma_of[tok.i] = got or _lemma(tok.lower_, pos, tok.tag_)
         return got
@@ -375,6 +377,11 @@ class _Analysis:
         return None
 
     def is_noun(self, tok: Any) -> bool:
+        if tok.pos_ == "ADJ" and tok.i < tok.head.i and tok.head.tag_ in ("VBZ", "VBD", "VBP"):
+            # "The fisherman/JJ glances at the bird": a person or animal noun tagged as an adjective of its verb
+            return self.lex.category(tok.lower_) in ("person", "animal") and not any(
+                t.pos_ in ("NOUN", "PROPN", "PRON") for t in self.toks[tok.i + 1 : tok.head.i]
+            )
         if tok.pos_ not in ("NOUN", "PROPN") or tok.i in self.pseudo:
             return False
         # a compound hung on a verb is the verb's subject the parse lost ("A bald eagle swoops")
@@ -384,8 +391,8 @@ class _Analysis:
         """A noun's dependents; for the noun before a misparsed verb, also the determiners and modifiers the parse
         hung on that verb ("his old beagle naps")."""
         kids = list(tok.children)
-        if tok.dep_ == "compound" and tok.head.i in self.pseudo:
-            kids += [c for c in tok.head.children if c.i < tok.i]
+        if (tok.dep_ == "compound" and tok.head.i in self.pseudo) or (tok.pos_ == "ADJ" and tok.head.i > tok.i):
+            kids += [c for c in tok.head.children if c.i < tok.i]  # "The fisherman/JJ glances": its "The"
         return kids
 
     # -- mentions and coreference --------------------------------------------------------------------------------
@@ -568,7 +575,11 @@ class _Analysis:
             return self.of[tok.i]
         w = tok.lower_
         if w in RELATIVES and tok.head.dep_ == "relcl":
-            return self.resolve(tok.head.head)
+            ent = self.resolve(tok.head.head)
+            if w in ("who", "whom") and (ent is None or ent.category == "object"):
+                # "a woman with a sleek ponytail who holds a cup": the parse hung the clause on the ponytail
+                ent = self.resolve(self.doer(tok.head.head)) if tok.head.head.i not in self.of else ent
+            return ent
         g = PRONOUNS.get(w)
         if g is None:
             return None
@@ -762,7 +773,8 @@ class _Analysis:
         if verb.dep_ in ("xcomp", "advcl") and verb.head.pos_ in ("VERB", "AUX") and verb.tag_ in ("VB", "VBG"):
             return self.subjects_of(verb.head)
         if verb.dep_ in ("acl", "relcl") and verb.head.pos_ in ("NOUN", "PROPN", "PRON", "NUM", "ADJ"):
-            return [self.doer(verb.head)]
+            # an active participle on a garment is what its wearer does; a passive one describes the garment
+            return [self.doer(verb.head) if verb.tag_ == "VBG" else verb.head]
         if verb.tag_ in ("VBZ", "VBD", "VBP"):
             sent = verb.sent
             before = [t for t in sent if t.i < verb.i and (e := self.of.get(t.i)) is not None
