@@ -74,3 +74,10 @@ def test_raycluster_example_matches_the_images_and_ray() -> None:
     assert groups["cpu"]["template"]["spec"]["containers"][0]["image"] == "musa-curation:cpu"
     cluster = yaml.safe_load((REPO / "configs" / "cluster.yaml").read_text())
     assert cluster["ray"]["address"] == "auto"
+    # a run directory on S3 is staged on the volume every node mounts (a run on several nodes refuses otherwise)
+    pods = [rc["spec"]["headGroupSpec"]] + rc["spec"]["workerGroupSpecs"]
+    for pod in pods:
+        c = pod["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in c.get("env", [])}
+        assert env.get("CURATION_STAGING", "").startswith("/data/"), c["name"]
+        assert any(m["mountPath"] == "/data" for m in c["volumeMounts"]), c["name"]
