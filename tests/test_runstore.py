@@ -36,11 +36,16 @@ def test_push_commits_and_a_fresh_staging_folder_pulls_the_same_files(tmp_path: 
     assert (b.staging / "frames/v1/cut/c1.npz").read_bytes() == b"samples"
 
 
-def test_an_object_no_record_lists_is_not_committed(tmp_path: Path) -> None:
+def _one_part_pushed(tmp_path: Path) -> tuple[str, RunStore]:
     uri = _new_uri()
     a = RunStore(uri, tmp_path / "a")
     _write(a.staging, "manifests/probe/part-1.parquet", b"one")
     a.push()
+    return uri, a
+
+
+def test_an_object_no_record_lists_is_not_committed(tmp_path: Path) -> None:
+    uri, a = _one_part_pushed(tmp_path)
     fs = fsspec.filesystem("memory")
     fs.pipe_file(a.remote("manifests/probe/part-9.parquet"), b"a push cut short")
     assert a.committed() == ["manifests/probe/part-1.parquet"]
@@ -76,10 +81,7 @@ def test_pull_keeps_local_work_that_was_not_pushed(tmp_path: Path) -> None:
 
 
 def test_a_store_emptied_behind_the_staging_folder_gets_everything_again(tmp_path: Path) -> None:
-    uri = _new_uri()
-    a = RunStore(uri, tmp_path / "a")
-    _write(a.staging, "manifests/probe/part-1.parquet", b"one")
-    a.push()
+    _, a = _one_part_pushed(tmp_path)
     fs = fsspec.filesystem("memory")
     fs.rm(a.root, recursive=True)  # the run was removed on the store and restarted
     a.pull()
