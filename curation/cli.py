@@ -16,7 +16,7 @@ from typing import Any
 
 from curation.errors import ConfigError, CurationError
 from curation.logs import logging_to, native_stderr_to_file
-from curation.runstore import open_run
+from curation.runstore import MANIFESTS_ONLY, open_run
 from curation.storage import is_remote
 
 log = logging.getLogger("curation")
@@ -140,7 +140,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 
     from curation.manifest import Manifests, atomic_write_table
 
-    local, store = open_run(args.run)
+    local, store = open_run(args.run, MANIFESTS_ONLY)  # a selection reads the manifests alone
     if store is not None:
         store.check_writable()
     m = Manifests(local)

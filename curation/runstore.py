@@ -83,6 +83,7 @@ class RunStore:
     def committed(self) -> list[str]:
         """Every file the commit records list and no later record removed (relative paths, sorted)."""
         try:
+            self.fs.invalidate_cache(self.remote(COMMITS))  # fsspec caches listings: another process may have committed
             records = sorted(r for r in self.fs.find(self.remote(COMMITS)) if r.endswith(".json"))
             files: set[str] = set()
             for rec in records:  # in commit order: names start with the commit time
@@ -139,10 +140,11 @@ class RunStore:
                 out[str(PurePosixPath(*(rel_dir / name).parts))] = [st.st_size, st.st_mtime_ns]
         return out
 
-    def pull(self) -> int:
+    def pull(self, only: tuple[str, ...] | None = None) -> int:
         """Bring the committed files down that the staging folder lacks, or holds as last pushed or pulled while the
         store has another version; a file changed here since (a killed run's unpushed work) is kept, for the next
-        push. Returns how many files came down."""
+        push. `only`: relative path prefixes to bring (the manifests alone, for a command that reads nothing else).
+        Returns how many files came down."""
         with self._lock:
             self.staging.mkdir(parents=True, exist_ok=True)
             committed = self.committed()
@@ -150,6 +152,8 @@ class RunStore:
             index = {rel: sig for rel, sig in self._index().items() if rel in set(committed)}
             n = 0
             for rel in committed:
+                if only is not None and not rel.startswith(only):
+                    continue
                 local = self.staging / rel
                 remote = self.remote(rel)
                 if local.is_file():
@@ -250,12 +254,16 @@ class Pusher:
             self.store.push()  # the last push's error, if any, ends the run
 
 
-def open_run(run: str) -> tuple[str, RunStore | None]:
-    """(local run directory, store) for a run given as a path or a URI; a URI's committed files are pulled first."""
+MANIFESTS_ONLY = ("manifests/", "config.yaml", "selections/")
+
+
+def open_run(run: str, only: tuple[str, ...] | None = None) -> tuple[str, RunStore | None]:
+    """(local run directory, store) for a run given as a path or a URI; a URI's committed files (those under `only`)
+    are pulled first."""
     if not is_remote(run):
         return run, None
     store = RunStore(run)
     if not store.committed():
         raise ConfigError(f"{run!r} has no committed run on its storage: is it a run directory?")
-    store.pull()
+    store.pull(only)
     return str(store.staging), store

@@ -86,3 +86,17 @@ def test_a_store_emptied_behind_the_staging_folder_gets_everything_again(tmp_pat
     fs.rm(a.root, recursive=True)  # the run was removed on the store and restarted
     a.pull()
     assert a.push() == 1 and a.committed() == ["manifests/probe/part-1.parquet"]
+
+
+def test_a_partial_pull_brings_only_the_prefixes_asked_for(tmp_path: Path) -> None:
+    uri = _new_uri()
+    a = RunStore(uri, tmp_path / "a")
+    _write(a.staging, "manifests/probe/part-1.parquet", b"one")
+    _write(a.staging, "config.yaml", b"stages: [probe]")
+    _write(a.staging, "frames/v1/cut/c1.npz", b"samples")
+    a.push()
+    b = RunStore(uri, tmp_path / "b")
+    assert b.pull(("manifests/", "config.yaml")) == 2
+    assert not (b.staging / "frames").exists()
+    assert b.push() == 0  # what was not pulled is not taken for removed either
+    assert "frames/v1/cut/c1.npz" in b.committed()

@@ -283,6 +283,15 @@ def test_a_run_directory_on_s3_killed_and_rerun_elsewhere_matches_an_uninterrupt
     assert _shard_members(s3, "s3://runs/broken", tmp_path / "fresh-1") == _shard_members(
         s3, "s3://runs/clean", tmp_path / "fresh-2"
     )
+    # a selection on S3 pulls the manifests alone and commits the selection file
+    sel_env = {**s3, "CURATION_STAGING": str(tmp_path / "stage-sel")}
+    sel = _cli(sel_env, "select", "--run", "s3://runs/broken", "--where", "probe_fps > 0", "--name", "all")
+    assert sel.returncode == 0, sel.stderr[-2000:]
+    with _env(sel_env):
+        from curation.runstore import RunStore, staging_dir
+
+        assert "selections/all.parquet" in RunStore("s3://runs/broken").committed()
+        assert not (staging_dir("s3://runs/broken") / "frames").exists()
     inspect = _cli(s3, "inspect", "s3://runs/broken", "SELECT count(*) AS n FROM clips", "--format", "json")
     assert inspect.returncode == 0 and json.loads(inspect.stdout.splitlines()[0])["n"] == len(want), inspect.stderr
     # no credential or signed URL in anything the runs wrote, here or on S3
