@@ -5,7 +5,8 @@
   were seen during development): the closest to an honest estimate here.
 - `caption_heldout2.jsonl`: 40 captions (20 long) written and annotated by a fourth annotator who saw only the guide,
   after the rules of 2026-11-30 evening were written; scored once (its errors not read): before those rules 0.886 /
-  0.840 / 0.710, after 0.874 / 0.845 / 0.741.
+  0.840 / 0.710, after 0.874 / 0.845 / 0.741; 0.886 / 0.845 / 0.741 after three rules a review found wrong on
+  ordinary captions were removed.
 - `caption_gold.jsonl` / `caption_heldout.jsonl`: the earlier sets (an older convention: no coreference rules), kept
   as regression guards.
 Convention: `tests/data/caption_guide.md`. F1 is printed for every set (run with -s to see it) and gated.
@@ -307,3 +308,15 @@ def test_scrambled_captions_never_raise_and_spans_stay_exact() -> None:
                 assert a.span is not None and cap[a.span.start : a.span.end] == a.text
         for r in rec.relations:
             assert r.span is None or cap[r.span.start : r.span.end]
+
+
+def test_review_counterexamples_stay_right() -> None:
+    """Ordinary captions a reviewer found mis-read by rules of the same day (since removed): an animal name at the end
+    of a word does not make an animal, a food word does not re-mention the newest thing, and "onto" after a verb of
+    motion can still be an action."""
+    rec, by = _by_name("A dog catches a frisbee. A woman sketches a landscape on a canvas.")
+    assert by["frisbee"][0].category == "object" and by["landscape"][0].category == "object"
+    rec, by = _by_name("A man holds grapes and a bottle, and he eats the fruit.")
+    assert ("man", "eats", "bottle") not in _rels(rec)
+    rec, _ = _by_name("A woman steps onto the scale.")
+    assert _rels(rec) == {("woman", "steps onto", "scale")}

@@ -43,7 +43,6 @@ class Lexicon:
     made_of: frozenset[str]  # material words that make an animal noun a thing ("wooden horse", "plush dinosaur")
     features: frozenset[str]  # body features that describe someone without a modifier ("dreadlocks", "freckles")
     not_person: frozenset[str]  # words with a person ending that are things ("snowman", "ottoman", "checklist")
-    not_animal: frozenset[str]  # compounds ending in an animal noun that are things ("hotdog", "sawhorse")
     bodypart: frozenset[str]
     clothing: frozenset[str]
     place: frozenset[str]
@@ -64,13 +63,7 @@ class Lexicon:
                 return name
         if len(w) >= MIN_SUFFIX_WORD and w.endswith(PERSON_SUFFIXES) and w not in self.not_person:
             return "person"
-        if len(w) >= MIN_SUFFIX_WORD and w not in self.not_animal and self._animal_compound(w):
-            return "animal"
         return None
-
-    def _animal_compound(self, w: str) -> bool:
-        """A closed compound ending in an animal noun names that animal ("racehorse", "sheepdog", "bullfrog")."""
-        return any(w[k:] in self.animal for k in range(3, len(w) - 2))
 
     def gender(self, lemma: str) -> str:
         w = lemma.lower()
@@ -121,7 +114,6 @@ def lexicon() -> Lexicon:
         made_of=frozenset(w[0].lower() for w in _lines("made_of")),
         features=frozenset(w[0].lower() for w in _lines("bodypart") if "feature" in w[1:]),
         not_person=frozenset(w[0].lower() for w in _lines("not_person")),
-        not_animal=frozenset(w[0].lower() for w in _lines("not_animal")),
         bodypart=frozenset(w[0].lower() for w in _lines("bodypart")),
         clothing=frozenset(w[0].lower() for w in _lines("clothing")),
         place=frozenset(w[0].lower() for w in _lines("place")),

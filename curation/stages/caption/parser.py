@@ -57,18 +57,7 @@ POSITION_WORDS = {
     "middle", "center", "centre",
 }  # fmt: skip
 DEFINITE = {"the", "this", "that", "these", "those"}
-PATH = {
-    "through",
-    "across",
-    "along",
-    "over",
-    "around",
-    "past",
-    "off",
-    "on",
-    "onto",
-    "into",
-}  # after a verb of motion: the way, not a goal
+PATH = {"through", "across", "along", "over", "around", "past", "off"}  # after a verb of motion: the way, not a goal
 
 
 @lru_cache(maxsize=1)
@@ -123,7 +112,8 @@ def _numpy_matmul(pipe: Any) -> None:
         model = getattr(component, "model", None)
         if model is not None and hasattr(model, "walk"):
             for node in model.walk():
-                node.ops = ops
+                if type(node.ops) is NumpyOps:  # CPU layers only: a pipeline put on a GPU keeps its ops
+                    node.ops = ops
 
 
 def nlp() -> Any:
