@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,22 +197,13 @@ def _shard_members(env: dict[str, str], run: str, staging: Path) -> list[list[st
     return [sorted(tarfile.open(p).getnames()) for p in sorted((staging / "shards").glob("shard-*.tar"))]
 
 
-class _env:
+@contextmanager
+def _env(env: dict[str, str]) -> Iterator[None]:
     """The S3 client environment for code run in this process (the CLI runs get it as a subprocess env)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env, self.saved = env, {}
-
-    def __enter__(self) -> None:
-        self.saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc: Any) -> None:
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield
 
 
 def test_a_run_directory_on_s3_killed_and_rerun_elsewhere_matches_an_uninterrupted_one(

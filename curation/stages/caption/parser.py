@@ -687,7 +687,6 @@ class _Analysis:
                             self.appearance(ent, pobj)
 
     def attributes(self) -> None:
-        verbs = self.lex.verbs
         for tok in self.toks:
             ent = self.of.get(tok.i)
             if ent is not None:
@@ -699,7 +698,7 @@ class _Analysis:
                                 self.appearance(ent, pobj)
                     if c.dep_ == "acl" and self.lemma(c) in ("wear", "dress", "clothe", "sport"):
                         self.verb_appearance(ent, c)
-                    if c.dep_ == "relcl" and self.lemma(c) in verbs.get("wear", ()):
+                    if c.dep_ == "relcl" and self.verb_in(c, "wear"):
                         self.verb_appearance(ent, c)
                     if c.dep_ == "conj" and c.pos_ == "NOUN" and self.wearable(c) and ent.attributes:
                         self.appearance(ent, c)  # "the woman in a checkered blouse and beige shorts leans in"
@@ -715,9 +714,9 @@ class _Analysis:
                     if ent is None or ent.category not in ("person", "animal"):
                         continue
                     lemma = self.lemma(tok)
-                    if lemma in verbs.get("wear", ()) or lemma in ("dress", "clothe"):
+                    if self.verb_in(tok, "wear") or lemma in ("dress", "clothe"):
                         self.verb_appearance(ent, tok)
-                    if lemma in verbs.get("be", ()):
+                    if self.verb_in(tok, "be"):
                         for c in tok.children:
                             if c.dep_ in ("acomp", "oprd") and (c.pos_ == "ADJ" or c.tag_ == "VBN"):
                                 for a in self.coordinated_adj(c):
@@ -826,9 +825,9 @@ class _Analysis:
                 continue
             lemma = self.lemma(v)
             copula = lemma == "be" or (
-                lemma in verbs.get("be", ()) and any(c.dep_ in ("acomp", "attr", "oprd") for c in v.children)
+                self.verb_in(v, "be") and any(c.dep_ in ("acomp", "attr", "oprd") for c in v.children)
             )  # "looks tired" describes; "looks at the dog" acts
-            if lemma in verbs.get("wear", ()) or copula:
+            if self.verb_in(v, "wear") or copula:
                 continue
             subs = [e for s in self.subjects_of(v) if (e := self.resolve(s)) is not None]
             if not subs:
