@@ -58,6 +58,8 @@ POSITION_WORDS = {
 }  # fmt: skip
 DEFINITE = {"the", "this", "that", "these", "those"}
 PATH = {"through", "across", "along", "over", "around", "past", "off"}  # after a verb of motion: the way, not a goal
+# words that open a clause but that the small model often tags as a preposition ("listens as a boy plays")
+CLAUSE_OPENERS = {"as", "while", "when", "whilst", "until", "till", "after", "before", "once", "because"}
 
 
 @lru_cache(maxsize=1)
@@ -407,6 +409,8 @@ class _Analysis:
             if target is None:
                 continue
             cat = self.kind(target)
+            if cat == "clothing" and self.handled_garment(target):
+                cat = None  # "a puppy chews on a red sneaker": a thing someone acts on, not something worn
             if cat in ("abstract", "place") and any(
                 e.category == "object" and e.name == self.lemma(target) for e in self.entities
             ):
@@ -419,6 +423,27 @@ class _Analysis:
             for t in {tok, target}:
                 self.of[t.i] = ent
             ent.last = max(ent.last, target.i)
+
+    def handled_garment(self, tok: Any) -> bool:
+        """A garment or accessory that a verb acts on and nobody is said to wear: "grabs the shiny stethoscope",
+        "chews on a red sneaker". One with an owner ("adjusts his tie") or a verb of dressing ("puts on a helmet")
+        stays an appearance attribute."""
+        while tok.dep_ == "conj" and tok.head.pos_ in ("NOUN", "PROPN"):
+            tok = tok.head
+        if any(c.dep_ == "poss" or c.lower_ == "own" for c in tok.children):
+            return False
+        if tok.dep_ in ("dobj", "obj"):
+            verb = tok.head
+        elif tok.dep_ == "pobj" and tok.head.dep_ == "prep" and tok.head.lower_ in self.lex.verbs.get(
+                "interaction", frozenset()) and tok.head.lower_ not in ("with", "in"):  # fmt: skip
+            verb = tok.head.head
+        else:
+            return False
+        if verb.pos_ != "VERB" or self.lemma(verb) in ("be", "have"):
+            return False
+        if self.verb_in(verb, "wear") or self.verb_in(verb, "dress"):
+            return False
+        return not any(c.dep_ == "prt" and c.lower_ in ("on", "off") for c in verb.children)
 
     def counted(self, tok: Any) -> tuple[Any | None, int | None]:
         """(the noun a mention is about, its count): "a pair of dumbbells" is about the dumbbells, two of them."""
@@ -599,7 +624,12 @@ class _Analysis:
                 verb = tok.head if tok.dep_ != "pobj" else tok.head.head
                 own = [self.of.get(x.i) for x in self.subjects_of(verb)] if verb.pos_ in ("VERB", "AUX") else []
                 pick = [e for e in pick if not any(e is o for o in own)]
-                return max(pick, key=lambda e: e.last, default=None)
+                # "takes a paper bag from the stroller and shakes it": the thing taken, not where from; a direct
+                # object earlier in the same sentence is the likelier antecedent than a newer prepositional one
+                start = tok.sent.start
+                direct = {id(e) for i, e in self.of.items()
+                          if start <= i < tok.i and self.doc[i].dep_ in ("dobj", "obj")}  # fmt: skip
+                return max(pick, key=lambda e: (id(e) in direct, e.last), default=None)
             return max(pick, key=lambda e: (e.category == "animal", e.last), default=None)
         pick = [e for e in cands if e.plural]
         return max(pick, key=lambda e: e.last, default=None)
@@ -747,6 +777,9 @@ class _Analysis:
     def subjects_of(self, verb: Any) -> list[Any]:
         """The grammatical subjects of a verb, through coordination, relative clauses and participles; for a verb
         the parse left without one (a misparse), the nearest person or animal before it in the sentence."""
+        stranded = self.stranded_subject(verb)
+        if stranded is not None:
+            return [stranded]
         if verb.i in self.pseudo:
             if verb.dep_ != "conj":
                 before = [t for t in verb.sent if t.i < verb.i and (e := self.of.get(t.i)) is not None
@@ -773,6 +806,22 @@ class _Analysis:
                       and e.category in ("person", "animal")]  # fmt: skip
             return before[-1:] if before else []
         return []
+
+    def stranded_subject(self, verb: Any) -> Any | None:
+        """ "listens as a small boy in a bow tie plays a violin": the parse made "as" a preposition, so the boy hangs
+        on it and "plays" takes the main clause's subject. A person or animal whose phrase ends right before the verb,
+        after such an opener, is the verb's subject."""
+        if verb.i == 0 or verb.tag_ not in ("VBZ", "VBD", "VBP"):
+            return None
+        prev = self.doc[verb.i - 1]
+        for t in self.doc[verb.sent.start : verb.i]:
+            if t.lower_ in CLAUSE_OPENERS and t.dep_ == "prep":
+                for p in t.children:
+                    if p.dep_ == "pobj" and p.right_edge.i == prev.i:
+                        ent = self.of.get(p.i)
+                        if ent is not None and ent.category in ("person", "animal"):
+                            return p
+        return None
 
     def doer(self, noun: Any) -> Any:
         """Who does what a participle hung on `noun` says: the noun itself when it is a subject ("a bag containing
@@ -837,12 +886,15 @@ class _Analysis:
             targets: list[tuple[Any, int]] = []  # (object token, preposition token or -1)
             blocked = False  # "places his hands over hers": the preposition belongs to the body part
             objs = [c for c in v.children if c.dep_ in ("dobj", "obj", "dative")]
+            if not objs:  # "holds the bicycle steady": the parse made the object the subject of the adjective
+                objs = [g for c in v.children if c.dep_ in ("ccomp", "xcomp", "oprd") and c.pos_ == "ADJ"
+                        for g in c.children if g.dep_ in ("npadvmod", "nsubj") and g.i < c.i]  # fmt: skip
             if len(objs) > 1:  # "hands the patient a cup": the thing handed, not the one it is handed to
                 objs = [max(objs, key=lambda c: c.i)]
             for c in objs:
                 for o in self.coordinated_any(c):
                     o = self.noun_of(o)
-                    if o.pos_ in ("NOUN", "PROPN") and self.kind(o) in ("bodypart", "clothing"):
+                    if o.pos_ in ("NOUN", "PROPN") and o.i not in self.of and self.kind(o) in ("bodypart", "clothing"):
                         blocked = True
                     targets.append((o, -1))
             # a verb with a direct object keeps its prepositions for places and recipients ("guides a student at a
