@@ -315,6 +315,19 @@ def test_an_object_held_steady_and_it_after_a_direct_object() -> None:
     assert ("mother", "shakes", "bag") in _rels(rec) and ("mother", "shakes", "stroller") not in _rels(rec)
 
 
+def test_descriptions_the_parse_reads_as_verbs_or_numbers() -> None:
+    _, by = _by_name("A lifeguard waves. He is tanned and muscular. The farmer has deeply tanned arms and a calm look.")
+    assert [a.text for a in by["lifeguard"][0].attributes] == ["tanned", "muscular"]
+    assert [a.text for a in by["farmer"][0].attributes][:1] == ["deeply tanned arms"]
+    _, by = _by_name("A black-and-white sheepdog crouches low. The donkey flicks its ears but seems content.")
+    assert [a.text for a in by["sheepdog"][0].attributes] == ["black-and-white"]
+    assert [a.text for a in by["donkey"][0].attributes] == ["content"]
+    _, by = _by_name("A bearded chef in a black apron slices a ripe tomato on a wooden cutting board.")
+    assert [a.text for a in by["chef"][0].attributes] == ["bearded", "black apron"]
+    _, by = _by_name("The cup is filled with coffee. A man has painted the fence. She has finished her drink.")
+    assert not any(a for s in by.values() for e in s for a in e.attributes)
+
+
 def test_numpy_matmul_parses_as_the_stock_model_does() -> None:
     """The pipeline runs its matrix products through numpy instead of thinc's BLIS (faster here): the parse must be
     the one the model gives as shipped."""

@@ -673,7 +673,8 @@ class _Analysis:
             if t.i > head.i or t.dep_ not in ("amod", "compound", "nmod", "npadvmod"):
                 continue
             for w in [t, *[c for c in t.children if c.dep_ == "conj" and c.i < head.i]]:
-                if w.like_num or w.lower_ in NOT_MODIFIERS or w.pos_ not in ("ADJ", "NOUN", "PROPN", "VERB"):
+                # "black-and-white" comes tagged as a number: a word that is not one is a modifier
+                if w.like_num or w.lower_ in NOT_MODIFIERS or w.pos_ not in ("ADJ", "NOUN", "PROPN", "VERB", "NUM"):
                     continue
                 for sub in [c for c in w.children if c.dep_ in ("amod", "compound", "advmod") and c.i < w.i]:
                     if sub.pos_ in ("ADJ", "NOUN") and sub.lower_ not in NOT_MODIFIERS:
@@ -701,8 +702,10 @@ class _Analysis:
 
     def appearance(self, ent: Entity, noun: Any) -> None:
         """Phrases attached to a noun: in / with / over / under + garment, wearing / dressed in, coordination."""
-        if noun.i in self.pseudo:  # "in pajamas watches": the garment is the nearest word before the misparsed
-            # verb that can be worn ("in a white uniform arm wrestles": not "arm")
+        finite = noun.pos_ in ("VERB", "AUX") and noun.tag_ in ("VBZ", "VBD") and noun.dep_ == "pobj"
+        if noun.i in self.pseudo or finite:  # "in pajamas watches": the garment is the nearest word before the
+            # misparsed verb that can be worn ("in a white uniform arm wrestles": not "arm"); "in a black apron
+            # slices a tomato": a verb the parse hung on "in" with the garment as its compound
             before = sorted((c for c in noun.children if c.dep_ == "compound" and c.i < noun.i), key=lambda c: -c.i)
             noun = next((c for c in before if self.wearable(c)), before[0] if before else noun)
         for item in self.coordinated(noun):
@@ -748,14 +751,45 @@ class _Analysis:
                         self.verb_appearance(ent, tok)
                     if self.verb_in(tok, "be"):
                         for c in tok.children:
-                            if c.dep_ in ("acomp", "oprd") and (c.pos_ == "ADJ" or c.tag_ == "VBN"):
+                            if c.dep_ in ("acomp", "oprd") and (
+                                c.pos_ == "ADJ" or c.tag_ == "VBN" or (c.pos_ == "NOUN" and not list(c.children))
+                            ):  # "seems content": a bare noun after a verb of being is the adjective
                                 for a in self.coordinated_adj(c):
                                     ent.add_attribute(a.text, a.idx, a.idx + len(a.text))
+                    if self.stative_participle(tok):  # "He is tanned and muscular"
+                        for a in self.coordinated_adj(tok):
+                            ent.add_attribute(a.text, a.idx, a.idx + len(a.text))
+                    self.had_feature(ent, tok)
                     for c in tok.children:  # "She sits in a blue dress"
                         if c.dep_ == "prep" and c.lower_ in ("in", "wearing"):
                             for pobj in c.children:
                                 if pobj.dep_ == "pobj" and self.wearable(pobj):
                                     self.appearance(ent, pobj)
+
+    def stative_participle(self, verb: Any) -> bool:
+        """ "He is tanned and muscular": a participle after "is" with nothing done to anything (no agent, object or
+        phrase) describes its subject; the small model reads it as a passive verb."""
+        if verb.tag_ != "VBN" or not any(c.dep_ == "auxpass" and self.lemma(c) == "be" for c in verb.children):
+            return False
+        return not any(c.dep_ in ("agent", "prep", "dobj", "xcomp", "ccomp", "advcl", "dative") for c in verb.children)
+
+    def had_feature(self, ent: Entity, verb: Any) -> None:
+        """ "The farmer has deeply tanned arms": the parse reads "has tanned" as a perfect tense; a participle right
+        before an undetermined body part or garment it governs is that feature's description."""
+        if verb.tag_ != "VBN" or not any(c.dep_ == "aux" and self.lemma(c) == "have" for c in verb.children):
+            return
+        obj = next((c for c in verb.children if c.dep_ in ("dobj", "obj") and c.i == verb.i + 1), None)
+        if obj is None or any(c.dep_ in ("det", "poss") for c in obj.children):
+            return
+        if self.kind(obj) not in ("bodypart", "clothing"):
+            return
+        adv = [c for c in verb.children if c.dep_ == "advmod" and c.i == verb.i - 1]
+        start = (adv[0] if adv else verb).idx
+        end = obj.idx + len(obj.text)
+        ent.add_attribute(self.doc.text[start:end], start, end)
+        for c in obj.children:
+            if c.dep_ == "conj" and c.pos_ in ("NOUN", "PROPN"):
+                self.appearance(ent, c)
 
     @staticmethod
     def coordinated_adj(tok: Any) -> Iterator[Any]:
