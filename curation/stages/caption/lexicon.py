@@ -43,6 +43,7 @@ class Lexicon:
     made_of: frozenset[str]  # material words that make an animal noun a thing ("wooden horse", "plush dinosaur")
     features: frozenset[str]  # body features that describe someone without a modifier ("dreadlocks", "freckles")
     not_person: frozenset[str]  # words with a person ending that are things ("snowman", "ottoman", "checklist")
+    acting_thing: frozenset[str]  # things that do things to things ("the tractor tows a plow"): never an agent
     bodypart: frozenset[str]
     clothing: frozenset[str]
     place: frozenset[str]
@@ -114,6 +115,7 @@ def lexicon() -> Lexicon:
         made_of=frozenset(w[0].lower() for w in _lines("made_of")),
         features=frozenset(w[0].lower() for w in _lines("bodypart") if "feature" in w[1:]),
         not_person=frozenset(w[0].lower() for w in _lines("not_person")),
+        acting_thing=frozenset(w[0].lower() for w in _lines("acting_thing")),
         bodypart=frozenset(w[0].lower() for w in _lines("bodypart")),
         clothing=frozenset(w[0].lower() for w in _lines("clothing")),
         place=frozenset(w[0].lower() for w in _lines("place")),

@@ -58,6 +58,7 @@ POSITION_WORDS = {
 }  # fmt: skip
 DEFINITE = {"the", "this", "that", "these", "those"}
 PATH = {"through", "across", "along", "over", "around", "past", "off"}  # after a verb of motion: the way, not a goal
+SOURCE = {"from", "off", "out"}  # where a thing comes from: not what a later "it" means
 # words that open a clause but that the small model often tags as a preposition ("listens as a boy plays")
 CLAUSE_OPENERS = {"as", "while", "when", "whilst", "until", "till", "after", "before", "once", "because"}
 
@@ -302,6 +303,8 @@ class _Analysis:
         prev, nxt = self.toks[tok.i - 1], self.toks[tok.i + 1]
         if nxt.pos_ not in ("ADJ", "DET", "NUM", "PRON", "ADV", "ADP") or nxt.lower_ == "of":
             return False
+        if prev.text == "," and not any(c.dep_ in ("det", "poss", "nummod", "amod") for c in tok.children):
+            return True  # after an apposition: "The first, a wiry man in a yellow jersey, pedals hard"
         if prev.pos_ not in ("NOUN", "PROPN", "ADJ"):
             return False
         cat = self.lex.category(self.lemma(prev)) or self.lex.category(prev.lower_)
@@ -369,7 +372,41 @@ class _Analysis:
                 return "person"
             if self.verb_in(tok.head, "animal"):
                 return "animal"
+            if tok.dep_ == "nsubj" and self.agent(tok):
+                # in captions, what does something to something is a person, or an animal when "its" says so
+                return "animal" if any(t.lower_ == "its" for t in tok.head.subtree) else "person"
         return None
+
+    def agent(self, tok: Any) -> bool:
+        """An unknown noun that is the subject of an active verb acting on a noun ("a stevedore hoists a crate",
+        "the sommelier pours wine for a guest"), other than a thing that acts (lexicon/acting_thing.txt), a noun
+        with a material word or a proper name."""
+        verb = tok.head
+        if verb.pos_ != "VERB" or verb.tag_ not in ("VBZ", "VBD", "VBP", "VBG") or tok.pos_ != "NOUN":
+            return False
+        lemma = self.lemma(tok)
+        if lemma in self.lex.acting_thing or tok.lower_ in self.lex.acting_thing or lemma in self.lex.object_generic:
+            return False
+        if any(c.lower_ in self.lex.made_of for c in tok.children):
+            return False
+        inter = self.lex.verbs.get("interaction", frozenset())
+        for c in verb.children:
+            if c.dep_ in ("dobj", "obj") and self.patient(c):
+                return True
+            if c.dep_ == "prep" and c.lower_ in inter and c.i > verb.i and not self.verb_in(verb, "motion"):
+                if any(g.dep_ == "pobj" and self.patient(g) for g in c.children):
+                    return True
+        return False
+
+    def patient(self, tok: Any) -> bool:
+        """Something a person can act on: a pronoun, a listed person or animal, or a concrete thing (not a place, a
+        surface, light or shadow: "the lamp casts shadows", "heat shimmer blurs the horizon")."""
+        if tok.pos_ == "PRON":
+            return tok.lower_ in PRONOUNS
+        if tok.pos_ not in ("NOUN", "PROPN"):
+            return False
+        cat = self.lex.category(self.lemma(tok)) or self.lex.category(tok.lower_)
+        return cat in (None, "person", "animal")
 
     def is_noun(self, tok: Any) -> bool:
         if tok.pos_ == "ADJ" and tok.i < tok.head.i and tok.head.tag_ in ("VBZ", "VBD", "VBP"):
@@ -437,13 +474,46 @@ class _Analysis:
         elif tok.dep_ == "pobj" and tok.head.dep_ == "prep" and tok.head.lower_ in self.lex.verbs.get(
                 "interaction", frozenset()) and tok.head.lower_ not in ("with", "in"):  # fmt: skip
             verb = tok.head.head
+            if tok.head.lower_ in ("on", "onto", "into") and tok.head.i == verb.i + 1 and self.verb_in(
+                    verb, "dress_on"):  # fmt: skip
+                return False  # "pulls on a jacket", "changes into a swimsuit"
+            if self.verb_in(verb, "posture"):
+                return False  # "a cat curls up on a sweater": where it lies
         else:
             return False
         if verb.pos_ != "VERB" or self.lemma(verb) in ("be", "have"):
             return False
         if self.verb_in(verb, "wear") or self.verb_in(verb, "dress"):
             return False
-        return not any(c.dep_ == "prt" and c.lower_ in ("on", "off") for c in verb.children)
+        if any(c.dep_ == "prt" and c.lower_ in ("on", "off") for c in verb.children):
+            return False
+        # worn where it is: "wraps a scarf around her neck", "checks the watch on his wrist"
+        for p in [*verb.children, *tok.children]:
+            if p.dep_ == "prep" and any(g.dep_ == "pobj" and self.kind(g) == "bodypart" for g in p.children):
+                return False
+        # "a woman in a yellow raincoat ... pulls the raincoat tighter": a garment someone was said to wear
+        if any(c.lower_ == "the" for c in tok.children):
+            worn = {a.text.split()[-1].lower() for e in self.entities if e.category in ("person", "animal")
+                    for a in e.attributes}  # fmt: skip
+            if tok.lower_ in worn or self.lemma(tok) in worn:
+                return False
+            if any(self.wears(e, tok) for e in self.entities):
+                return False
+        return True
+
+    def wears(self, ent: Entity, tok: Any) -> bool:
+        """Whether an earlier phrase hung a garment of this name on a person or animal (attributes are collected
+        after mentions, so the parse is asked: "in a yellow raincoat", "wearing a hoodie")."""
+        if ent.category not in ("person", "animal"):
+            return False
+        name = self.lemma(tok)
+        for i, e in self.of.items():
+            if e is not ent:
+                continue
+            for t in self.toks[i].subtree:
+                if t.i < tok.i and t.i != tok.i and self.lemma(t) == name and t.dep_ in ("pobj", "dobj", "conj"):
+                    return True
+        return False
 
     def counted(self, tok: Any) -> tuple[Any | None, int | None]:
         """(the noun a mention is about, its count): "a pair of dumbbells" is about the dumbbells, two of them."""
@@ -624,12 +694,12 @@ class _Analysis:
                 verb = tok.head if tok.dep_ != "pobj" else tok.head.head
                 own = [self.of.get(x.i) for x in self.subjects_of(verb)] if verb.pos_ in ("VERB", "AUX") else []
                 pick = [e for e in pick if not any(e is o for o in own)]
-                # "takes a paper bag from the stroller and shakes it": the thing taken, not where from; a direct
-                # object earlier in the same sentence is the likelier antecedent than a newer prepositional one
+                # "takes a paper bag from the stroller and shakes it": the thing taken, not where it came from (but
+                # "feeds a carrot to the rabbit and strokes it": the newest, the rabbit)
                 start = tok.sent.start
-                direct = {id(e) for i, e in self.of.items()
-                          if start <= i < tok.i and self.doc[i].dep_ in ("dobj", "obj")}  # fmt: skip
-                return max(pick, key=lambda e: (id(e) in direct, e.last), default=None)
+                source = {id(e) for i, e in self.of.items() if start <= i < tok.i and self.doc[i].dep_ == "pobj"
+                          and self.doc[i].head.lower_ in SOURCE}  # fmt: skip
+                return max(pick, key=lambda e: (id(e) not in source, e.last), default=None)
             return max(pick, key=lambda e: (e.category == "animal", e.last), default=None)
         pick = [e for e in cands if e.plural]
         return max(pick, key=lambda e: e.last, default=None)
@@ -849,7 +919,11 @@ class _Analysis:
             return None
         prev = self.doc[verb.i - 1]
         for t in self.doc[verb.sent.start : verb.i]:
-            if t.lower_ in CLAUSE_OPENERS and t.dep_ == "prep":
+            if (
+                t.lower_ in CLAUSE_OPENERS
+                and t.dep_ == "prep"
+                and not (t.head.pos_ in ("VERB", "AUX") and t.head.dep_ in ("acl", "relcl"))
+            ):  # "a boy dressed as a knight swings", "a man who works as a lifeguard watches": a role, not a clause
                 for p in t.children:
                     if p.dep_ == "pobj" and p.right_edge.i == prev.i:
                         ent = self.of.get(p.i)
