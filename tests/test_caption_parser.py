@@ -96,28 +96,28 @@ def test_sets_are_big_enough_and_mostly_long() -> None:
 
 def test_f1_on_the_development_set(record_property: pytest.RecordProperty) -> None:
     f1 = _report("dev", DEV, record_property)
-    assert f1["subjects"] >= 0.9 and f1["attributes"] >= 0.9 and f1["relations"] >= 0.82
+    assert f1["subjects"] >= 0.93 and f1["attributes"] >= 0.93 and f1["relations"] >= 0.86
 
 
 def test_f1_on_the_held_out_set(record_property: pytest.RecordProperty) -> None:
     """Its errors never read; the gate guards against regressions (measured 0.88 / 0.81 / 0.67 when written, 0.89 /
-    0.85 / 0.73 after the second parse of misread verbs and the auxiliary lemmas)."""
+    0.85 / 0.73 after the second parse of misread verbs and the auxiliary lemmas, 0.90 / 0.86 / 0.75 on 2026-12-01)."""
     f1 = _report("held-out", TEST, record_property)
-    assert f1["subjects"] >= 0.87 and f1["attributes"] >= 0.83 and f1["relations"] >= 0.70
+    assert f1["subjects"] >= 0.89 and f1["attributes"] >= 0.85 and f1["relations"] >= 0.74
 
 
 def test_f1_on_the_second_held_out_set(record_property: pytest.RecordProperty) -> None:
     """Another annotator's captions, scored once; the gate guards against regressions only."""
     f1 = _report("held-2", HELDOUT2, record_property)
     assert len(HELDOUT2) == 40 and sum(g["style"] == "long" for g in HELDOUT2) == 20
-    assert f1["subjects"] >= 0.85 and f1["attributes"] >= 0.82 and f1["relations"] >= 0.70
+    assert f1["subjects"] >= 0.87 and f1["attributes"] >= 0.82 and f1["relations"] >= 0.74
 
 
 def test_f1_on_the_third_held_out_set(record_property: pytest.RecordProperty) -> None:
     """A fifth annotator's captions, scored once before and once after the rules of 2026-12-01; a regression gate."""
     f1 = _report("held-3", HELDOUT3, record_property)
     assert len(HELDOUT3) == 40 and sum(g["style"] == "long" for g in HELDOUT3) == 20
-    assert f1["subjects"] >= 0.85 and f1["attributes"] >= 0.83 and f1["relations"] >= 0.74
+    assert f1["subjects"] >= 0.87 and f1["attributes"] >= 0.86 and f1["relations"] >= 0.76
 
 
 def test_f1_on_the_earlier_sets(record_property: pytest.RecordProperty) -> None:
