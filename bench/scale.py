@@ -158,6 +158,9 @@ def main() -> int:
         by = {(r["nodes"], r["streaming"]): r for r in runs}
         res["runs"] = runs
         res["streaming_vs_barrier_4_nodes"] = round(by[4, True]["clips_per_s"] / by[4, False]["clips_per_s"], 2)
+        res["steady_streaming_vs_barrier_4_nodes"] = round(
+            by[4, True]["steady_clips_per_s"] / by[4, False]["steady_clips_per_s"], 2
+        )
         res["scaling_efficiency_1_to_4"] = round(by[4, True]["clips_per_s"] / (4 * by[1, True]["clips_per_s"]), 2)
         res["steady_scaling_efficiency_1_to_4"] = round(
             by[4, True]["steady_clips_per_s"] / (4 * by[1, True]["steady_clips_per_s"]), 2

@@ -27,7 +27,11 @@ from curation.stage import CLIP_FIELDS, Kind, Row, Stage, StageConfig, fingerpri
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-CHAIN_BLOCK_BYTES = 16 * 1024  # a few rows: what streams between the stages of a chain moves in blocks this small
+# What streams between the stages of a chain moves in blocks of about one row: an actor pool hands out whole blocks
+# (bundled up to the stage's batch size), so a block of many cheap rows would put a slow stage's work on one actor
+# while the others idle. With 16 KiB blocks, 4 simulated GPU nodes were busy 59% of the time; with 1 KiB, 75%
+# (bench/scale.py). The cost is one object per row, small beside a row's work in any stage worth streaming.
+CHAIN_BLOCK_BYTES = 1024
 
 
 class Runner(Protocol):
