@@ -83,11 +83,12 @@ class EmbeddedDetector:
         min_blob_area: float = 0.004,
         grabcut_iters: int = 2,
         background_frames: int = 11,
+        grabcut_max_pixels: int = 16384,
     ) -> None:
         self.detect_long_side, self.mask_long_side = detect_long_side, mask_long_side
         self.min_face_px, self.face_cue_score, self.hog_min_weight = min_face_px, face_cue_score, hog_min_weight
         self.motion_threshold, self.min_blob_area, self.grabcut_iters = motion_threshold, min_blob_area, grabcut_iters
-        self.background_frames = background_frames
+        self.background_frames, self.grabcut_max_pixels = background_frames, grabcut_max_pixels
         self._faces = FaceDetector(detect_long_side, min_score=0.5)
         self._hog = cv2.HOGDescriptor()
         self._hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
@@ -222,6 +223,15 @@ class EmbeddedDetector:
         mx, my = max(8, (x2 - x1) // 2), max(8, (y2 - y1) // 2)
         wx1, wy1, wx2, wy2 = max(0, x1 - mx), max(0, y1 - my), min(w, x2 + mx), min(h, y2 + my)
         win = np.ascontiguousarray(init[wy1:wy2, wx1:wx2])
+        img = np.ascontiguousarray(small[wy1:wy2, wx1:wx2])
+        # GrabCut's cost grows faster than its pixel count (colour models + a min cut per iteration): a big window
+        # is cut at a reduced size and its labels scaled back (a big subject loses nothing a mask grid shows)
+        ww, wh = wx2 - wx1, wy2 - wy1
+        f = min(1.0, (self.grabcut_max_pixels / (ww * wh)) ** 0.5)
+        if f < 1.0:
+            size = (max(4, round(ww * f)), max(4, round(wh * f)))
+            img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+            win = cv2.resize(win, size, interpolation=cv2.INTER_NEAREST)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         # GrabCut seeds its colour models with k-means on OpenCV's per-thread RNG, whose state carries over from
         # call to call: without a reset a clip's masks (and so its subject count) depend on which clips the same
@@ -229,7 +239,7 @@ class EmbeddedDetector:
         cv2.setRNGSeed(0)
         try:
             cv2.grabCut(
-                np.ascontiguousarray(small[wy1:wy2, wx1:wx2]),
+                img,
                 win,
                 None,
                 bgd,
@@ -239,6 +249,9 @@ class EmbeddedDetector:
             )
         except cv2.error:  # degenerate colour model (flat box): fall back to the seed
             return seed
+        if f < 1.0:
+            win = cv2.resize(win, (ww, wh), interpolation=cv2.INTER_NEAREST)
+            win[init[wy1:wy2, wx1:wx2] == cv2.GC_BGD] = cv2.GC_BGD  # outside the box stays background
         init[wy1:wy2, wx1:wx2] = win
         mask = ((init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)).astype(np.uint8)
         if seed.any() and mask_iou(mask, seed) < 0.4:  # GrabCut lost the mover (blur, colours like the ground)
