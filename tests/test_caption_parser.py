@@ -360,6 +360,21 @@ def test_an_unknown_noun_that_acts_on_something_is_an_agent() -> None:
     assert not any(s.category in ("person", "animal") for s in rec.subjects), list(by)
 
 
+def test_third_review_counterexamples_stay_right() -> None:
+    """A review of the unknown-agent and description rules: pictures and signs that show things are not people, a
+    passive action is not a description, a second clause keeps its own adjectives, "has worn boots" wears boots."""
+    for caption in ("The photo shows a man.", "A sign warns hikers about bears.", "The windmill turns its blades."):
+        rec, by = _by_name(caption)
+        assert not {"photo", "sign", "windmill"} & set(by), (caption, list(by))
+    for caption in ("A toddler is being fed.", "A baby is carried.", "A man is seated and the boy is startled."):
+        rec, _ = _by_name(caption)
+        assert not any(s.attributes for s in rec.subjects), caption
+    _, by = _by_name("The man has worn boots.")
+    assert [a.text for a in by["man"][0].attributes] == ["boots"]
+    _, by = _by_name("A man in a black apron slices a tomato.")
+    assert [a.text for a in by["man"][0].attributes] == ["black apron"]
+
+
 def test_numpy_matmul_parses_as_the_stock_model_does() -> None:
     """The pipeline runs its matrix products through numpy instead of thinc's BLIS (faster here): the parse must be
     the one the model gives as shipped."""

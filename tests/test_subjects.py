@@ -145,6 +145,29 @@ def test_link_uses_position_words_and_keeps_extra_detections_unlinked() -> None:
     assert tracks[2]["subject_id"] is None and tracks[2]["link_confidence"] is None  # kept, not forced
 
 
+def test_a_big_grabcut_window_cut_smaller_gives_the_same_mask() -> None:
+    """Big windows are cut at a reduced size for speed; the mask must stay where the full-size cut puts it (a
+    nearest-neighbour scale that is not centred shifts it up and left)."""
+    from curation.stages.subjects.embedded import EmbeddedDetector
+
+    img = np.full((240, 320, 3), 40, np.uint8)
+    cv2.rectangle(img, (60, 40), (260, 220), (200, 180, 30), -1)
+    fg = np.zeros((240, 320), np.uint8)
+    fg[50:210, 70:250] = 1
+    box = (55.0, 35.0, 265.0, 225.0)  # a window of ~76k pixels: cut at 16k
+    small = EmbeddedDetector()._grabcut(img, fg, box)
+    full = EmbeddedDetector(grabcut_max_pixels=10**9)._grabcut(img, fg, box)
+    assert small is not None and full is not None
+    assert (small & full).sum() / (small | full).sum() >= 0.95
+    (fy1, fx1, fy2, fx2), (sy1, sx1, sy2, sx2) = (
+        (*np.argwhere(m).min(axis=0), *np.argwhere(m).max(axis=0)) for m in (full, small)
+    )
+    assert max(abs(fy1 - sy1), abs(fx1 - sx1), abs(fy2 - sy2), abs(fx2 - sx2)) <= 2
+    assert not small[:, :55].any() and not small[:35].any()  # nothing outside the box
+    with pytest.raises(ValueError, match="grabcut_max_pixels"):
+        EmbeddedDetector(grabcut_max_pixels=0)
+
+
 def test_quality_gates() -> None:
     cfg = SubjectsConfig()
     grid = (100, 50)

@@ -58,6 +58,7 @@ POSITION_WORDS = {
 }  # fmt: skip
 DEFINITE = {"the", "this", "that", "these", "those"}
 PATH = {"through", "across", "along", "over", "around", "past", "off"}  # after a verb of motion: the way, not a goal
+DEGREE = {"very", "deeply", "visibly", "slightly", "clearly", "quite", "rather", "heavily", "lightly", "noticeably"}
 SOURCE = {"from", "off", "out"}  # where a thing comes from: not what a later "it" means
 # words that open a clause but that the small model often tags as a preposition ("listens as a boy plays")
 CLAUSE_OPENERS = {"as", "while", "when", "whilst", "until", "till", "after", "before", "once", "because"}
@@ -373,8 +374,10 @@ class _Analysis:
             if self.verb_in(tok.head, "animal"):
                 return "animal"
             if tok.dep_ == "nsubj" and self.agent(tok):
-                # in captions, what does something to something is a person, or an animal when "its" says so
-                return "animal" if any(t.lower_ == "its" for t in tok.head.subtree) else "person"
+                # in captions, what does something to something is a person, or an animal when "its" + a body part
+                # says so ("digs with its claws")
+                animal = any(t.lower_ == "its" and self.kind(t.head) == "bodypart" for t in tok.head.subtree)
+                return "animal" if animal else "person"
         return None
 
     def agent(self, tok: Any) -> bool:
@@ -387,6 +390,8 @@ class _Analysis:
         lemma = self.lemma(tok)
         if lemma in self.lex.acting_thing or tok.lower_ in self.lex.acting_thing or lemma in self.lex.object_generic:
             return False
+        if self.verb_in(verb, "depict"):
+            return False  # "the photo shows a man", "a sign warns hikers"
         if any(c.lower_ in self.lex.made_of for c in tok.children):
             return False
         inter = self.lex.verbs.get("interaction", frozenset())
@@ -708,7 +713,9 @@ class _Analysis:
     def phrase(self, head: Any) -> tuple[str, int, int] | None:
         """A noun's appearance phrase: its pre-nominal modifiers and itself, without determiners or numbers."""
         left = [t for t in head.subtree if t.i < head.i]
-        if head.dep_ == "compound" and head.head.i in self.pseudo:  # modifiers the parse hung on a misparsed verb
+        # modifiers the parse hung on a misparsed verb ("in a black apron slices")
+        misread = head.head.i in self.pseudo or (head.head.pos_ == "VERB" and head.head.dep_ == "pobj")
+        if head.dep_ == "compound" and misread:
             left += [t for c in head.head.children if c.i < head.i for t in c.subtree if t.i < head.i]
         keep = [t for t in left if t.dep_ not in ("det", "poss", "predet", "nummod", "case", "punct", "cc", "prep")]
         keep = [t for t in keep if not (t.dep_ == "amod" and t.lower_ in NOT_MODIFIERS)]
@@ -839,15 +846,24 @@ class _Analysis:
     def stative_participle(self, verb: Any) -> bool:
         """ "He is tanned and muscular": a participle after "is" with nothing done to anything (no agent, object or
         phrase) describes its subject; the small model reads it as a passive verb."""
-        if verb.tag_ != "VBN" or not any(c.dep_ == "auxpass" and self.lemma(c) == "be" for c in verb.children):
+        if verb.tag_ != "VBN" or not any(
+            c.dep_ == "auxpass" and self.lemma(c) == "be" and c.lower_ not in ("being", "been") for c in verb.children
+        ):
+            return False  # "is being fed": something done to it
+        if any(c.dep_ in ("agent", "prep", "dobj", "xcomp", "ccomp", "advcl", "dative") for c in verb.children):
             return False
-        return not any(c.dep_ in ("agent", "prep", "dobj", "xcomp", "ccomp", "advcl", "dative") for c in verb.children)
+        # a bare passive ("a baby is carried") is an action; beside an adjective or after a degree word it describes
+        return any(c.dep_ == "conj" and c.pos_ == "ADJ" for c in verb.children) or any(
+            c.dep_ == "advmod" and c.lower_ in DEGREE for c in verb.children
+        )
 
     def had_feature(self, ent: Entity, verb: Any) -> None:
         """ "The farmer has deeply tanned arms": the parse reads "has tanned" as a perfect tense; a participle right
         before an undetermined body part or garment it governs is that feature's description."""
         if verb.tag_ != "VBN" or not any(c.dep_ == "aux" and self.lemma(c) == "have" for c in verb.children):
             return
+        if self.verb_in(verb, "wear"):
+            return  # "has worn boots": the garment is "boots" (verb_appearance)
         obj = next((c for c in verb.children if c.dep_ in ("dobj", "obj") and c.i == verb.i + 1), None)
         if obj is None or any(c.dep_ in ("det", "poss") for c in obj.children):
             return
@@ -864,9 +880,10 @@ class _Analysis:
     @staticmethod
     def coordinated_adj(tok: Any) -> Iterator[Any]:
         yield tok
-        for c in tok.children:
+        for c in tok.children:  # not a second clause's: "A man is seated and the boy is startled"
             if c.dep_ == "conj" and (c.pos_ == "ADJ" or c.tag_ == "VBN"):
-                yield c
+                if not any(g.dep_ in ("nsubj", "nsubjpass", "auxpass", "aux") for g in c.children):
+                    yield c
 
     def verb_appearance(self, ent: Entity, verb: Any) -> None:
         for c in verb.children:

@@ -123,7 +123,7 @@ class SubjectsConfig(FilterConfig):
 
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
-    version = "7"
+    version = "8"  # 8: big GrabCut windows cut at a reduced size
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")
     default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)

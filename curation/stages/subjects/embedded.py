@@ -88,6 +88,8 @@ class EmbeddedDetector:
         self.detect_long_side, self.mask_long_side = detect_long_side, mask_long_side
         self.min_face_px, self.face_cue_score, self.hog_min_weight = min_face_px, face_cue_score, hog_min_weight
         self.motion_threshold, self.min_blob_area, self.grabcut_iters = motion_threshold, min_blob_area, grabcut_iters
+        if grabcut_max_pixels < 64:
+            raise ValueError(f"grabcut_max_pixels must be at least 64, got {grabcut_max_pixels}")
         self.background_frames, self.grabcut_max_pixels = background_frames, grabcut_max_pixels
         self._faces = FaceDetector(detect_long_side, min_score=0.5)
         self._hog = cv2.HOGDescriptor()
@@ -231,7 +233,7 @@ class EmbeddedDetector:
         if f < 1.0:
             size = (max(4, round(ww * f)), max(4, round(wh * f)))
             img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-            win = cv2.resize(win, size, interpolation=cv2.INTER_NEAREST)
+            win = cv2.resize(win, size, interpolation=cv2.INTER_NEAREST_EXACT)  # centred, unlike INTER_NEAREST
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         # GrabCut seeds its colour models with k-means on OpenCV's per-thread RNG, whose state carries over from
         # call to call: without a reset a clip's masks (and so its subject count) depend on which clips the same
@@ -250,7 +252,7 @@ class EmbeddedDetector:
         except cv2.error:  # degenerate colour model (flat box): fall back to the seed
             return seed
         if f < 1.0:
-            win = cv2.resize(win, (ww, wh), interpolation=cv2.INTER_NEAREST)
+            win = cv2.resize(win, (ww, wh), interpolation=cv2.INTER_NEAREST_EXACT)
             win[init[wy1:wy2, wx1:wx2] == cv2.GC_BGD] = cv2.GC_BGD  # outside the box stays background
         init[wy1:wy2, wx1:wx2] = win
         mask = ((init == cv2.GC_FGD) | (init == cv2.GC_PR_FGD)).astype(np.uint8)
