@@ -27,12 +27,7 @@ from curation.stage import CLIP_FIELDS, Kind, Row, Stage, StageConfig, fingerpri
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-# What streams between the stages of a chain moves in blocks of about one row: an actor pool hands out whole blocks
-# (bundled up to the stage's batch size), so a block of many cheap rows would put a slow stage's work on one actor
-# while the others idle. With 16 KiB blocks, 4 simulated GPU nodes were busy 59% of the (steady) time; with 1 KiB,
-# 69% (bench/scale.py). The cost is one object per row for the driver's executor to schedule: small beside a row's
-# work in any stage worth streaming, not measured at millions of rows.
-CHAIN_BLOCK_BYTES = 1024
+CHAIN_BLOCK_BYTES = 16 * 1024  # a few rows: what streams between the stages of a chain moves in blocks this small
 
 
 class Runner(Protocol):
