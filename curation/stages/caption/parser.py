@@ -408,10 +408,7 @@ class _Analysis:
         surface, light or shadow: "the lamp casts shadows", "heat shimmer blurs the horizon")."""
         if tok.pos_ == "PRON":
             return tok.lower_ in PRONOUNS
-        if tok.pos_ not in ("NOUN", "PROPN"):
-            return False
-        cat = self.lex.category(self.lemma(tok)) or self.lex.category(tok.lower_)
-        return cat in (None, "person", "animal")
+        return tok.pos_ in ("NOUN", "PROPN") and self.kind(tok) in (None, "person", "animal")
 
     def is_noun(self, tok: Any) -> bool:
         if tok.pos_ == "ADJ" and tok.i < tok.head.i and tok.head.tag_ in ("VBZ", "VBD", "VBP"):
@@ -477,7 +474,7 @@ class _Analysis:
         if tok.dep_ in ("dobj", "obj"):
             verb = tok.head
         elif tok.dep_ == "pobj" and tok.head.dep_ == "prep" and tok.head.lower_ in self.lex.verbs.get(
-                "interaction", frozenset()) and tok.head.lower_ not in ("with", "in"):  # fmt: skip
+                "interaction", frozenset()) and tok.head.lower_ != "with":  # fmt: skip
             verb = tok.head.head
             if tok.head.lower_ in ("on", "onto", "into") and tok.head.i == verb.i + 1 and self.verb_in(
                     verb, "dress_on"):  # fmt: skip
@@ -497,28 +494,18 @@ class _Analysis:
             if p.dep_ == "prep" and any(g.dep_ == "pobj" and self.kind(g) == "bodypart" for g in p.children):
                 return False
         # "a woman in a yellow raincoat ... pulls the raincoat tighter": a garment someone was said to wear
-        if any(c.lower_ == "the" for c in tok.children):
-            worn = {a.text.split()[-1].lower() for e in self.entities if e.category in ("person", "animal")
-                    for a in e.attributes}  # fmt: skip
-            if tok.lower_ in worn or self.lemma(tok) in worn:
-                return False
-            if any(self.wears(e, tok) for e in self.entities):
-                return False
-        return True
+        return not (any(c.lower_ == "the" for c in tok.children) and self.worn_earlier(tok))
 
-    def wears(self, ent: Entity, tok: Any) -> bool:
-        """Whether an earlier phrase hung a garment of this name on a person or animal (attributes are collected
-        after mentions, so the parse is asked: "in a yellow raincoat", "wearing a hoodie")."""
-        if ent.category not in ("person", "animal"):
-            return False
+    def worn_earlier(self, tok: Any) -> bool:
+        """Whether a phrase before `tok` hung a garment of the same name on a person or animal ("in a yellow
+        raincoat", "wearing a hoodie"). Attributes are collected after mentions, so the parse is asked."""
         name = self.lemma(tok)
-        for i, e in self.of.items():
-            if e is not ent:
-                continue
-            for t in self.toks[i].subtree:
-                if t.i < tok.i and t.i != tok.i and self.lemma(t) == name and t.dep_ in ("pobj", "dobj", "conj"):
-                    return True
-        return False
+        return any(
+            t.i < tok.i and t.dep_ in ("pobj", "dobj", "conj") and self.lemma(t) == name
+            for i, e in self.of.items()
+            if e.category in ("person", "animal")
+            for t in self.toks[i].subtree
+        )
 
     def counted(self, tok: Any) -> tuple[Any | None, int | None]:
         """(the noun a mention is about, its count): "a pair of dumbbells" is about the dumbbells, two of them."""
