@@ -275,6 +275,27 @@ def _movers(frame: np.ndarray, i: int, n: int, rng_seed: int, sprites: list[np.n
         frame[y : y + bh, x : x + bw] = patch
 
 
+FOLLOW = {"bl": (0.12, 0.92), "br": (0.88, 0.92), "third": (0.33, 0.62), "tr": (0.85, 0.3)}
+
+
+def _follow(frame: np.ndarray, i: int, spec: str, rng_seed: int, sprites: list[np.ndarray]) -> None:
+    """A subject the camera follows (`follow:PLACE[:SIZE]`): one person-sized patch held at PLACE in the frame while
+    the camera moves, with the small jitter and bob of a hand-held or drone follow shot (0-2 px, a slow 3 px bob);
+    SIZE is its height as a share of the frame (default 0.35)."""
+    _, place, *size = spec.split(":")
+    rng = np.random.default_rng(rng_seed + 11 + i)
+    hh, ww = frame.shape[:2]
+    sp = sprites[rng_seed % len(sprites)]
+    bh = int(float(size[0] if size else 0.35) * hh)
+    bw = max(2, int(bh * sp.shape[1] / sp.shape[0]))
+    patch = cv2.resize(sp, (bw, bh), interpolation=cv2.INTER_AREA)
+    fx, fy = FOLLOW[place]
+    x = int(fx * ww - bw / 2 + rng.integers(-2, 3))
+    y = int(fy * hh - bh / 2 + 3 * np.sin(i / 6) + rng.integers(-2, 3))
+    x, y = min(max(0, x), ww - bw), min(max(0, y), hh - bh)
+    frame[y : y + bh, x : x + bw] = patch
+
+
 def _sprites() -> list[np.ndarray]:
     img = _photo("two_people.jpg")
     h, w = img.shape[:2]
@@ -294,13 +315,17 @@ def render_case(case: dict[str, str], out: Path, ffmpeg: str = "ffmpeg") -> Path
         sign = case["split"] if case.get("scene_text") in ("sign", "bandsign") else None
         where = "band" if case.get("scene_text") == "bandsign" else "any"
         frames = _camera(_photo(name), case.get("camera") or "static", n, rng, sign, where)
-    sprites = _sprites() if int(case.get("movers") or 0) else []
+    movers = case.get("movers") or "0"
+    sprites = _sprites() if movers != "0" else []
     path = out / f"{case['case']}.mp4"
     proc = None
     for i, frame in enumerate(frames):
         frame = np.ascontiguousarray(frame)
         if sprites:
-            _movers(frame, i, int(case["movers"]), seed, sprites)
+            if movers.startswith("follow:"):
+                _follow(frame, i, movers, seed, sprites)
+            else:
+                _movers(frame, i, int(movers), seed, sprites)
         for j, ov in enumerate((case.get("overlay") or "none").split("+")):
             _overlay(frame, ov, i, seed * 31 + j, case["split"])
         if proc is None:

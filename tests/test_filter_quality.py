@@ -3,14 +3,15 @@
 
 The P/R table is printed (`pytest -s`) and kept in docs/benchmarks.md. Gates: burnt-in text (ocr) and near-static
 (motion) precision and recall >= 0.85 on every split; people found (subjects, media only) likewise; watermark
-precision >= 0.85 and its recall held at what the embedded backend reaches (graphic marks with no letters on a single
-shot are beyond it: see docs).
+precision >= 0.85 on every split but heldout2 and its recall held at what the embedded backend reaches (graphic marks
+with no letters on a still camera are beyond it: see docs).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 
 from curation.stages.motion import moving_area
-from curation.stages.ocr import classify_overlays
-from curation.stages.watermark import Watermark, text_marks
+from curation.stages.ocr import classify_overlays, lift_bands
+from curation.stages.watermark import Watermark, stay_evidence, stay_score, text_marks
 from tests import filter_cases as fc
 from tests.conftest import REPO, VIDEOS, media
 
@@ -82,8 +83,10 @@ def test_people_found_precision_and_recall(results: dict[tuple[str, str], dict[s
 def test_watermark_precision_and_recall(results: dict[tuple[str, str], dict[str, Any]]) -> None:
     for split in ("dev", "heldout", "media", "all"):  # heldout2: 0.83 (left-aligned subtitles read as a mark)
         assert results[(split, "logo")]["precision"] >= 0.85, results[(split, "logo")]
-    # Below the 0.85 target: recorded in docs/benchmarks.md; this holds the level reached (0.71 on all cases).
-    assert results[("all", "logo")]["recall"] >= 0.65, results[("all", "logo")]
+    # Below the 0.85 target (docs/benchmarks.md): marks on a still camera are out of the embedded backend's reach by
+    # design, and half-transparent marks over busy texture on a moving camera are mostly missed. This holds the
+    # level reached (0.79 on all cases).
+    assert results[("all", "logo")]["recall"] >= 0.75, results[("all", "logo")]
     assert results[("media", "logo")]["recall"] == 1.0
 
 
@@ -191,3 +194,112 @@ def test_moving_area_ignores_a_drifting_camera() -> None:
     for i in range(8):
         walker[i, 100:114, 20 + 12 * i : 26 + 12 * i] = 0
     assert moving_area(walker, (256, 144)) > 0.003
+
+
+def _scene(seed: int, smooth: int = 7) -> np.ndarray:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    return cv2.GaussianBlur(rng.integers(0, 255, (200, 400)).astype(np.uint8), (smooth, smooth), 0)
+
+
+def _panned(scene: np.ndarray, n: int = 8, step: int = 6) -> np.ndarray:
+    """Grey samples of a camera panning right `step` px a sample over `scene`, 320 x 180."""
+    return np.stack([scene[10:190, step * i : step * i + 320] for i in range(n)])
+
+
+def _ring(frames: np.ndarray, cx: int, cy: int, alpha: float = 0.7) -> np.ndarray:
+    import cv2
+
+    out = frames.copy()
+    for f in out:
+        layer = f.copy()
+        cv2.circle(layer, (cx, cy), 11, 255, 3)
+        f[:] = np.round(alpha * layer + (1 - alpha) * f).astype(np.uint8)
+    return out
+
+
+def test_a_mark_that_stays_while_the_camera_pans_is_found_where_it_is() -> None:
+    scene = _scene(3)
+    plain = _panned(scene)
+    marked = _ring(plain, 290, 30)
+    share, pairs = stay_evidence(marked)
+    assert pairs >= 20
+    got = stay_score(share)
+    assert got["stay_corner"] == "top_right" and got["stay_score"] > 0.05, got
+    share, _ = stay_evidence(plain)
+    assert int((share >= 0.7).sum()) == 0  # nothing stays in a plain pan
+    # the same ring on a still camera: no pairs, no evidence (a static scene persists too)
+    still = _ring(np.stack([scene[10:190, :320]] * 8), 290, 30)
+    assert stay_evidence(still)[1] == 0 and stay_score(stay_evidence(still)[0])["stay_score"] == 0.0
+
+
+def test_an_opaque_mark_does_not_take_over_the_camera_tracking() -> None:
+    """A strong static mark has the strongest corners of the picture; tracking leaves the frame's corners out."""
+    import cv2
+
+    marked = _panned(_scene(5, smooth=15))
+    for f in marked:
+        cv2.rectangle(f, (272, 14), (300, 40), 255, -1)
+        cv2.putText(f, "+", (276, 36), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 0, 3)
+    share, pairs = stay_evidence(marked)
+    assert pairs >= 20
+    got = stay_score(share)
+    assert got["stay_corner"] == "top_right" and got["stay_score"] > 0.05, got
+
+
+def test_the_tracked_camera_motion_chains_rotation_and_zoom() -> None:
+    """Samples of a scene under a known similarity transform per step (pan, a slow turn, a push in): the chained
+    estimates map the last sample onto the first within a third of a pixel."""
+    import cv2
+
+    from curation.stages.watermark import _camera_shifts, _camera_steps, _pair_transforms
+
+    scene = _scene(6, smooth=5)
+    big = cv2.resize(scene, (800, 400), interpolation=cv2.INTER_CUBIC)
+    truth, frames = [np.eye(3)], []
+    for i in range(6):
+        a, z = np.deg2rad(0.6 * i * (i % 2 * 2 - 1)), 1 + 0.01 * i  # turns back and forth, zooms in
+        m = np.float64([[z * np.cos(a), -z * np.sin(a), 200 - 7 * i], [z * np.sin(a), z * np.cos(a), 100 + 2 * i]])
+        frames.append(cv2.warpAffine(big, m, (320, 180), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR))
+        truth.append(np.vstack([m, [0, 0, 1]]))
+    greys = np.stack(frames)
+    steps = _camera_steps(greys, _camera_shifts(greys), corner=0.3)
+    assert all(s is not None for s in steps)
+    chained = {(i, j): t for i, j, t in _pair_transforms(steps)}[(0, len(frames) - 1)]
+    expect = np.linalg.inv(truth[1]) @ truth[-1]  # a point of the last sample, in the first sample's frame
+    probe = np.float64([[0, 0, 1], [320, 0, 1], [0, 180, 1], [320, 180, 1]]).T
+    assert float(np.abs((chained @ probe)[:2] - (expect @ probe)[:2]).max()) < 0.35
+
+
+def test_what_the_camera_carries_along_is_not_a_mark() -> None:
+    """A subject the camera follows, big or reaching in from the frame's edge, stays put as a mark does; it is told
+    apart by its size and by where it is."""
+    scene = _scene(4)
+    followed = _panned(scene)
+    patch = _scene(9, smooth=3)[:64, :56]
+    followed[:, 108:172, 14:70] = patch  # a person-sized subject held low left (36% of the height)
+    assert stay_score(stay_evidence(followed)[0])["stay_score"] <= 0.05
+    side = _panned(scene)
+    side[:, 20:70, :60] = _scene(10, smooth=3)[:50, :60]  # something entering from the left edge
+    assert stay_score(stay_evidence(side)[0])["stay_score"] <= 0.05
+
+
+def test_band_lift_finds_a_pale_clock_on_a_bright_sky_and_leaves_the_middle(tmp_path: Path) -> None:
+    """Case d03 (a white clock on a pale sky, made from the shared traffic-camera footage): the embedded detector
+    finds nothing in the frame as it is and the clock once the bands are equalised."""
+    import types
+
+    import av
+
+    from curation.stages.ocr import OcrConfig, _RapidOcr
+
+    case = next(c for c in fc.load_cases() if c["case"] == "d03")
+    with av.open(str(fc.render_case(case, tmp_path))) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    engine = _RapidOcr(OcrConfig(threads=1), types.SimpleNamespace(threads=1))
+    lifted = lift_bands(frame, 0.2, 3.0)
+    assert not [t for _, t, _ in engine(frame) if ":" in t]
+    assert any(re.search(r"\d\d:\d\d:\d\d", t) for _, t, _ in engine(lifted))
+    assert np.array_equal(lifted[60:-60], frame[60:-60])
+    assert lift_bands(frame, 0.2, 0.0) is frame

@@ -11,9 +11,11 @@ its size, because a small clock is as much an overlay as two lines of subtitles:
   the left or right edge (`edge`: the title-safe margin) or in the same place in most samples while reading as a
   copyright / address line, or anchored and in the same place (channel names, credits);
 - `caption`: a line of words centred in the bottom band, in at least two samples (subtitles come and go).
-A clip is rejected for text when it has a `mark` or `caption` box, or when any text covers more than
-`max_text_area` of a frame (title cards; scene text that fills the picture). Without recognition
-(`recognise: false`) only position can tell: marks need the same place in most samples, captions any text.
+The top and bottom bands are contrast-equalised before detection (`lift_bands`): a pale clock on a bright sky is
+below what the detector sees as it is. A clip is rejected for text when it has a `mark` or `caption` box, or when
+any text covers more than `max_text_area` of a frame (title cards; scene text that fills the picture). Without
+recognition (`recognise: false`) only position can tell: marks need the same place in most samples, captions any
+text.
 
 - `embedded`: rapidocr with the PP-OCR detection/recognition ONNX models shipped inside its wheel (onnxruntime, CPU).
 - `reference`: PaddleOCR (the `gpu` extra), models read from `models_dir`.
@@ -75,6 +77,12 @@ class OcrConfig(FilterConfig):
         "text box 512 finds on the labelled media at 40% of the cost; 256 misses subtitles",
     )
     recognise: bool = Field(True, description="also recognise the text (detection alone gives the area)")
+    lift_bands: float = Field(
+        3.0,
+        ge=0,
+        description="local contrast equalisation (CLAHE clip limit) of the top and bottom bands before detection, so "
+        "a pale clock on a bright sky is found; 0: off",
+    )
     threads: int | None = operational(
         None,
         ge=0,
@@ -190,6 +198,24 @@ CLOCK = re.compile(
 CREDIT = re.compile(r"\(c\)|©|copyright|all rights|photo\s?by|www\.|https?:|\.[a-z]{2,4}\b/?$|^@\w", re.IGNORECASE)
 
 
+def lift_bands(rgb: np.ndarray, band: float, clip_limit: float) -> np.ndarray:
+    """The frame with the lightness of its top and bottom `band` equalised locally (CLAHE): overlays sit there and
+    are often pale on a bright sky or dark on shadow, below what the detector sees; the middle is left as it is."""
+    if clip_limit <= 0:
+        return rgb
+    import cv2
+
+    out = rgb.copy()
+    h = rgb.shape[0]
+    k = max(1, int(h * band))
+    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(8, 2))
+    for rows in (slice(0, k), slice(h - k, h)):
+        lab = cv2.cvtColor(np.ascontiguousarray(rgb[rows]), cv2.COLOR_RGB2LAB)
+        lab[..., 0] = clahe.apply(lab[..., 0])
+        out[rows] = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    return out
+
+
 def classify_overlays(
     boxes: list[dict[str, Any]], n_frames: int, band: float, edge: float, centre: float = 0.06
 ) -> None:
@@ -236,7 +262,7 @@ def _mark_overlays(boxes: list[dict[str, Any]], n_frames: int, share: float) -> 
 
 class Ocr(SampleFilter):
     name = "ocr"
-    version = "6"
+    version = "7"
     config_class = OcrConfig
     requires = ("clip_samples_path",)
     default_resources = Resources(cpus=0.5, batch_size=4, pool_max=2)
@@ -254,7 +280,7 @@ class Ocr(SampleFilter):
         idx = pick(len(samples["frames"]), self.config.max_frames)
         areas, texts, boxes_out = [], [], []
         for i in idx:
-            rgb = samples["frames"][i]
+            rgb = lift_bands(samples["frames"][i], self.config.band, self.config.lift_bands)
             h, w = rgb.shape[:2]
             found = [b for b in self._engine(rgb) if b[2] >= self.config.min_box_score and self._is_text(b, h)]
             mask = np.zeros((h, w), np.uint8)  # union of boxes, so overlapping detections are not counted twice

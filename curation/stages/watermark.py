@@ -6,19 +6,29 @@
   shots (shots whose median frames differ by more than `distinct_shots` grey levels). Long straight persistent
   lines (letterbox bars, frame borders) are removed. The score is the largest density of such pixels in a frame
   corner minus the density in the centre. A single shot, or several cut from one fixed camera, is no evidence of an
-  overlay (a static background persists too): the score is then 0 and `watermark_distinct_shots` says why. (Asking
-  the same inside one moving shot was tried: busy texture under a slow pan lines up as often as a drawn mark does.)
+  overlay (a static background persists too): the score is then 0 and `watermark_distinct_shots` says why.
+- `embedded`, inside one shot: what stays put while the camera moves. The camera's motion between the clip's samples
+  is tracked (phase correlation, then corners outside the frame's corner zones followed by optical flow, a
+  similarity transform fitted with RANSAC, chained between samples); for every pair of samples the camera moved at
+  least `min_shift` px between, a pixel *stays* when it differs from the camera-aligned other sample by `stay_level`
+  grey levels more than from the unaligned one (the scene moved on, the pixel did not). The stay score is the
+  densest patch of pixels that stay in most pairs in a frame corner minus the densest away from the corners (people
+  moving on their own and poor camera fits show up all over). Groups of such pixels that reach the frame's edge or
+  are bigger than a mark (a quarter of the frame) do not count: a subject the camera follows stays put too. A still
+  camera gives no pairs and no evidence; subtitles (`caption` boxes of the `ocr` stage) are left to that stage.
 - Text marks, whatever the backend: when `ocr` ran before this stage, its `mark` boxes (a clock, a date, a
   copyright or address line, or a name anchored to a side edge of the top or bottom band in the same place in most
   samples) are marks too (`watermark_text_marks`), so a timestamp on a single shot or a fixed camera is found where
-  no edge statistic can tell. A graphic mark with no letters on a single shot is left to the reference backend.
+  no edge statistic can tell. A graphic mark with no letters on a still camera is left to the reference backend.
 - `reference`: the LAION watermark classifier (timm EfficientNet-B3 with a 2-class head, weights
   `watermark_model_v1.pt`), mean probability over the clip's samples.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -42,6 +52,11 @@ class WatermarkConfig(FilterConfig):
     )
     max_shots: int = Field(16, ge=2, description="at most this many of the video's clips (evenly spaced) are compared")
     text_marks: bool = Field(True, description="reject clips where the ocr stage (run before this one) found a mark")
+    max_stay_score: float = Field(
+        0.05, ge=0, description="embedded: reject above this density of pixels that stay put while the camera moves"
+    )
+    stay_level: float = Field(12.0, gt=0, description="grey levels a staying pixel must beat the aligned scene by")
+    min_shift: float = Field(4.0, gt=0, description="camera motion (px at 320 wide) for a pair of samples to count")
     video_frames: int | None = operational(None, description="deprecated (watermark v2), ignored")
     min_change: float | None = operational(None, description="deprecated (watermark v2), ignored")
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
@@ -52,10 +67,6 @@ class WatermarkConfig(FilterConfig):
 def _video_shots(row: Row, own: np.ndarray, max_shots: int = 16) -> list[np.ndarray]:
     """Grey samples of every clip of the video's current cut, one array per clip, at a common working size (this
     clip's from memory): the same shots whichever clip asks, so the score is a property of the video."""
-    import cv2
-
-    h, w = own.shape[1:3]
-    size = (WORK_WIDTH, max(2, round(h * WORK_WIDTH / w)))
     path = row[SAMPLES_COLUMN]
     shots = []
     paths = cut_sample_paths(row)
@@ -65,11 +76,19 @@ def _video_shots(row: Row, own: np.ndarray, max_shots: int = 16) -> list[np.ndar
         else:
             with np.load(f, allow_pickle=False) as z:
                 frames = z["frames"]
-        greys = [cv2.resize(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA)
-                 for x in frames if x.shape[:2] == (h, w)]  # fmt: skip
-        if greys:
-            shots.append(np.stack(greys))
+        if len(frames) and frames.shape[1:3] == own.shape[1:3]:  # a shot at another resolution is left out
+            shots.append(_work_greys(frames, own.shape[1:3]))
     return shots
+
+
+def _work_greys(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Grey samples at the working size (`WORK_WIDTH` wide, for frames of `shape` (h, w))."""
+    import cv2
+
+    h, w = shape
+    size = (WORK_WIDTH, max(2, round(h * WORK_WIDTH / w)))
+    out = [cv2.resize(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA) for x in frames]
+    return np.stack(out) if out else np.zeros((0, size[1], size[0]), np.uint8)
 
 
 def overlay_score(
@@ -116,6 +135,173 @@ def overlay_score(
     return out
 
 
+def _corner_boxes(h: int, w: int, size: float) -> list[tuple[slice, slice]]:
+    """The four corner squares of a frame, `size` of its height and width each."""
+    ch, cw = max(1, int(h * size)), max(1, int(w * size))
+    top, bottom, left, right = slice(0, ch), slice(h - ch, h), slice(0, cw), slice(w - cw, w)
+    return [(top, left), (top, right), (bottom, left), (bottom, right)]
+
+
+def _camera_shifts(greys: np.ndarray) -> list[tuple[float, float]]:
+    """The camera's shift between consecutive samples, in full-size px (phase correlation at half size, the frame's
+    edges faded out so a mark in a corner does not pull it to 0; (0, 0) where the picture gives no answer)."""
+    import cv2
+
+    small = [cv2.resize(g, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA).astype(np.float32) for g in greys]
+    window = cv2.createHanningWindow(small[0].shape[::-1], cv2.CV_32F) if small else None
+    out = []
+    for a, b in itertools.pairwise(small):
+        (dx, dy), response = cv2.phaseCorrelate(a, b, window)
+        out.append((2 * dx, 2 * dy) if response >= 0.05 else (0.0, 0.0))
+    return out
+
+
+def _camera_steps(
+    greys: np.ndarray, shifts: list[tuple[float, float]], corner: float, min_inliers: float = 0.5
+) -> list[np.ndarray | None]:
+    """3x3 similarity transforms taking each sample onto the one before it: corners of the picture outside the
+    frame's corner zones (where a mark would sit and, being static, drag the fit) tracked with optical flow from the
+    phase-correlation `shifts`, fitted with RANSAC; None where the fit is poor (too few corners, under `min_inliers`
+    agreeing)."""
+    import cv2
+
+    h, w = greys.shape[1:]
+    where = np.full((h, w), 255, np.uint8)
+    for rows, cols in _corner_boxes(h, w, corner):
+        where[rows, cols] = 0
+    out: list[np.ndarray | None] = []
+    for (a, b), (dx, dy) in zip(itertools.pairwise(greys), shifts, strict=True):
+        pts = cv2.goodFeaturesToTrack(b, 200, 0.01, 8, mask=where)
+        m = None
+        if pts is not None and len(pts) >= 12:
+            guess = (pts - np.float32([dx, dy])).astype(np.float32)
+            moved, found, _ = cv2.calcOpticalFlowPyrLK(b, a, pts, guess, winSize=(15, 15), maxLevel=1,
+                                                       flags=cv2.OPTFLOW_USE_INITIAL_FLOW)  # fmt: skip
+            ok = found.ravel() == 1
+            if ok.sum() >= 12:
+                fit, inliers = cv2.estimateAffinePartial2D(pts[ok], moved[ok], method=cv2.RANSAC,
+                                                           ransacReprojThreshold=1.5)  # fmt: skip
+                if fit is not None and float(inliers.mean()) >= min_inliers:
+                    m = np.vstack([fit, [0.0, 0.0, 1.0]])
+        out.append(m)
+    return out
+
+
+def _pair_transforms(steps: list[np.ndarray | None]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(i, j, transform taking sample j onto sample i) for every i < j the chain of consecutive `steps` reaches
+    (it breaks at a poor fit)."""
+    for i in range(len(steps) + 1):
+        t = np.eye(3)
+        for j in range(i + 1, len(steps) + 1):
+            step = steps[j - 1]
+            if step is None:
+                break
+            t = t @ step  # j -> j-1 -> ... -> i
+            yield i, j, t
+
+
+def stay_evidence(
+    greys: np.ndarray, level: float = 12.0, min_shift: float = 4.0, corner: float = 0.3
+) -> tuple[np.ndarray, int]:
+    """Per pixel, the share of sample pairs (the camera moved >= `min_shift` px between them) in which the pixel
+    stayed put while the scene moved on: its grey level differs from the other sample brought into line with it by
+    `level` more than from the other sample as it is (and the same the other way round, by any amount). Pixels seen
+    by fewer than 3 such pairs, and a 4 px frame border, get 0; so does everything when the camera does not travel
+    `min_shift` px over the samples (a still camera: no evidence)."""
+    import cv2
+
+    n, h, w = greys.shape
+    share = np.zeros((h, w), np.float32)
+    if n < 3:
+        return share, 0
+    shifts = _camera_shifts(greys)
+    path = np.vstack([[0.0, 0.0], np.cumsum(shifts, axis=0)])
+    if float(np.ptp(path, axis=0).max()) < min_shift:  # skips the tracking for a still camera
+        return share, 0
+    probe = np.float64([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1], [w / 2, h / 2, 1]]).T
+    blurred = np.stack([cv2.GaussianBlur(g, (3, 3), 0).astype(np.float32) for g in greys])
+    steps = _camera_steps(greys, shifts, corner)
+    stayed = np.zeros((h, w), np.float32)
+    seen = np.zeros((h, w), np.float32)
+    pairs = 0
+    for i, j, t in _pair_transforms(steps):
+        if float(np.abs(t[:2] @ probe - probe[:2]).max()) < min_shift:
+            continue
+        # A pixel of i stays when j brought onto i differs from it by `level` more than j as it is. Checked the
+        # other way too (i brought onto j, at least no closer than i as it is), because the mark's own image carried
+        # by the warp lands beside the mark (a ghost, clear on a flat scene) and differs from i one way only.
+        still = np.abs(blurred[i] - blurred[j])
+        valid = np.ones((h, w), bool)
+        stays = np.ones((h, w), bool)
+        for a, other, m in ((i, j, t[:2]), (j, i, cv2.invertAffineTransform(t[:2]))):
+            aligned = cv2.warpAffine(blurred[other], m, (w, h), flags=cv2.INTER_LINEAR, borderValue=-1.0)
+            valid &= cv2.erode((aligned >= 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+            stays &= np.abs(blurred[a] - aligned) - still >= (level if a == i else 0.0)
+        stayed += stays & valid
+        seen += valid
+        pairs += 1
+    share = np.where(seen >= 3, stayed / np.maximum(seen, 1), 0.0).astype(np.float32)
+    b = 4
+    share[:b] = 0
+    share[-b:] = 0
+    share[:, :b] = 0
+    share[:, -b:] = 0
+    return share, pairs
+
+
+def stay_score(
+    share: np.ndarray,
+    corner: float = 0.2,
+    apart: float = 0.35,
+    window: float = 0.08,
+    most: float = 0.7,
+    max_size: float = 0.25,
+) -> dict[str, Any]:
+    """Densest `window`-wide patch (a fraction of the width) of pixels that stayed in `most` of their pairs inside a
+    frame corner (`corner` of height and width), minus the densest one away from the corners (beyond `apart`).
+    Groups of such pixels that reach the frame's edge, or are taller or wider than `max_size` of the frame, are not
+    counted: a mark is small and drawn inset, while a subject the camera follows is bigger or further in, and
+    foreground it carries along (a bonnet, a pillar) reaches in from the edge."""
+    import cv2
+
+    h, w = share.shape
+    strong = cv2.morphologyEx((share >= most).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    # grouped with their neighbours within a few px, so the pieces of one object are judged as the object
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.dilate(strong, np.ones((7, 7), np.uint8)))
+    x, y, bw, bh = stats[:, 0] + 3, stats[:, 1] + 3, stats[:, 2] - 6, stats[:, 3] - 6  # the group's own extent
+    m = 6  # px: the zeroed 4 px border and a little more
+    drop = (x <= m) | (y <= m) | (x + bw >= w - m) | (y + bh >= h - m) | (bh > max_size * h) | (bw > max_size * w)
+    drop[0] = True  # the background label
+    strong[drop[labels]] = 0
+    k = max(3, round(window * w))
+    density = cv2.boxFilter(strong.astype(np.float32), -1, (k, k), borderType=cv2.BORDER_CONSTANT)
+    names = ("top_left", "top_right", "bottom_left", "bottom_right")
+    peaks = {name: float(density[box].max()) for name, box in zip(names, _corner_boxes(h, w, corner), strict=True)}
+    elsewhere = density.copy()
+    for box in _corner_boxes(h, w, apart):
+        elsewhere[box] = 0
+    where = max(peaks, key=lambda z: peaks[z])
+    score = max(0.0, peaks[where] - float(elsewhere.max()))
+    return {"stay_score": score, "stay_corner": where if score > 0 else None}
+
+
+def _caption_mask(boxes_json: str | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """Where the ocr stage read subtitles (`caption` boxes): they come and go in place, and they are judged there.
+    Other text it did not call a mark is left in: scene text moves with the scene, and overlay text ocr could not
+    place is what this check is for."""
+    import cv2
+
+    boxes = [b for b in json.loads(boxes_json) if b.get("kind") == "caption"] if boxes_json else []
+    if not boxes:
+        return None
+    h, w = shape
+    mask = np.zeros((h, w), np.uint8)
+    for b in boxes:
+        pts = np.array([[x * w, y * h] for x, y in b["box"]], np.int32)
+        cv2.fillPoly(mask, [pts], 1)
+    return cv2.dilate(mask, np.ones((5, 5), np.uint8)) > 0
+
+
 def text_marks(boxes_json: str | None) -> list[str]:
     """The texts of the `mark` boxes the ocr stage recorded for the clip (none without ocr)."""
     if not boxes_json:
@@ -159,13 +345,16 @@ class _LaionWatermark:
 
 class Watermark(SampleFilter):
     name = "watermark"
-    version = "4"
+    version = "5"
     config_class = WatermarkConfig
     requires = ("clip_samples_path",)
     optional_requires = ("ocr_boxes",)
     default_resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
     gpu_backends: ClassVar[dict[str, float]] = {"reference": 0.25}
-    backend_names: ClassVar[dict[str, str]] = {"embedded": "edge-persistence", "reference": "laion-watermark-v1"}
+    backend_names: ClassVar[dict[str, str]] = {
+        "embedded": "edge-persistence+camera-stay",
+        "reference": "laion-watermark-v1",
+    }
     score_column = "watermark_score"
 
     def setup(self, ctx: StageContext) -> None:
@@ -175,7 +364,17 @@ class Watermark(SampleFilter):
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         marks = text_marks(row.get("ocr_boxes"))
         found = {"text_marks": sorted({m for m in marks if m}), "text_mark_boxes": len(marks)}
-        return {**self._visual(row, samples), **found}
+        return {**self._visual(row, samples), **self._stay(row, samples["frames"]), **found}
+
+    def _stay(self, row: Row, frames: np.ndarray) -> dict[str, Any]:
+        if self._ref is not None:
+            return {"stay_score": None, "stay_corner": None, "stay_pairs": None}
+        c = self.config
+        share, pairs = stay_evidence(_work_greys(frames, frames.shape[1:3]), c.stay_level, c.min_shift, c.corner)
+        captions = _caption_mask(row.get("ocr_boxes"), share.shape)
+        if captions is not None:
+            share[captions] = 0
+        return {**stay_score(share), "stay_pairs": pairs}
 
     def _visual(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         if self._ref is not None:
@@ -195,8 +394,11 @@ class Watermark(SampleFilter):
             return "reject", "watermark"
         if "probability" in s:
             return ("reject", "watermark") if s["probability"] > self.config.max_probability else ("ok", None)
-        return ("reject", "watermark") if s["score"] > self.config.max_score else ("ok", None)
+        visual = s["score"] > self.config.max_score or (s.get("stay_score") or 0.0) > self.config.max_stay_score
+        return ("reject", "watermark") if visual else ("ok", None)
 
     def thresholds(self) -> dict[str, list[tuple[float, str]]]:
         c = self.config
-        return {self.col("score"): [(c.max_probability if c.backend == "reference" else c.max_score, "max")]}
+        if c.backend == "reference":
+            return {self.col("score"): [(c.max_probability, "max")]}
+        return {self.col("score"): [(c.max_score, "max")], self.col("stay_score"): [(c.max_stay_score, "max")]}
