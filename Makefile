@@ -13,8 +13,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 REF_VENV ?= .venv-reference
 REF_TORCH ?= "torch==2.14.*" torchvision
 REF_PY := $(REF_VENV)/bin/python
+# The PaddleOCR lane's venv: the project with paddlepaddle (PyPI's CPU build) and paddleocr 3, kept apart from the
+# reference venv because paddlepaddle's OpenMP runtime and paddlex's GUI OpenCV clash with torch's and the project's
+# headless one (the headless build is installed over paddlex's opencv-contrib-python). ~2 GB.
+PADDLE_VENV ?= .venv-paddle
+PADDLE_PY := $(PADDLE_VENV)/bin/python
 
-.PHONY: setup setup-reference demo test test-reference test-fast lint bench clean
+.PHONY: setup setup-reference setup-paddle demo test test-reference test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -42,16 +47,29 @@ $(REF_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	SAM2_BUILD_CUDA=0 $(REF_PY) -m pip install -q --no-build-isolation "sam2>=1.0"
 	@touch $@
 
+setup-paddle: $(PADDLE_VENV)/.installed
+
+$(PADDLE_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	python3 -m venv $(PADDLE_VENV)
+	$(PADDLE_PY) -m pip install -q --upgrade pip
+	$(PADDLE_PY) -m pip install -q -e ".[dev,paddle-lane]"
+	@# paddlex checks that opencv-contrib-python is installed (metadata), so it stays; the headless build is
+	@# installed over it so that the cv2 module is the headless one
+	$(PADDLE_PY) -m pip install -q --force-reinstall --no-deps "opencv-python-headless>=4.8,<5"
+	@touch $@
+
 demo: setup
 	$(VENV)/bin/curation samples samples
 	$(VENV)/bin/curation run configs/local.yaml --input samples --out runs/demo
 
-test: setup setup-reference
+test: setup setup-reference setup-paddle
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+	CURATION_REFERENCE_LANE=1 $(PADDLE_PY) -m pytest -m reference tests/test_paddle_lane.py
 	CURATION_REFERENCE_LANE=1 $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
 
-test-reference: setup-reference
+test-reference: setup-reference setup-paddle
+	CURATION_REFERENCE_LANE=1 $(PADDLE_PY) -m pytest -m reference tests/test_paddle_lane.py
 	CURATION_REFERENCE_LANE=1 $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
 
 test-fast: setup
@@ -65,4 +83,4 @@ bench: setup
 	$(PY) bench/attention.py
 
 clean:
-	rm -rf runs samples bench/out $(REF_VENV)
+	rm -rf runs samples bench/out $(REF_VENV) $(PADDLE_VENV)

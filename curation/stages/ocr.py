@@ -92,6 +92,17 @@ class OcrConfig(FilterConfig):
     )
     det_model: str = Field("PP-OCRv5_server_det", description="reference: PaddleOCR 3 text detection model name")
     rec_model: str = Field("PP-OCRv5_server_rec", description="reference: PaddleOCR 3 text recognition model name")
+    det_thresh: float | None = Field(
+        None, ge=0, le=1, description="reference: PaddleOCR's text_det_thresh (pixel score); null: its default (0.3)"
+    )
+    det_box_thresh: float | None = Field(
+        None, ge=0, le=1, description="reference: PaddleOCR's text_det_box_thresh (box score); null: its default (0.6)"
+    )
+    mkldnn: bool = operational(
+        False,
+        description="reference on a CPU: PaddlePaddle's oneDNN kernels (faster; graphs exported by paddle 3's new IR "
+        "can fail under them with 'ConvertPirAttribute2RuntimeAttribute not support')",
+    )
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("paddleocr", "PaddleOCR 3's official inference models (huggingface.co/PaddlePaddle/<model name>)"),
     )
@@ -158,6 +169,12 @@ class _PaddleOcr:
             use_doc_unwarping=False,
             use_textline_orientation=False,
             device="gpu:0" if gpus > 0 else "cpu",
+            enable_mkldnn=cfg.mkldnn,
+            **{
+                k: v
+                for k, v in (("text_det_thresh", cfg.det_thresh), ("text_det_box_thresh", cfg.det_box_thresh))
+                if v is not None
+            },
         )
 
     def __call__(self, rgb: np.ndarray) -> list[tuple[Box, str, float]]:

@@ -1,0 +1,91 @@
+"""The PaddleOCR lane (issue 17): the `ocr` stage's reference backend, PaddleOCR 3 on paddlepaddle, driven through a
+real pipeline run on the CPU with random PP-OCRv5 server models written in PaddleOCR's own inference format
+(`bench/random_paddleocr.py`: PaddleX's architectures, exported with `paddle.jit.save`). It runs in its own
+virtualenv (`make test-reference` builds `.venv-paddle`: paddlepaddle's OpenMP and paddlex's GUI OpenCV clash with
+torch's and ours); in the other venvs it skips.
+
+What it shows: the backend finds its model folders under `models_dir`, PaddleOCR 3 loads them, detects and
+recognises on real frames, and the stage turns its results into the manifest's boxes and texts; `curation report`
+reads the run. What it cannot show: quality (random weights) and GPU speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.reference
+IN_LANE = os.environ.get("CURATION_REFERENCE_LANE") == "1"
+if IN_LANE:
+    import paddleocr  # noqa: F401  (in the lane a missing library is a failure, never a skip)
+else:
+    pytest.importorskip("paddleocr")
+
+from curation.config import load_config  # noqa: E402
+from curation.manifest import Manifests  # noqa: E402
+from curation.pipeline import Pipeline  # noqa: E402
+from tests.conftest import REPO, media  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+import random_paddleocr  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ocr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("paddle")
+    models = tmp / "models"
+    random_paddleocr.paddleocr_models(models)
+    overrides = [
+        "runner=local",
+        "progress=false",
+        "stages=[probe,scenecut,ocr]",
+        "ocr.backend=reference",
+        f"ocr.models_dir={models}",
+        "ocr.resources.gpus=0",  # paddlepaddle from PyPI is the CPU build
+        # random weights: a pixel map around 0.6 and recognition scores around 0.03, so keep what they give
+        "ocr.det_thresh=0.5",
+        "ocr.det_box_thresh=0.0",
+        "ocr.min_box_score=0.0",
+        "ocr.max_frames=2",
+    ]
+    Pipeline(load_config(REPO / "configs" / "local.yaml", overrides), tmp / "run").run(media("sam2_01_dog.mp4"))
+    return tmp / "run"
+
+
+def test_paddleocr_reference_reads_its_model_folders_and_scores_real_clips(ocr_run: Path) -> None:
+    rows = Manifests(ocr_run).rows(
+        "SELECT ocr_backend, ocr_status, ocr_error, ocr_boxes, ocr_text_area FROM clips WHERE ocr_status IS NOT NULL"
+    )
+    assert rows, "no clip reached ocr"
+    allowed = {chr(c) for c in range(33, 127)} | {" "}
+    boxes = []
+    for r in rows:
+        assert r["ocr_backend"] == "reference:paddleocr" and r["ocr_status"] in ("ok", "reject"), r
+        assert r["ocr_error"] is None and 0 <= r["ocr_text_area"] <= 1
+        boxes += json.loads(r["ocr_boxes"])
+    assert boxes, "PaddleOCR found no box in any sample"
+    for b in boxes:
+        assert len(b["box"]) == 4 and all(0 <= x <= 1 and 0 <= y <= 1 for x, y in b["box"]), b
+        assert set(b["text"]) <= allowed and 0 <= b["score"] <= 1, b  # the random recogniser's character set
+
+
+def test_report_reads_a_paddleocr_run(ocr_run: Path) -> None:
+    from curation.cli import main
+
+    assert main(["report", str(ocr_run), "--out", str(ocr_run / "report.html")]) == 0
+    assert "ocr_text_area" in (ocr_run / "report.html").read_text()
+
+
+def test_a_missing_model_folder_is_named_before_paddle_starts(tmp_path: Path) -> None:
+    from curation.stages.ocr import OcrConfig
+
+    random_paddleocr.paddleocr_models(tmp_path)
+    OcrConfig(backend="reference", models_dir=str(tmp_path))  # both folders: fine
+    for f in (tmp_path / "paddleocr" / "PP-OCRv5_server_rec").iterdir():
+        f.unlink()
+    (tmp_path / "paddleocr" / "PP-OCRv5_server_rec").rmdir()
+    with pytest.raises(ValueError, match=r"paddleocr/PP-OCRv5_server_rec"):
+        OcrConfig(backend="reference", models_dir=str(tmp_path))
