@@ -15,11 +15,13 @@ REF_TORCH ?= "torch==2.14.*" torchvision
 REF_PY := $(REF_VENV)/bin/python
 # The PaddleOCR lane's venv: the project with paddlepaddle (PyPI's CPU build) and paddleocr 3, kept apart from the
 # reference venv because paddlepaddle's OpenMP runtime and paddlex's GUI OpenCV clash with torch's and the project's
-# headless one (the headless build is installed over paddlex's opencv-contrib-python). ~2 GB.
+# headless one (the headless build is installed over paddlex's opencv-contrib-python). ~3 GB.
 PADDLE_VENV ?= .venv-paddle
 PADDLE_PY := $(PADDLE_VENV)/bin/python
 
 .PHONY: setup setup-reference setup-paddle demo test test-reference test-fast lint bench clean
+# the venvs install the project editable from the same tree: one at a time
+.NOTPARALLEL:
 
 setup: $(VENV)/.installed
 
@@ -55,7 +57,8 @@ $(PADDLE_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	$(PADDLE_PY) -m pip install -q -e ".[dev,paddle-lane]"
 	@# paddlex checks that opencv-contrib-python is installed (metadata), so it stays; the headless build is
 	@# installed over it so that the cv2 module is the headless one
-	$(PADDLE_PY) -m pip install -q --force-reinstall --no-deps "opencv-python-headless>=4.8,<5"
+	$(PADDLE_PY) -m pip install -q --force-reinstall --no-deps "opencv-python-headless==$$($(PADDLE_PY) -c \
+		'import importlib.metadata as m; print(m.version("opencv-python-headless"))')"
 	@touch $@
 
 demo: setup

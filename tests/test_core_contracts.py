@@ -80,6 +80,7 @@ OPERATIONAL = [
     "scenecut.resources.cpus=1.5",
     "scenecut.decode_threads=2",
     "ocr.threads=1",
+    "ocr.mkldnn=true",
     "ocr.resources.pool_max=7",
     "aesthetics.models_dir=/somewhere/else",
     "subjects.models_dir=/somewhere/else",

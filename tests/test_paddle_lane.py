@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,17 @@ def ocr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     overrides = [
         "runner=local",
         "progress=false",
-        "stages=[probe,scenecut,ocr]",
+        "stages=[probe,scenecut,ocr,package]",
         "ocr.backend=reference",
         f"ocr.models_dir={models}",
         "ocr.resources.gpus=0",  # paddlepaddle from PyPI is the CPU build
         # random weights: a pixel map around 0.6 and recognition scores around 0.03, so keep what they give
         "ocr.det_thresh=0.5",
-        "ocr.det_box_thresh=0.0",
+        "ocr.det_box_thresh=0.01",
         "ocr.min_box_score=0.0",
         "ocr.max_frames=2",
+        "ocr.max_text_area=1.0",  # and let the clip on to the shards whatever the random boxes cover
+        "ocr.reject_overlays=false",
     ]
     Pipeline(load_config(REPO / "configs" / "local.yaml", overrides), tmp / "run").run(media("sam2_01_dog.mp4"))
     return tmp / "run"
@@ -57,19 +60,32 @@ def ocr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_paddleocr_reference_reads_its_model_folders_and_scores_real_clips(ocr_run: Path) -> None:
     rows = Manifests(ocr_run).rows(
-        "SELECT ocr_backend, ocr_status, ocr_error, ocr_boxes, ocr_text_area FROM clips WHERE ocr_status IS NOT NULL"
+        "SELECT clip_id, ocr_backend, ocr_status, ocr_error, ocr_boxes, ocr_text_area, ocr_texts, package_status "
+        "FROM clips WHERE ocr_status IS NOT NULL"
     )
     assert rows, "no clip reached ocr"
     allowed = {chr(c) for c in range(33, 127)} | {" "}
     boxes = []
     for r in rows:
-        assert r["ocr_backend"] == "reference:paddleocr" and r["ocr_status"] in ("ok", "reject"), r
+        assert r["ocr_backend"] == "reference:paddleocr" and r["ocr_status"] == "ok", r
         assert r["ocr_error"] is None and 0 <= r["ocr_text_area"] <= 1
+        assert r["package_status"] == "ok", r
         boxes += json.loads(r["ocr_boxes"])
+    assert any(r["ocr_text_area"] > 0 and r["ocr_texts"] for r in rows), rows
     assert boxes, "PaddleOCR found no box in any sample"
     for b in boxes:
         assert len(b["box"]) == 4 and all(0 <= x <= 1 and 0 <= y <= 1 for x, y in b["box"]), b
         assert set(b["text"]) <= allowed and 0 <= b["score"] <= 1, b  # the random recogniser's character set
+    assert any(b["text"] for b in boxes)
+    # what rapidocr's trained recogniser would never give: the random one is unsure of everything
+    assert max(b["score"] for b in boxes) < 0.5, sorted(b["score"] for b in boxes)[-3:]
+    # the clip's shard member carries the ocr scores
+    shards = sorted((ocr_run / "shards").rglob("*.tar"))
+    assert shards
+    with tarfile.open(shards[0]) as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert metas and all("ocr_text_area" in m["scores"] for m in metas), metas[:1]
+    assert all(m["provenance"]["ocr"]["backend"] == "reference:paddleocr" for m in metas)
 
 
 def test_report_reads_a_paddleocr_run(ocr_run: Path) -> None:
@@ -82,10 +98,8 @@ def test_report_reads_a_paddleocr_run(ocr_run: Path) -> None:
 def test_a_missing_model_folder_is_named_before_paddle_starts(tmp_path: Path) -> None:
     from curation.stages.ocr import OcrConfig
 
-    random_paddleocr.paddleocr_models(tmp_path)
-    OcrConfig(backend="reference", models_dir=str(tmp_path))  # both folders: fine
-    for f in (tmp_path / "paddleocr" / "PP-OCRv5_server_rec").iterdir():
-        f.unlink()
-    (tmp_path / "paddleocr" / "PP-OCRv5_server_rec").rmdir()
+    (tmp_path / "paddleocr" / random_paddleocr.DET).mkdir(parents=True)
     with pytest.raises(ValueError, match=r"paddleocr/PP-OCRv5_server_rec"):
         OcrConfig(backend="reference", models_dir=str(tmp_path))
+    (tmp_path / "paddleocr" / random_paddleocr.REC).mkdir()
+    OcrConfig(backend="reference", models_dir=str(tmp_path))  # both folders: fine

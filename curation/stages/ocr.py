@@ -92,16 +92,18 @@ class OcrConfig(FilterConfig):
     )
     det_model: str = Field("PP-OCRv5_server_det", description="reference: PaddleOCR 3 text detection model name")
     rec_model: str = Field("PP-OCRv5_server_rec", description="reference: PaddleOCR 3 text recognition model name")
+    # > 0: PaddleX reads its thresholds as `value or default`, so a 0 would silently become the default
     det_thresh: float | None = Field(
-        None, ge=0, le=1, description="reference: PaddleOCR's text_det_thresh (pixel score); null: its default (0.3)"
+        None, gt=0, le=1, description="reference: PaddleOCR's text_det_thresh (pixel score); null: its default (0.3)"
     )
     det_box_thresh: float | None = Field(
-        None, ge=0, le=1, description="reference: PaddleOCR's text_det_box_thresh (box score); null: its default (0.6)"
+        None, gt=0, le=1, description="reference: PaddleOCR's text_det_box_thresh (box score); null: its default (0.6)"
     )
     mkldnn: bool = operational(
         False,
-        description="reference on a CPU: PaddlePaddle's oneDNN kernels (faster; graphs exported by paddle 3's new IR "
-        "can fail under them with 'ConvertPirAttribute2RuntimeAttribute not support')",
+        description="reference on a CPU: PaddlePaddle's oneDNN kernels (faster, but paddlepaddle 3.3.0/3.3.1 fail "
+        "under them on every PP-OCR model, 'ConvertPirAttribute2RuntimeAttribute not support', Paddle issue 77340; "
+        "3.2.2 works)",
     )
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("paddleocr", "PaddleOCR 3's official inference models (huggingface.co/PaddlePaddle/<model name>)"),
