@@ -49,15 +49,21 @@ def _histograms(m: Manifests, stages: list[Stage[Any]]) -> list[tuple[str, str]]
 
     out = []
     for st in stages:
-        stage, col = st.name, st.score_column
-        if col is None or not m.has(stage):
+        stage = st.name
+        if st.score_column is None or not m.has(stage):
             continue
-        rows = m.rows(f'SELECT {col} AS v, {stage}_status AS s FROM "{stage}" WHERE {col} IS NOT NULL')
-        if not rows:
-            continue
-        fig = histogram(col, [(r["v"], r["s"]) for r in rows], st.thresholds().get(col, []))
-        out.append((col, _png(fig)))
-        plt.close(fig)
+        # the headline score, then any other score the stage decides on (watermark's stay score), where recorded
+        lines = st.thresholds()
+        have = {r["column_name"] for r in m.rows(f'DESCRIBE "{stage}"')}
+        for col in [st.score_column, *(c for c in lines if c != st.score_column)]:
+            if col not in have:
+                continue
+            rows = m.rows(f'SELECT {col} AS v, {stage}_status AS s FROM "{stage}" WHERE {col} IS NOT NULL')
+            if not rows:
+                continue
+            fig = histogram(col, [(r["v"], r["s"]) for r in rows], lines.get(col, []))
+            out.append((col, _png(fig)))
+            plt.close(fig)
     return out
 
 

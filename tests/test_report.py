@@ -123,3 +123,13 @@ def test_renders_in_headless_chromium(report: tuple[Path, Path], tmp_path: Path)
         timeout=120,
     ).stdout
     assert "musa-curation run:" in dom and dom.count('class="card sample"') == 6
+
+
+def test_every_score_a_stage_decides_on_gets_its_histogram(tmp_path: Path) -> None:
+    """Watermark rejects on its edge score or its stay score: both are drawn, each with its threshold line, so a clip
+    rejected by the second does not sit unexplained left of the first's line."""
+    cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut", "watermark"]})
+    Pipeline(cfg, tmp_path / "run").run(str(VIDEOS / "face_recognition_short_hamilton_clip.mp4"))
+    assert main(["report", str(tmp_path / "run")]) == 0
+    text = (tmp_path / "run" / "report.html").read_text()
+    assert 'alt="watermark_score"' in text and 'alt="watermark_stay_score"' in text
