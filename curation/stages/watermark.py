@@ -64,21 +64,22 @@ class WatermarkConfig(FilterConfig):
     )
 
 
-def _video_shots(row: Row, own: np.ndarray, max_shots: int = 16) -> list[np.ndarray]:
+def _video_shots(row: Row, own: np.ndarray, shape: tuple[int, int], max_shots: int = 16) -> list[np.ndarray]:
     """Grey samples of every clip of the video's current cut, one array per clip, at a common working size (this
-    clip's from memory): the same shots whichever clip asks, so the score is a property of the video."""
+    clip's, `own`, already made from frames of `shape`): the same shots whichever clip asks, so the score is a
+    property of the video."""
     path = row[SAMPLES_COLUMN]
     shots = []
     paths = cut_sample_paths(row)
     for f in [paths[i] for i in pick(len(paths), max_shots)]:
         if str(f) == str(path):
-            frames = own
-        else:
-            with np.load(f, allow_pickle=False) as z:
-                frames = z["frames"]
-        if len(frames) and frames.shape[1:3] == own.shape[1:3]:  # a shot at another resolution is left out
-            shots.append(_work_greys(frames, own.shape[1:3]))
-    return shots
+            shots.append(own)
+            continue
+        with np.load(f, allow_pickle=False) as z:
+            frames = z["frames"]
+        if len(frames) and frames.shape[1:3] == shape:  # a shot at another resolution is left out
+            shots.append(_work_greys(frames, shape))
+    return [g for g in shots if len(g)]
 
 
 def _work_greys(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -364,26 +365,27 @@ class Watermark(SampleFilter):
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         marks = text_marks(row.get("ocr_boxes"))
         found = {"text_marks": sorted({m for m in marks if m}), "text_mark_boxes": len(marks)}
-        return {**self._visual(row, samples), **self._stay(row, samples["frames"]), **found}
-
-    def _stay(self, row: Row, frames: np.ndarray) -> dict[str, Any]:
+        frames = samples["frames"]
         if self._ref is not None:
-            return {"stay_score": None, "stay_corner": None, "stay_pairs": None}
+            stay = {"stay_score": None, "stay_corner": None, "stay_pairs": None}
+            return {**self._ref(frames[pick(len(frames), self.config.max_frames)]), **stay, **found}
+        greys = _work_greys(frames, frames.shape[1:3])  # once, for both checks
+        return {**self._visual(row, greys, frames.shape[1:3]), **self._stay(row, greys), **found}
+
+    def _stay(self, row: Row, greys: np.ndarray) -> dict[str, Any]:
         c = self.config
-        share, pairs = stay_evidence(_work_greys(frames, frames.shape[1:3]), c.stay_level, c.min_shift, c.corner)
+        share, pairs = stay_evidence(greys, c.stay_level, c.min_shift, c.corner)
         captions = _caption_mask(row.get("ocr_boxes"), share.shape)
         if captions is not None:
             share[captions] = 0
         return {**stay_score(share), "stay_pairs": pairs}
 
-    def _visual(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
-        if self._ref is not None:
-            return self._ref(samples["frames"][pick(len(samples["frames"]), self.config.max_frames)])
+    def _visual(self, row: Row, greys: np.ndarray, shape: tuple[int, int]) -> dict[str, Any]:
         # The score is a property of the whole video's samples: computed once per video, not once per clip.
         key = tuple(str(p) for p in cut_sample_paths(row))
         if key not in self._cache:
             c = self.config
-            shots = _video_shots(row, samples["frames"], c.max_shots)
+            shots = _video_shots(row, greys, shape, c.max_shots)
             if len(self._cache) >= 32:  # inputs come in clip-id order, videos interleaved: keep several
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = overlay_score(shots, c.persistence, c.corner, c.distinct_shots)
