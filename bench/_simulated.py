@@ -44,7 +44,7 @@ class SimCut(_Sim):
 
     name = "simcut"
     kind = Kind.SPLIT
-    default_resources = Resources(cpus=0.25, batch_size=4, pool_max=8)
+    default_resources = Resources(cpus=0.25, batch_size=1, pool_max=8)  # a video at a time, as scenecut
 
     def process(self, row: Row) -> list[Row]:
         self._work()
@@ -92,7 +92,18 @@ class SimCaption(_SimGpu):
     default_resources = Resources(cpus=0.1, gpus=1.0, batch_size=4, pool_max=8)
 
 
-SIMULATED: dict[str, type[Stage[Any]]] = {c.name: c for c in (SimProbe, SimCut, SimFilter, SimCaption)}
+class SimMasks(_SimGpu):
+    """Subject mask tracks with SAM2.1 (video predictor over the clip's frames): one GPU per worker."""
+
+    name = "simmasks"
+    kind = Kind.CLIP
+    columns: ClassVar[dict[str, str]] = {"simmasks_t0": "DOUBLE", "simmasks_t1": "DOUBLE", "simmasks_n": "BIGINT"}
+    default_resources = Resources(cpus=0.1, gpus=1.0, batch_size=4, pool_max=8)
+
+
+SIMULATED: dict[str, type[Stage[Any]]] = {
+    c.name: c for c in (SimProbe, SimCut, SimFilter, SimCaption, SimMasks)
+}
 
 
 def register() -> None:
