@@ -47,9 +47,9 @@ def run_once(inputs: Path, out: Path, overrides: list[str]) -> dict[str, object]
     pipe.run(str(inputs))
     wall = time.perf_counter() - t0
     clips = pipe.manifests.rows("SELECT count(*) AS n, count(*) FILTER (WHERE status = 'ok') AS kept FROM clips")[0]
-    stages = pipe.manifests.rows(
-        "SELECT stage, inputs, seconds, workers, peak_worker_rss_mb FROM stage_runs ORDER BY stage_runs_ts"
-    )
+    stages = pipe.manifests.rows("SELECT * FROM stage_runs ORDER BY stage_runs_ts")
+    keep = ("stage", "mode", "inputs", "seconds", "busy_s", "workers", "peak_worker_rss_mb")
+    stages = [{k: s[k] for k in keep if k in s} for s in stages]
     return {
         "clips": clips["n"],
         "kept": clips["kept"],
@@ -95,8 +95,10 @@ def main() -> int:
         "memory_ratio_largest_vs_smallest": round(big["peak_worker_rss_mb"] / small["peak_worker_rss_mb"], 3),
     }
     for r in results.values():
-        stages = {s["stage"]: s["seconds"] for s in r["stages"]}  # type: ignore[union-attr]
-        r["subjects_share_of_wall"] = round(stages.get("subjects", 0.0) / float(r["wall_s"]), 3)  # type: ignore[arg-type]
+        # the subjects stage's share of what every stage's workers spent on batches (`busy_s`): stages that
+        # stream together all record their chain's wall seconds, so a share of wall would count the chain
+        busy = {s["stage"]: float(s.get("busy_s") or 0.0) for s in r["stages"]}  # type: ignore[union-attr]
+        r["subjects_share_of_work"] = round(busy.get("subjects", 0.0) / max(sum(busy.values()), 1e-9), 3)
     if base is not None:
         report["baseline"] = {"rev": args.baseline, "runs": base}
         report["clips_per_s_ratio"] = {

@@ -39,8 +39,14 @@ class RayConfig(BaseModel):
         "auto",
         description="stream consecutive ungrouped stages through one Ray Data pipeline (false: one stage at a "
         "time, each over the whole corpus; auto: stream on a cluster with GPUs or several nodes, where it keeps "
-        "resources busy that would otherwise wait, not on one CPU-only machine, where every stage competes for "
-        "the same cores anyway)",
+        "resources busy that would otherwise wait, and on one CPU-only machine only with `fuse`, since separate "
+        "pools there compete for the same cores and gain nothing)",
+    )
+    fuse: bool | Literal["auto"] = Field(
+        "auto",
+        description="in a streaming chain, run consecutive stages that ask for no GPU in one actor pool, a batch "
+        "through each in turn (auto: on one machine without GPUs, where a pool per stage costs seconds a stage "
+        "whatever its input; on a cluster separate pools let each stage scale on its own)",
     )
 
 

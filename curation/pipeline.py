@@ -23,7 +23,7 @@ from curation.errors import ConfigError
 from curation.ingest import iter_inputs
 from curation.logs import logging_to
 from curation.manifest import InputFiles, Manifests, atomic_write_bytes
-from curation.runners import Progress, Runner, make_runner
+from curation.runners import Progress, Runner, fusion_units, make_runner
 from curation.runstore import Pusher, RunStore
 from curation.stage import Kind, Row, Stage, StageContext, batched, fingerprint_sql, registry
 from curation.storage import is_remote
@@ -227,14 +227,15 @@ class Pipeline:
         return runner
 
     def _stage_inputs(
-        self, name: str, runner: Runner, rerun: Rerun, selection: Path | None, scratch: Path
+        self, name: str, runner: Runner, rerun: Rerun, selection: Path | None, scratch: Path, batch: int = 0
     ) -> list[Row] | InputFiles:
         """A stage's inputs: a list for the local runner and for grouped stages; for Ray's ungrouped stages,
-        Parquet files under `scratch` written a batch at a time (the driver never holds the whole corpus)."""
+        Parquet files under `scratch` written a batch at a time (the driver never holds the whole corpus; `batch`:
+        rows a file, default the stage's batch size)."""
         stage = registry()[name](self.cfg.stage_config(name))
         if getattr(runner, "reads_files", False) and stage.grouping() is None:
             sql, params = self.inputs_sql(name, rerun, selection)
-            return self.manifests.export(sql, params, scratch, stage.resources().batch_size)
+            return self.manifests.export(sql, params, scratch, batch or stage.resources().batch_size)
         return self.inputs(name, rerun, selection)
 
     def _scratch(self, name: str) -> Path:
@@ -290,6 +291,7 @@ class Pipeline:
                     "inputs": n_in,
                     **{k: int(stats.get(k, 0)) for k in ("ok", "reject", "error")},
                     "seconds": round(report.seconds, 3),
+                    "busy_s": round(float(stats.get("busy_s", 0.0)), 3),
                     "workers": int(stats.get("workers", 0)),
                     "peak_worker_rss_mb": round(float(stats.get("peak_worker_rss_mb", 0.0)), 1),
                     "version": cls.version,
@@ -318,7 +320,7 @@ class Pipeline:
         if not (getattr(runner, "reads_files", False) and mode and rerun == "missing"):
             return [[n] for n in self.cfg.stages]
         gpus = float(runner.cluster_gpus())  # type: ignore[attr-defined]
-        if mode == "auto" and not (gpus or runner.cluster_nodes() > 1):  # type: ignore[attr-defined]
+        if mode == "auto" and not (gpus or runner.cluster_nodes() > 1 or self.fuses(runner)):  # type: ignore[attr-defined]
             return [[n] for n in self.cfg.stages]
         reg = registry()
         out: list[list[str]] = []
@@ -340,6 +342,13 @@ class Pipeline:
             chained = streams
         return out
 
+    def fuses(self, runner: Runner) -> bool:
+        """Whether a streaming chain runs its CPU stages in one pool (`ray.fuse`; auto: one node, no GPU)."""
+        mode = self.cfg.ray.fuse
+        if mode != "auto":
+            return bool(mode)
+        return not runner.cluster_gpus() and runner.cluster_nodes() <= 1  # type: ignore[attr-defined]
+
     def run_chain(self, names: list[str], runner: Runner, progress_factory: Any = None) -> list[StageReport]:
         """Stream new rows through `names` at once, from the first stage that has any (a resumed run's earlier
         stages may be complete), then let each stage pick up what the chain left (rows a killed run's earlier
@@ -348,13 +357,18 @@ class Pipeline:
         for name in names:
             self.check_requires(name)
         streamed: dict[str, StageReport] = {}
+        fuse = self.fuses(runner)
         for start, first in enumerate(names):
             scratch = self._scratch(first)
+            chain = names[start:]
+            batch = 0
+            if fuse:  # a fused pool's work item is a file: the finest batch of its stages spreads it over the pool
+                built = [reg[n](self.cfg.stage_config(n)) for n in chain]
+                batch = min(built[i].resources().batch_size for i in fusion_units(built, True)[0])
             try:
-                rows = self._stage_inputs(first, runner, "missing", None, scratch)
+                rows = self._stage_inputs(first, runner, "missing", None, scratch, batch)
                 if not len(rows):
                     continue
-                chain = names[start:]
                 t0 = time.perf_counter()
                 bars: dict[str, Any] = {}
                 for n in chain if progress_factory else ():  # a later stage's total is not known up front
@@ -367,6 +381,7 @@ class Pipeline:
                         self.run_dir,
                         {n: b.update for n, b in bars.items()},
                         reads={n: self.reads(n) for n in chain},
+                        fuse=fuse,
                     )
                 finally:
                     for b in bars.values():

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import resource
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,17 @@ import pyarrow as pa
 from curation.errors import ConfigError
 from curation.logs import log_to_file, tame_third_party, worker_log_name
 from curation.manifest import InputFiles, Manifests, rows_to_table
-from curation.stage import CLIP_FIELDS, Kind, Row, Stage, StageConfig, fingerprint_sql, get_stage, is_fatal
+from curation.stage import (
+    CLIP_FIELDS,
+    Kind,
+    Resources,
+    Row,
+    Stage,
+    StageConfig,
+    fingerprint_sql,
+    get_stage,
+    is_fatal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +95,7 @@ class LocalRunner:
             if progress:
                 progress(len(batch))
         stats = dict(stage.stats)
+        stats["busy_s"] = stats.pop("seconds", 0.0)
         stats["workers"] = 1
         stats["peak_worker_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the driver itself
         return stats
@@ -195,6 +207,7 @@ class _RayStageWorker:
         fatal = self.fatal
         out: list[Row] = []
         nxt: list[Row] = []
+        t0 = time.perf_counter()
         if not fatal:
             try:
                 out = self.stage.run_batch(rows)
@@ -212,6 +225,7 @@ class _RayStageWorker:
             "n_in": len(rows),
             "pid": os.getpid(),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's peak, MiB
+            "busy_s": time.perf_counter() - t0,  # the batch's compute and its manifest part
             "fatal": fatal,
             **counts,
         }
@@ -222,6 +236,72 @@ class _RayStageWorker:
 
 def _records(kinds: list[str], payloads: list[str]) -> pa.Table:
     return pa.table({"kind": pa.array(kinds, pa.string()), "payload": pa.array(payloads, pa.string())})
+
+
+class _RayFusedWorker:
+    """Consecutive CPU stages of a chain in one actor: each batch goes through them in turn, in pieces of each
+    stage's batch size, every stage still writing its own manifest part per piece. On one machine a pool per stage
+    costs 1-5 s a stage whatever its input (actor start-up, Ray Data handing blocks between operators); this pays
+    it once for the lot. `RayRunner` subclasses it per fusion, named after its stages."""
+
+    def __init__(
+        self,
+        names: list[str],
+        configs: list[dict[str, Any]],
+        run_dir: str,
+        nxts: list[tuple[str, list[str]] | None],
+        batch_sizes: list[int],
+    ) -> None:
+        self.workers = [_RayStageWorker(n, c, run_dir, x) for n, c, x in zip(names, configs, nxts, strict=True)]
+        self.batch_sizes = batch_sizes
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = self.workers[0](batch)
+        for worker, size in zip(self.workers[1:], self.batch_sizes[1:], strict=True):
+            out = _in_pieces(worker, out, size)
+        return out
+
+
+def _in_pieces(worker: _RayStageWorker, table: pa.Table, size: int) -> pa.Table:
+    """`worker` over the rows of `table` (a previous stage's output) `size` at a time; summaries pass through."""
+    kinds = table.column("kind").to_pylist()
+    payloads = table.column("payload").to_pylist()
+    summaries = [p for k, p in zip(kinds, payloads, strict=True) if k == "summary"]
+    rows = [p for k, p in zip(kinds, payloads, strict=True) if k != "summary"]
+    if not rows:
+        return worker(table)  # passes the summaries on (and reports a stage that failed to build)
+    parts = [_records(["summary"] * len(summaries), summaries)]
+    for i in range(0, len(rows), size):
+        piece = rows[i : i + size]
+        parts.append(worker(_records(["row"] * len(piece), piece)))
+    return pa.concat_tables(parts)
+
+
+def fusion_units(stages: list[Stage[Any]], fuse: bool) -> list[list[int]]:
+    """Which of a chain's stages share a pool (indices): with `fuse`, each run of consecutive stages that ask for
+    no GPU; a GPU stage always has its own (its pool is sized by the GPUs, and the CPU stages beside it keep
+    working while it holds them)."""
+    units: list[list[int]] = []
+    for i, s in enumerate(stages):
+        if fuse and units and not s.resources().gpus and not stages[units[-1][-1]].resources().gpus:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
+
+
+def fused_resources(stages: list[Stage[Any]]) -> Resources:
+    """One pool for several stages: the most CPUs and GPUs any of them asks a worker for, the largest minimum and
+    the smallest maximum pool (a stage capped at one worker, for memory, keeps the cap)."""
+    res = [s.resources() for s in stages]
+    pool_max = min(r.pool_max for r in res)
+    return Resources(
+        cpus=max(r.cpus for r in res),
+        gpus=max(r.gpus for r in res),
+        batch_size=res[0].batch_size,
+        pool_min=min(max(r.pool_min for r in res), pool_max),
+        pool_max=pool_max,
+    )
 
 
 class RayRunner:
@@ -293,15 +373,31 @@ class RayRunner:
     def _map(self, ds: Any, stage: Stage[Any], run_dir: Path, batch_size: int, share: float, nxt: Any) -> Any:
         """Add one stage's actor pool to the dataset. `share` scales its CPU request: stages streaming together
         share the cluster, and pools whose minimum sizes do not fit would wait for each other forever."""
+        worker = type(f"stage_{stage.name}", (_RayStageWorker,), {"__module__": __name__})
+        args = (stage.name, stage.config.portable_dump(), str(run_dir), nxt)
+        return self._pool(ds, stage.name, stage.resources(), worker, args, batch_size, share)
+
+    def _map_fused(
+        self, ds: Any, stages: list[Stage[Any]], run_dir: Path, batch_size: int, share: float, nxts: list[Any]
+    ) -> Any:
+        """Add one actor pool that runs `stages` (none asking for a GPU) one after another on each batch."""
+        names = [s.name for s in stages]
+        worker = type("stage_" + "+".join(names), (_RayFusedWorker,), {"__module__": __name__})
+        sizes = [s.resources().batch_size for s in stages]
+        args = (names, [s.config.portable_dump() for s in stages], str(run_dir), nxts, sizes)
+        return self._pool(ds, "+".join(names), fused_resources(stages), worker, args, batch_size, share)
+
+    def _pool(
+        self, ds: Any, name: str, res: Resources, worker: type, args: tuple, batch_size: int, share: float
+    ) -> Any:
         import ray
         from ray.data import ActorPoolStrategy
 
-        res = stage.resources()
         cluster = ray.cluster_resources()
         if res.gpus and not cluster.get("GPU"):  # Ray would wait for a GPU forever
             raise ConfigError(
-                f"stage {stage.name!r} asks for {res.gpus:g} GPU per worker (its backend needs one) but the Ray "
-                f"cluster has none: run on a cluster with GPUs, or set {stage.name}.resources.gpus: 0 to run it "
+                f"stage {name!r} asks for {res.gpus:g} GPU per worker (its backend needs one) but the Ray "
+                f"cluster has none: run on a cluster with GPUs, or set {name}.resources.gpus: 0 to run it "
                 "on CPU"
             )
         total_cpus = float(cluster.get("CPU", 1))
@@ -311,10 +407,9 @@ class RayRunner:
         if res.gpus:  # never more GPU workers than the cluster has GPUs for
             pool_max = max(1, min(pool_max, int(float(cluster["GPU"]) / res.gpus + 1e-9)))
         pool_min = min(res.pool_min, pool_max)
-        worker = type(f"stage_{stage.name}", (_RayStageWorker,), {"__module__": __name__})
         return ds.map_batches(
             worker,
-            fn_constructor_args=(stage.name, stage.config.portable_dump(), str(run_dir), nxt),
+            fn_constructor_args=args,
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=pool_min, max_size=pool_max),
@@ -345,34 +440,47 @@ class RayRunner:
         run_dir: Path,
         progress: dict[str, Progress | None] | None = None,
         reads: dict[str, tuple[str, ...]] | None = None,
+        fuse: bool = False,
     ) -> dict[str, dict[str, float]]:
         """Stream the rows through every stage in `stages` (none grouped) in one Ray Data pipeline: a GPU stage works
         while the CPU stages before it still do, and each stage writes its manifest part per batch as in `run`.
         `reads`: the upstream columns each stage reads (`Pipeline.reads`; default its `requires`), which the rows
-        handed to it are fingerprinted over."""
+        handed to it are fingerprinted over. `fuse`: consecutive stages that ask for no GPU share one actor pool
+        (`_RayFusedWorker`)."""
         import ray
 
         self._init()
         built = [cls(cfg) for cls, cfg in stages]
         if any(s.grouping() is not None for s in built):
             raise ValueError("a grouped stage needs all its rows at once; it cannot stream")
+        units = fusion_units(built, fuse)
+        pools = [fused_resources([built[i] for i in u]) for u in units]
         total_cpus = float(ray.cluster_resources().get("CPU", 1))
-        floor = sum(s.resources().cpus * s.resources().pool_min for s in built)
+        floor = sum(r.cpus * r.pool_min for r in pools)
         share = min(1.0, (total_cpus - 0.5) / floor) if floor else 1.0
         ds, first_batch = self._dataset(built[0], rows)
         # Small blocks: an actor pool hands out whole blocks, so one block holding a whole batch of a cheap stage
         # (16 captions, a video's clips) would put all of a slow next stage's rows (subjects, 1 a batch) on one actor.
         ds.context.target_max_block_size = CHAIN_BLOCK_BYTES
-        for i, s in enumerate(built):
-            after = built[i + 1] if i + 1 < len(built) else None
-            nxt = (after.name, list((reads or {}).get(after.name, after.requires))) if after is not None else None
-            ds = self._map(ds, s, run_dir, first_batch if i == 0 else s.resources().batch_size, share, nxt)
+
+        def nxt(i: int) -> tuple[str, list[str]] | None:
+            if i + 1 >= len(built):
+                return None
+            after = built[i + 1]
+            return after.name, list((reads or {}).get(after.name, after.requires))
+
+        for j, unit in enumerate(units):
+            size = first_batch if j == 0 else built[unit[0]].resources().batch_size
+            if len(unit) == 1:
+                ds = self._map(ds, built[unit[0]], run_dir, size, share, nxt(unit[0]))
+            else:
+                ds = self._map_fused(ds, [built[i] for i in unit], run_dir, size, share, [nxt(i) for i in unit])
         return self._collect(ds, [s.name for s in built], progress or {})
 
     @staticmethod
     def _collect(ds: Any, names: list[str], progress: dict[str, Progress | None]) -> dict[str, dict[str, float]]:
         """Drain the pipeline, turning the workers' summaries into per-stage counts; a fatal one raises."""
-        stats = {n: {"inputs": 0.0, "rows": 0.0, "ok": 0.0, "reject": 0.0, "error": 0.0} for n in names}
+        stats = {n: {"inputs": 0.0, "rows": 0.0, "ok": 0.0, "reject": 0.0, "error": 0.0, "busy_s": 0.0} for n in names}
         peak: dict[str, dict[int, float]] = {n: {} for n in names}
         batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
         fatal = ""
@@ -390,6 +498,7 @@ class RayRunner:
                     st[k] += summary[k]
                 st["rows"] += summary["ok"] + summary["reject"] + summary["error"]
                 st["inputs"] += summary["n_in"]
+                st["busy_s"] += summary.get("busy_s", 0.0)
                 peak[name][summary["pid"]] = max(peak[name].get(summary["pid"], 0.0), summary["rss_mb"])
                 if (bar := progress.get(name)) is not None:
                     bar(int(summary["n_in"]))

@@ -20,6 +20,7 @@ from curation.config import build_config, load_config
 from curation.errors import ConfigError
 from curation.manifest import Manifests
 from curation.pipeline import Pipeline
+from curation.runners import fused_resources, fusion_units
 from curation.stage import Kind, Row, Stage, StageConfig, registry
 from tests.conftest import REPO, make_cut_video, media
 
@@ -369,9 +370,30 @@ def test_streaming_chains_hold_only_gpu_pools_that_fit_together() -> None:
     ]
     assert ["caption", "subjects"] in pipe.segments(_GpuCluster(2.0))  # type: ignore[arg-type]
     assert pipe.segments(_GpuCluster(2.0), rerun="stale") == [[n] for n in cfg.stages]  # type: ignore[arg-type]
-    # ray.streaming: auto (the default) streams on GPUs or several nodes, not on one CPU-only machine
+    # ray.streaming: auto (the default) streams on GPUs or several nodes, and on one CPU-only machine only with the
+    # CPU stages fused (ray.fuse: auto fuses there, not on a cluster)
     cpu = Pipeline(build_config({"runner": "ray"}), "unused")
-    assert cpu.segments(_GpuCluster(0.0)) == [[n] for n in cfg.stages]  # type: ignore[arg-type]
+    assert ["caption", "subjects"] in cpu.segments(_GpuCluster(0.0))  # type: ignore[arg-type]
+    assert cpu.fuses(_GpuCluster(0.0)) and not cpu.fuses(_GpuCluster(0.0, nodes=3))  # type: ignore[arg-type]
+    assert not cpu.fuses(_GpuCluster(1.0))  # type: ignore[arg-type]
     assert ["caption", "subjects"] in cpu.segments(_GpuCluster(0.0, nodes=3))  # type: ignore[arg-type]
-    forced = Pipeline(build_config({"runner": "ray", "ray": {"streaming": True}}), "unused")
+    unfused = Pipeline(build_config({"runner": "ray", "ray": {"fuse": False}}), "unused")
+    assert unfused.segments(_GpuCluster(0.0)) == [[n] for n in cfg.stages]  # type: ignore[arg-type]
+    forced = Pipeline(build_config({"runner": "ray", "ray": {"streaming": True, "fuse": False}}), "unused")
     assert ["caption", "subjects"] in forced.segments(_GpuCluster(0.0))  # type: ignore[arg-type]
+
+
+def test_a_fused_pool_holds_only_consecutive_stages_that_ask_for_no_gpu() -> None:
+    """`ray.fuse` puts a chain's CPU stages in one pool, never a GPU stage: its pool is sized by the GPUs, and the
+    CPU stages beside it keep working while it holds them. The fused pool asks for the most any member asks."""
+    cfg = build_config(
+        {"runner": "ray", "subjects": {"resources": {"gpus": 0.5}}, "motion": {"resources": {"cpus": 1}}}
+    )
+    names = ["probe", "scenecut", "motion", "caption", "subjects", "crops", "package"]
+    built = [registry()[n](cfg.stage_config(n)) for n in names]
+    assert fusion_units(built, fuse=False) == [[i] for i in range(len(names))]
+    assert fusion_units(built, fuse=True) == [[0, 1, 2, 3], [4], [5, 6]]
+    res = fused_resources(built[:4])
+    assert (res.cpus, res.gpus) == (1.0, 0.0)
+    assert res.pool_max == min(s.resources().pool_max for s in built[:4])
+    assert res.batch_size == built[0].resources().batch_size

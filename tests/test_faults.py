@@ -178,12 +178,14 @@ def test_unwritable_output_is_a_clear_config_error(tmp_path: Path) -> None:
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "cannot write" in proc.stderr
 
 
+@pytest.mark.parametrize("fuse", ["true", "false"])
 def test_streaming_driver_killed_mid_chain_then_rerun_matches_a_stage_by_stage_run(
-    tmp_path: Path, ray_cluster: None
+    tmp_path: Path, ray_cluster: None, fuse: str
 ) -> None:
-    """The Ray runner streams probe..aesthetics as one chain. Kill its driver (a CLI process attached to this
-    session's cluster) once motion has written a part, rerun: the rows the chain's later stages had not reached
-    are picked up, and the clips, shards and row counts equal a run made one stage at a time."""
+    """The Ray runner streams probe..aesthetics as one chain, in one fused pool (what one machine does) or a pool
+    per stage (what a cluster does). Kill its driver (a CLI process attached to this session's cluster) once motion
+    has written a part, rerun: the rows the chain's later stages had not reached are picked up, and the clips,
+    shards and row counts equal a run made one stage at a time."""
     import ray
 
     inputs = tmp_path / "in"
@@ -202,6 +204,8 @@ def test_streaming_driver_killed_mid_chain_then_rerun_matches_a_stage_by_stage_r
         f"ray.address={address}",
         "--set",
         "ray.streaming=true",
+        "--set",
+        f"ray.fuse={fuse}",
         "--set",
         "stages=[probe, scenecut, motion, aesthetics, package]",
         "--set",
