@@ -97,8 +97,9 @@ def main() -> int:
     for r in results.values():
         # the subjects stage's share of what every stage's workers spent on batches (`busy_s`): stages that
         # stream together all record their chain's wall seconds, so a share of wall would count the chain
-        busy = {s["stage"]: float(s.get("busy_s") or 0.0) for s in r["stages"]}  # type: ignore[union-attr]
-        r["subjects_share_of_work"] = round(busy.get("subjects", 0.0) / max(sum(busy.values()), 1e-9), 3)
+        busy = {s["stage"]: s.get("busy_s") for s in r["stages"]}  # type: ignore[union-attr]
+        known = None not in busy.values() and sum(busy.values()) > 0  # stage_runs of older code lack the column
+        r["subjects_share_of_work"] = round(busy.get("subjects", 0.0) / sum(busy.values()), 3) if known else None
     if base is not None:
         report["baseline"] = {"rev": args.baseline, "runs": base}
         report["clips_per_s_ratio"] = {

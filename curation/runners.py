@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import resource
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -207,7 +206,7 @@ class _RayStageWorker:
         fatal = self.fatal
         out: list[Row] = []
         nxt: list[Row] = []
-        t0 = time.perf_counter()
+        before = self.stage.stats["seconds"] if not fatal else 0.0
         if not fatal:
             try:
                 out = self.stage.run_batch(rows)
@@ -225,7 +224,7 @@ class _RayStageWorker:
             "n_in": len(rows),
             "pid": os.getpid(),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's peak, MiB
-            "busy_s": time.perf_counter() - t0,  # the batch's compute and its manifest part
+            "busy_s": self.stage.stats["seconds"] - before if not self.fatal else 0.0,  # in run_batch, as locally
             "fatal": fatal,
             **counts,
         }
@@ -254,6 +253,9 @@ class _RayFusedWorker:
     ) -> None:
         self.workers = [_RayStageWorker(n, c, run_dir, x) for n, c, x in zip(names, configs, nxts, strict=True)]
         self.batch_sizes = batch_sizes
+        built = [w.stage for w in self.workers if hasattr(w, "stage")]
+        if built:  # each stage set the process's native threads for its own CPUs; the pool holds the most of them
+            limit_native_threads(fused_resources(built).cpus)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = self.workers[0](batch)
@@ -279,11 +281,15 @@ def _in_pieces(worker: _RayStageWorker, table: pa.Table, size: int) -> pa.Table:
 
 def fusion_units(stages: list[Stage[Any]], fuse: bool) -> list[list[int]]:
     """Which of a chain's stages share a pool (indices): with `fuse`, each run of consecutive stages that ask for
-    no GPU; a GPU stage always has its own (its pool is sized by the GPUs, and the CPU stages beside it keep
-    working while it holds them)."""
+    no GPU and are `fusible`; a GPU stage always has its own (its pool is sized by the GPUs, and the CPU stages
+    beside it keep working while it holds them)."""
+
+    def alone(s: Stage[Any]) -> bool:
+        return bool(s.resources().gpus) or not s.fusible()
+
     units: list[list[int]] = []
     for i, s in enumerate(stages):
-        if fuse and units and not s.resources().gpus and not stages[units[-1][-1]].resources().gpus:
+        if fuse and units and not alone(s) and not alone(stages[units[-1][-1]]):
             units[-1].append(i)
         else:
             units.append([i])

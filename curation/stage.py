@@ -240,6 +240,12 @@ class Stage(ABC, Generic[C]):
     def process(self, row: Row) -> Row | list[Row]:
         """The work: one input row -> its output row (a SPLIT stage: a list of clip rows)."""
 
+    def fusible(self) -> bool:
+        """Whether this config's work may share an actor pool with the CPU stages beside it (`ray.fuse`). A stage
+        that waits on a server says no: its batch is a set of concurrent requests and its pool is sized for the
+        server, which a fused pool (small batches, the CPU stages' pool size) would undo."""
+        return True
+
     def grouping(self) -> str | None:
         """How rows are grouped for this config: None (row by row), "video_id" or "run". The runners hand a grouped
         stage one whole group per batch, and a rerun redoes a whole group when any member needs it."""

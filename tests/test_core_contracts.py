@@ -397,3 +397,7 @@ def test_a_fused_pool_holds_only_consecutive_stages_that_ask_for_no_gpu() -> Non
     assert (res.cpus, res.gpus) == (1.0, 0.0)
     assert res.pool_max == min(s.resources().pool_max for s in built[:4])
     assert res.batch_size == built[0].resources().batch_size
+    # a captioner waiting on a server keeps its own pool: its batch is a set of concurrent requests
+    remote = build_config({"runner": "ray", "caption": {"backend": "openai", "endpoint": "http://x/v1", "model": "m"}})
+    built = [registry()[n](remote.stage_config(n)) for n in names]
+    assert fusion_units(built, fuse=True) == [[0, 1, 2], [3], [4, 5, 6]]

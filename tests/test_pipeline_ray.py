@@ -23,7 +23,7 @@ def ray_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None, ffmpeg:
         {
             "runner": "ray",
             "progress": False,
-            "ray": {"streaming": True},  # auto would not stream on this one CPU-only machine
+            "ray": {"streaming": True},  # what auto does on this one CPU-only machine (with the CPU stages fused)
             "package": {"shard_size": 8},
             "subjects": {"track_frames": 4},
         }

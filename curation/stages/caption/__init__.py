@@ -127,6 +127,9 @@ class Caption(Stage[CaptionConfig]):
     def hash_extra(self) -> str:
         return self.prompt_hash  # a changed prompt makes the rows that used it stale
 
+    def fusible(self) -> bool:
+        return self.config.backend == "embedded"  # openai: concurrent requests a batch, keep its own pool
+
     def setup(self, ctx: StageContext) -> None:
         c = self.config
         self._client: OpenAIClient | VLLMEngine | None = None
