@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (see README): `make demo` runs the pipeline, `make test` runs the tests.
 # Both install everything first: Debian's ffmpeg and chromium (apt-get; chromium renders the report in the tests),
-# a virtualenv, the package with its dev extra.
+# a virtualenv, the package with its dev and train extras.
 VENV ?= .venv
 # Installed before the extras so that `torch>=2.4` is already satisfied: on the dev/CI machines this is the CPU
 # wheel on disk; elsewhere pick your build, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
@@ -26,8 +26,10 @@ PADDLE_PY := $(PADDLE_VENV)/bin/python
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@command -v ffmpeg >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends ffmpeg chromium; }
+	@# python3-venv: Debian's python3 makes no venv without it (a Python >= 3.11 is needed)
+	@command -v ffmpeg >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 && python3 -c "import ensurepip" || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+		--no-install-recommends ffmpeg chromium python3-venv; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
@@ -51,6 +53,8 @@ $(REF_VENV)/.installed: pyproject.toml $(VENV)/.installed
 
 setup-paddle: $(PADDLE_VENV)/.installed
 
+# after $(VENV): libpaddle.so loads the system's libgomp.so.1, which paddlepaddle does not ship (Debian's ffmpeg
+# brings it)
 $(PADDLE_VENV)/.installed: pyproject.toml $(VENV)/.installed
 	python3 -m venv $(PADDLE_VENV)
 	$(PADDLE_PY) -m pip install -q --upgrade pip
@@ -68,12 +72,12 @@ demo: setup
 test: setup setup-reference setup-paddle
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
-	CURATION_REFERENCE_LANE=1 $(PADDLE_PY) -m pytest -m reference tests/test_paddle_lane.py
-	CURATION_REFERENCE_LANE=1 $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
+	CURATION_REFERENCE_LANE=paddle $(PADDLE_PY) -m pytest -m reference tests/test_paddle_lane.py
+	CURATION_REFERENCE_LANE=torch $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
 
 test-reference: setup-reference setup-paddle
-	CURATION_REFERENCE_LANE=1 $(PADDLE_PY) -m pytest -m reference tests/test_paddle_lane.py
-	CURATION_REFERENCE_LANE=1 $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
+	CURATION_REFERENCE_LANE=paddle $(PADDLE_PY) -m pytest -m reference tests/test_paddle_lane.py
+	CURATION_REFERENCE_LANE=torch $(REF_PY) -m pytest -m reference tests/test_reference_lane.py
 
 test-fast: setup
 	$(VENV)/bin/ruff check .

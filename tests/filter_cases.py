@@ -6,8 +6,9 @@ unseen-footage measurement missed: small timestamps, copyright lines, channel la
 on single shots and fixed cameras; the negatives are scene text that belongs to the picture and small movers on
 static wide shots. `split` is `dev` (looked at while building the filters), `heldout` (other bases, other fonts
 and styles: scored as totals only) or `heldout2` (layouts a review named after the rules were written: short
-clocks, title-safe insets, two-line and left-aligned subtitles, plates and podium signs low in the frame; scored
-once, nothing changed after).
+clocks, title-safe insets, two-line and left-aligned subtitles, plates and podium signs low in the frame; first
+scored once with nothing changed after, then rescored as totals with the held-out split whenever a filter version
+changed: docs/benchmarks.md lists each reading and what changed after it).
 
     python -m tests.filter_cases OUT_DIR        # write the videos (and print the P/R table the test asserts)
 """

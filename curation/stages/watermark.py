@@ -123,17 +123,15 @@ def overlay_score(
     lines |= cv2.morphologyEx(persist, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, h // 4)))
     persist &= 1 - cv2.dilate(lines, np.ones((5, 5), np.uint8))
     ch, cw = max(1, int(h * corner)), max(1, int(w * corner))
-    zones = {
-        "top_left": persist[:ch, :cw],
-        "top_right": persist[:ch, w - cw :],
-        "bottom_left": persist[h - ch :, :cw],
-        "bottom_right": persist[h - ch :, w - cw :],
-    }
+    zones = {name: persist[box] for name, box in zip(CORNERS, _corner_boxes(h, w, corner), strict=True)}
     centre = float(persist[ch:-ch, cw:-cw].mean()) if h > 2 * ch and w > 2 * cw else 0.0
     where = max(zones, key=lambda k: float(zones[k].mean()))
     score = max(0.0, float(zones[where].mean()) - centre)
     out.update(score=score, corner=where if score > 0 else None, centre_density=centre)
     return out
+
+
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")  # the order `_corner_boxes` gives them in
 
 
 def _corner_boxes(h: int, w: int, size: float) -> list[tuple[slice, slice]]:
@@ -276,8 +274,7 @@ def stay_score(
     strong[drop[labels]] = 0
     k = max(3, round(window * w))
     density = cv2.boxFilter(strong.astype(np.float32), -1, (k, k), borderType=cv2.BORDER_CONSTANT)
-    names = ("top_left", "top_right", "bottom_left", "bottom_right")
-    peaks = {name: float(density[box].max()) for name, box in zip(names, _corner_boxes(h, w, corner), strict=True)}
+    peaks = {name: float(density[box].max()) for name, box in zip(CORNERS, _corner_boxes(h, w, corner), strict=True)}
     elsewhere = density.copy()
     for box in _corner_boxes(h, w, apart):
         elsewhere[box] = 0
@@ -366,9 +363,10 @@ class Watermark(SampleFilter):
         marks = text_marks(row.get("ocr_boxes"))
         found = {"text_marks": sorted({m for m in marks if m}), "text_mark_boxes": len(marks)}
         frames = samples["frames"]
+        frames = frames[pick(len(frames), self.config.max_frames)]  # the cap both backends honour
         if self._ref is not None:
             stay = {"stay_score": None, "stay_corner": None, "stay_pairs": None}
-            return {**self._ref(frames[pick(len(frames), self.config.max_frames)]), **stay, **found}
+            return {**self._ref(frames), **stay, **found}
         greys = _work_greys(frames, frames.shape[1:3])  # once, for both checks
         return {**self._visual(row, greys, frames.shape[1:3]), **self._stay(row, greys), **found}
 
