@@ -118,7 +118,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from curation.stage import get_stage
 
     get_stage(args.name)
-    local, _ = open_run(args.run)  # a run on object storage: its committed files pulled into the staging folder
+    # a run on object storage: its committed manifests pulled into the staging folder (the stage's workers fetch the
+    # artifacts they read on a miss)
+    local, _ = open_run(args.run, (*MANIFESTS_ONLY, "logs/"))
     cfg = _run_config(local, args.config, _apply_common(args, []))
     pipe = Pipeline(cfg, args.run)
     if pipe.store is not None:
@@ -131,6 +133,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise CurationError(f"no selection {args.selection!r} in {args.run}: make it with `curation select`")
     with logging_to(pipe.run_dir), pipe.pushing():
         report = pipe.run_stage(args.name, pipe.runner(), args.rerun, selection, _progress_factory(cfg.progress))
+    if pipe.store is not None:
+        pipe.store.compact_records()
     _print_reports([report])
     return 0
 

@@ -7,11 +7,12 @@ the stages' declarations) make the newest attempt per key win, and `compact` fol
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -38,6 +39,31 @@ def _sql(name: str) -> Template:
     return Template((SQL_DIR / f"{name}.sql").read_text())
 
 
+_JOURNAL: list[Path] | None = None  # files written while `journal` runs (one batch of a worker at a time)
+
+
+@contextlib.contextmanager
+def journal() -> Iterator[list[Path]]:
+    """Collect the paths of the files written through this module (and `note_written`) while the block runs: a
+    Ray worker of a run on object storage pushes exactly these after each batch. A worker runs one batch at a time,
+    so one process-wide list serves."""
+    global _JOURNAL
+    outer, _JOURNAL = _JOURNAL, []
+    written = _JOURNAL
+    try:
+        yield written
+    finally:
+        _JOURNAL = outer
+        if outer is not None:
+            outer.extend(written)
+
+
+def note_written(path: Path) -> None:
+    """Record a file a stage finished writing by other means (an encoder's output renamed into place)."""
+    if _JOURNAL is not None:
+        _JOURNAL.append(Path(path))
+
+
 def atomic_write_table(table: pa.Table, path: Path) -> None:
     """Write a Parquet file so that readers see all of it or none of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +72,7 @@ def atomic_write_table(table: pa.Table, path: Path) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    note_written(path)
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
@@ -59,6 +86,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     os.replace(tmp, path)
+    note_written(path)
 
 
 def rows_to_table(rows: list[Row]) -> pa.Table:

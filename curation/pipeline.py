@@ -24,7 +24,7 @@ from curation.ingest import iter_inputs
 from curation.logs import logging_to
 from curation.manifest import InputFiles, Manifests, atomic_write_bytes
 from curation.runners import Progress, Runner, fusion_units, make_runner
-from curation.runstore import Pusher, RunStore
+from curation.runstore import Pusher, RunStore, register_run
 from curation.stage import Kind, Row, Stage, StageContext, batched, fingerprint_sql, registry
 from curation.storage import is_remote
 
@@ -51,6 +51,7 @@ class Pipeline:
             run_dir = self.store.staging
         self.run_dir = Path(run_dir)
         self.manifests = Manifests(self.run_dir)
+        register_run(self.run_dir, self.store)  # artifact paths other machines recorded resolve here
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -70,6 +71,8 @@ class Pipeline:
         atomic_write_bytes(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.dump(), sort_keys=False).encode())
         for old in (self.run_dir / "tmp").glob("inputs-*"):  # input files a killed driver left
             shutil.rmtree(old, ignore_errors=True)
+        if self.store is not None:  # and its uploads of them for the workers
+            self.store.remove_tree(self.run_dir / "tmp")
         self._prepared = True
 
     def check_input(self, spec: str) -> None:
@@ -214,17 +217,20 @@ class Pipeline:
 
     # -- running --------------------------------------------------------------------------------------------
     def runner(self) -> Runner:
-        runner = make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
-        if (
-            self.store is not None
-            and getattr(runner, "cluster_nodes", lambda: 1)() > 1
-            and not os.environ.get("CURATION_STAGING")
-        ):
-            raise ConfigError(
-                f"the run directory {self.store.uri} is staged in {self.store.staging} on this node, which the "
-                "other nodes' workers cannot see: set CURATION_STAGING to a folder every node mounts"
-            )
-        return runner
+        return make_runner(self.cfg.runner, self.cfg.ray.address, self.cfg.ray.num_cpus)
+
+    def _target(self, runner: Runner) -> Path | str:
+        """Where `runner`'s workers find the run: Ray's workers get a run on object storage as its URI (each stages
+        it on its own node and pushes what it writes), the local runner the staging folder it shares with us."""
+        if self.store is not None and getattr(runner, "reads_files", False):
+            return self.store.uri
+        return self.run_dir
+
+    def _synced(self, runner: Runner) -> None:
+        """After Ray's workers ran a stage of a run on object storage: their manifest parts, pushed from whatever
+        node they ran on, brought here (the next stage's inputs and the compaction read them)."""
+        if self.store is not None and getattr(runner, "reads_files", False):
+            self.store.pull(("manifests/",))
 
     def _stage_inputs(
         self, name: str, runner: Runner, rerun: Rerun, selection: Path | None, scratch: Path, batch: int = 0
@@ -235,8 +241,16 @@ class Pipeline:
         stage = registry()[name](self.cfg.stage_config(name))
         if getattr(runner, "reads_files", False) and stage.grouping() is None:
             sql, params = self.inputs_sql(name, rerun, selection)
-            return self.manifests.export(sql, params, scratch, batch or stage.resources().batch_size)
+            files = self.manifests.export(sql, params, scratch, batch or stage.resources().batch_size)
+            if self.store is not None:  # workers on other nodes fetch them from the store
+                self.store.put_scratch(files.paths)
+            return files
         return self.inputs(name, rerun, selection)
+
+    def _drop_scratch(self, scratch: Path) -> None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if self.store is not None:
+            self.store.remove_tree(scratch)
 
     def _scratch(self, name: str) -> Path:
         return self.run_dir / "tmp" / f"inputs-{name}-{uuid.uuid4().hex[:8]}"
@@ -265,13 +279,14 @@ class Pipeline:
                 bar = progress_factory(name, len(rows)) if progress_factory else None
                 progress: Progress | None = bar.update if bar is not None else None
                 try:
-                    stats = _merge(stats, runner.run(cls, cfg, rows, self.run_dir, progress))
+                    stats = _merge(stats, runner.run(cls, cfg, rows, self._target(runner), progress))
                 finally:
                     if bar is not None:
                         bar.close()
                 n_in += len(rows)
+                self._synced(runner)
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            self._drop_scratch(scratch)
         if n_in:
             self.manifests.compact(name)
         stage = cls(cfg)
@@ -378,7 +393,7 @@ class Pipeline:
                     stats = runner.run_chain(  # type: ignore[attr-defined]
                         [(reg[n], self.cfg.stage_config(n)) for n in chain],
                         rows,
-                        self.run_dir,
+                        self._target(runner),
                         {n: b.update for n, b in bars.items()},
                         reads={n: self.reads(n) for n in chain},
                         fuse=fuse,
@@ -388,9 +403,10 @@ class Pipeline:
                         b.close()
                 seconds = time.perf_counter() - t0
                 streamed = {n: StageReport(n, int(stats[n].pop("inputs", 0)), seconds, stats[n]) for n in chain}
+                self._synced(runner)
                 break
             finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+                self._drop_scratch(scratch)
         return [self.run_stage(n, runner, "missing", None, progress_factory, streamed.get(n)) for n in names]
 
     def run(
@@ -400,15 +416,18 @@ class Pipeline:
             self.check_input(input_spec)
         self.prepare()
         runner = self.runner()  # before anything is ingested: a cluster this run directory cannot work on stops here
-        with logging_to(self.run_dir), self.pushing():
-            n_new = self.ingest(input_spec)
-            log.info("ingest: %d new input video(s)", n_new)
-            reports: list[StageReport] = []
-            for seg in self.segments(runner, rerun):
-                if len(seg) == 1:
-                    reports.append(self.run_stage(seg[0], runner, rerun, None, progress_factory))
-                else:
-                    reports.extend(self.run_chain(seg, runner, progress_factory))
+        with logging_to(self.run_dir):
+            with self.pushing():
+                n_new = self.ingest(input_spec)
+                log.info("ingest: %d new input video(s)", n_new)
+                reports: list[StageReport] = []
+                for seg in self.segments(runner, rerun):
+                    if len(seg) == 1:
+                        reports.append(self.run_stage(seg[0], runner, rerun, None, progress_factory))
+                    else:
+                        reports.extend(self.run_chain(seg, runner, progress_factory))
+            if self.store is not None:  # the workers' per-batch commit records, folded now that none is written
+                self.store.compact_records()
             return reports
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from curation.config import run_stages
 from curation.manifest import Manifests, atomic_write_bytes
+from curation.runstore import local
 from curation.samples import SAMPLES_COLUMN, read_samples
 from curation.stage import Row, Stage
 
@@ -85,7 +86,7 @@ def histogram(col: str, values: list[tuple[float, str]], lines: list[tuple[float
 def _thumb(row: Row, stages: list[Stage[Any]]) -> str | None:
     """The clip's middle sample, with every stage's findings drawn on it."""
     path = row.get(SAMPLES_COLUMN)
-    if not path or not Path(path).is_file():
+    if not path or not local(path).is_file():  # recorded on another machine: this one's copy
         return None
     samples = read_samples(path)
     k = len(samples["frames"]) // 2

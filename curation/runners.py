@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from curation.errors import ConfigError
 from curation.logs import log_to_file, tame_third_party, worker_log_name
-from curation.manifest import InputFiles, Manifests, rows_to_table
+from curation.manifest import InputFiles, Manifests, journal, rows_to_table
+from curation.runstore import RunStore, local, register_run
 from curation.stage import (
     CLIP_FIELDS,
     Kind,
@@ -33,6 +34,7 @@ from curation.stage import (
     get_stage,
     is_fatal,
 )
+from curation.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +173,12 @@ class _RayStageWorker:
         # the next stage's optional columns it does not read here (a later stage's output): kept from its rows
         self.next_unread = tuple(c for c in get_stage(nxt[0]).optional_requires if c not in nxt[1]) if nxt else ()
         self.fatal = ""  # an error building the stage is reported with the first batch, as one line in the driver
+        self.store: RunStore | None = None
         try:
+            if is_remote(run_dir):  # a run on object storage: staged on this node, each batch's files pushed
+                self.store = RunStore(run_dir)
+                run_dir = str(self.store.staging)
+            register_run(run_dir, self.store)
             log_to_file(run_dir, worker_log_name())
             cls = get_stage(stage_name)
             cfg = cls.config_class(**config)
@@ -191,7 +198,10 @@ class _RayStageWorker:
             import pyarrow.parquet as pq
 
             for path in batch.column("path").to_pylist():
-                rows.extend(pq.read_table(path).to_pylist())
+                here = local(path)  # on another node than the driver's: fetched from the run's store
+                rows.extend(pq.read_table(here).to_pylist())
+                if str(here) != path:
+                    here.unlink(missing_ok=True)
         else:
             kind = batch.column("kind").to_pylist() if "kind" in batch.column_names else ["row"] * batch.num_rows
             for k, p in zip(kind, batch.column("payload").to_pylist(), strict=True):
@@ -209,8 +219,11 @@ class _RayStageWorker:
         before = self.stage.stats["seconds"] if not fatal else 0.0
         if not fatal:
             try:
-                out = self.stage.run_batch(rows)
-                self.manifests.write(self.stage.name, out)
+                with journal() as written:
+                    out = self.stage.run_batch(rows)
+                    self.manifests.write(self.stage.name, out)
+                if self.store is not None:  # before the rows go on: a stage on another node fetches these
+                    self.store.push_files(written)
                 if self.next_requires is not None:
                     nxt = chain_rows(self.stage, rows, out, self.next_requires, self.next_unread)
             except Exception as exc:

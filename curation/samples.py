@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from curation.manifest import atomic_write_bytes
+from curation.runstore import local
 from curation.stage import Row
 
 SAMPLES_COLUMN = "clip_samples_path"  # the clips view's name for the SPLIT stage's `<name>_samples_path`
@@ -32,7 +33,7 @@ def save_samples(path: Path, frames: np.ndarray, indices: list[int], pairs: np.n
 
 
 def read_samples(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(local(path), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
@@ -47,4 +48,5 @@ def load_samples(row: Row) -> dict[str, np.ndarray]:
 def cut_sample_paths(row: Row) -> list[Path]:
     """The sample files of every clip of this clip's cut of its video, in clip-id order (this clip's included)."""
     path = Path(row[SAMPLES_COLUMN])
-    return sorted(set(path.parent.glob("*.npz")) | {path})
+    folder = local(path.parent, tree=True)  # a run on object storage: the cut's other clips may come from elsewhere
+    return sorted(set(folder.glob("*.npz")) | {folder / path.name})

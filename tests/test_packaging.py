@@ -74,10 +74,17 @@ def test_raycluster_example_matches_the_images_and_ray() -> None:
     assert groups["cpu"]["template"]["spec"]["containers"][0]["image"] == "musa-curation:cpu"
     cluster = yaml.safe_load((REPO / "configs" / "cluster.yaml").read_text())
     assert cluster["ray"]["address"] == "auto"
-    # a run directory on S3 is staged on the volume every node mounts (a run on several nodes refuses otherwise)
+    # a run directory on S3 is staged on each pod's own disk (workers push and fetch through the bucket), at the
+    # default staging path, the same in every pod; /data stays the shared volume for local run directories
+    from curation.runstore import DEFAULT_STAGING
+
     pods = [rc["spec"]["headGroupSpec"]] + rc["spec"]["workerGroupSpecs"]
     for pod in pods:
-        c = pod["template"]["spec"]["containers"][0]
+        spec = pod["template"]["spec"]
+        c = spec["containers"][0]
         env = {e["name"]: e["value"] for e in c.get("env", [])}
-        assert env.get("CURATION_STAGING", "").startswith("/data/"), c["name"]
-        assert any(m["mountPath"] == "/data" for m in c["volumeMounts"]), c["name"]
+        assert "CURATION_STAGING" not in env, c["name"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert "/data" in mounts, c["name"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert "emptyDir" in volumes[mounts[DEFAULT_STAGING]], c["name"]

@@ -310,3 +310,69 @@ def test_wrong_credentials_for_an_s3_run_directory_write_nothing(s3: dict[str, s
     assert "not-the-secret" not in proc.stderr
     fs.invalidate_cache()
     assert not fs.exists("runs/denied") and not (tmp_path / "stage").exists()
+
+
+NODES_SCRIPT = """
+import os, sys
+from ray.cluster_utils import Cluster
+
+staging, args = sys.argv[1], sys.argv[2:]
+cluster = Cluster()
+cluster.add_node(num_cpus=0)  # the driver's node: no worker runs here
+for tag in ("b", "c"):  # each node stages the run in its own folder: a raylet's workers inherit its environment
+    os.environ["CURATION_STAGING"] = os.path.join(staging, "node-" + tag)
+    cluster.add_node(num_cpus=2)
+os.environ["CURATION_STAGING"] = os.path.join(staging, "driver")
+from curation.cli import main
+
+try:
+    code = main([*args, "--set", "ray.address=" + cluster.address])
+finally:
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+sys.exit(code)
+"""
+
+
+def test_a_run_on_s3_across_nodes_shares_no_folder(s3: dict[str, str], tmp_path: Path) -> None:
+    """Three Ray nodes on this machine (`ray.cluster_utils`), each staging the run in a folder of its own: the
+    driver's node runs no worker, the two others run them all. Nothing but the store connects them: every stage's
+    files reach the next stage, the driver's manifests and the shards through S3."""
+    fs = _s3fs(s3)
+    if not fs.exists("runs"):
+        fs.mkdir("runs")
+    staging = tmp_path / "staging"
+    args = [
+        "run", "configs/local.yaml", "--input", "s3://inputs/batch", "--out", "s3://runs/nodes", "--runner", "ray",
+        "--no-progress", "--set", "subjects.track_frames=3", "--set", "package.shard_size=2",
+        "--set", "stages=[probe, scenecut, motion, watermark, caption, subjects, identity, crops, package]",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", NODES_SCRIPT, str(staging), *args],
+        cwd=REPO, env={**os.environ, **s3}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with _env(s3):
+        m = Manifests("s3://runs/nodes")
+        q = "SELECT clip_id, clip_samples_path AS samples_path, subjects_dir, shard FROM clips WHERE status = 'ok'"
+        kept = m.rows(q)
+        videos = m.rows("SELECT uri, status FROM videos ORDER BY uri")
+    assert [v["status"] for v in videos] == ["error", "ok", "ok"]  # broken.mp4, then the two videos
+    assert kept and all(r["shard"] for r in kept)
+    nodes = (staging / "node-b", staging / "node-c")
+    for r in kept:  # written on a worker node, read by later stages and the driver through the store
+        assert r["samples_path"].startswith(tuple(map(str, nodes))), r["samples_path"]
+        assert r["subjects_dir"].startswith(tuple(map(str, nodes))), r["subjects_dir"]
+    driver = next((staging / "driver").iterdir())
+    assert not (driver / "frames").exists()  # no frame sample came to the driver: it never needed one
+    members = _shard_members(s3, "s3://runs/nodes", tmp_path / "fresh")
+    names = {n for shard in members for n in shard}
+    for r in kept:
+        assert {f"{r['clip_id']}.mp4", f"{r['clip_id']}.masks.json", f"{r['clip_id']}.json"} <= names
+    fs.invalidate_cache()
+    assert not fs.glob("runs/nodes/clips/*.mp4")  # packed into shards: removed from the store as well
+    left = fs.find("runs/nodes/tmp", detail=True)  # SeaweedFS lists an emptied folder as an entry of its own
+    assert not [k for k, v in left.items() if v["type"] == "file" and not k.endswith("/tmp")], left
+    assert len(fs.find("runs/nodes/_commits")) <= 17  # a record a batch, folded at the end of the run

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from curation.runstore import local
 from curation.stage import Kind, Resources, Row, Stage, StageConfig
 
 
@@ -186,7 +187,7 @@ class Identity(Stage[IdentityConfig]):
             for r, suffix in (("face_ref", "face.jpg"), ("ref", "subject.png")):
                 path = info.get(f"{r}_path")
                 if info.get(f"{r}_source") == "other_clip" and path:
-                    out.append((f"ref_{k}_{suffix}", Path(path).read_bytes()))
+                    out.append((f"ref_{k}_{suffix}", local(path).read_bytes()))
         return out
 
     def describe(self, row: Row) -> str | None:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from curation.errors import ConfigError
+from curation.manifest import note_written
+from curation.runstore import discard, local
 from curation.stage import STORAGE_ERRNOS, Resources, Row, Stage, StageConfig, StageContext, operational
 from curation.storage import local_file
 
@@ -111,6 +113,7 @@ class Package(Stage[PackageConfig]):
             if frames != n:
                 return self.row(r, "error", "frame_count", f"encoded {frames} frames, expected {n}", frames=frames)
             tmp.replace(final)
+            note_written(final)
         finally:  # whatever went wrong (an error row, or the end of the run on a full disk), no half-written clip
             tmp.unlink(missing_ok=True)
         return self.row(r, "ok", path=str(final), frames=frames, width=width, height=height, bytes=final.stat().st_size)
@@ -119,14 +122,13 @@ class Package(Stage[PackageConfig]):
         return {"video": {k: row.get(self.col(k)) for k in ("width", "height", "frames")}}
 
     def shard_members(self, row: Row) -> list[tuple[str, bytes]]:
-        return [("mp4", Path(row[self.col("path")]).read_bytes())]
+        return [("mp4", local(row[self.col("path")]).read_bytes())]
 
     def finalize(self, ctx: StageContext) -> None:
         from curation.shards import write_shards
 
         def drop_clips(rows: list[Row]) -> None:
-            for r in rows:
-                Path(r[self.col("path")]).unlink(missing_ok=True)
+            discard([r[self.col("path")] for r in rows])
 
         cfg = self.config
         write_shards(

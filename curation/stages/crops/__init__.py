@@ -32,6 +32,7 @@ from pydantic import Field
 from curation.filters import FilterConfig
 from curation.manifest import atomic_write_bytes
 from curation.masks import mask_box, rle_decode, rle_encode
+from curation.runstore import attempt_dir, local
 from curation.stage import Resources, Row, Stage, StageContext
 from curation.stages.crops.background import MIN_FRAMES, median_plate, subject_free
 from curation.stages.crops.regions import attribute_region, body, region_mask
@@ -140,7 +141,7 @@ class Crops(Stage[CropsConfig]):
         from curation.video import read_clip_frames
 
         c = self.config
-        sub_dir = Path(r["subjects_dir"])
+        sub_dir = local(r["subjects_dir"], tree=True)
         doc = json.loads((sub_dir / "masks.json").read_text())
         positions = [int(p) for p in doc["frames"]]
         gw, gh = int(doc["width"]), int(doc["height"])
@@ -162,8 +163,7 @@ class Crops(Stage[CropsConfig]):
         subjects = {int(s["id"]): s for s in json.loads(r.get("caption_subjects") or "[]")}
         tracks = json.loads(r.get("subjects_tracks") or "[]")
         grids = {t["k"]: [rle_decode(x) for x in doc["tracks"][str(t["k"])]] for t in tracks}
-        out_dir = self.ctx.path("crops", r["video_id"], r["clip_id"])
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = attempt_dir(self.ctx.path("crops", r["video_id"]), r["clip_id"])
         parts: list[dict[str, Any]] = []
         masks: dict[str, list[dict[str, Any]]] = {}
         linked: dict[int, list[dict[str, Any]]] = {}  # a subject with a count ("two girls") has several tracks
@@ -360,7 +360,7 @@ class Crops(Stage[CropsConfig]):
         d = row.get(self.col("dir"))
         if not d or row.get(self.col("status")) != "ok":
             return []
-        d = Path(d)
+        d = local(d, tree=True)
         out = [("parts.json", (d / "parts.json").read_bytes())]
         for p in json.loads(row.get(self.col("parts")) or "[]"):
             if p["kind"] in ("attribute", "background") and p.get("file"):  # persons' and objects': subjects' files

@@ -6,8 +6,9 @@
 - `reference`: insightface (detection, ArcFace embedding, pose) for faces and SAM2's video predictor propagating
   masks over the same frames from the detector's boxes (GPU; weights from `models_dir`).
 
-Artifacts go to `<run>/subjects/<video_id>/<clip_id>/`: `masks.json` (COCO RLE per track per frame, frames are
-clip-relative indices = frame numbers of the packaged mp4), `ref_<k>_face.jpg`, `ref_<k>_subject.png`. The
+Artifacts go to `<run>/subjects/<video_id>/<clip_id>.<attempt>/` (`runstore.attempt_dir`): `masks.json` (COCO
+RLE per track per frame, frames are clip-relative indices = frame numbers of the packaged mp4), `ref_<k>_face.jpg`,
+`ref_<k>_subject.png`. The
 manifest row holds the tracks as JSON (`subjects_tracks`): category, caption subject it is linked to and how
 sure, normalised boxes per frame, the face track (per frame: box, detector score, size, blur, pose, whether the
 landmarks form a face), the face embedding and the models that produced it, reference frames, quality gates.
@@ -29,6 +30,7 @@ from pydantic import Field, model_validator
 from curation.filters import FilterConfig, pick
 from curation.manifest import atomic_write_bytes
 from curation.masks import mask_box, mask_iou, rle_decode, rle_encode
+from curation.runstore import attempt_dir, local
 from curation.stage import Resources, Row, Stage, StageContext
 from curation.stages.subjects.linking import link_subjects
 from curation.storage import local_file
@@ -197,8 +199,7 @@ class Subjects(Stage[SubjectsConfig]):
             (dropped if info["gates"] and set(info["gates"]) - {"face_too_small"} else tracks).append((t, info))
         caption_subjects = json.loads(r.get("caption_subjects") or "[]")
         link_subjects([i for _, i in tracks], caption_subjects)
-        out_dir = self.ctx.path("subjects", r["video_id"], r["clip_id"])
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = attempt_dir(self.ctx.path("subjects", r["video_id"]), r["clip_id"])
         doc: dict[str, Any] = {"width": grid[0], "height": grid[1], "frames": positions, "clip_frames": n, "tracks": {}}
         for k, (t, info) in enumerate(tracks):
             info["k"] = k
@@ -248,7 +249,7 @@ class Subjects(Stage[SubjectsConfig]):
         d = row.get(self.col("dir"))
         if not d or row.get(self.col("status")) != "ok":
             return []
-        d = Path(d)
+        d = local(d, tree=True)
         out = [("masks.json", (d / "masks.json").read_bytes())]
         for t in json.loads(row.get(self.col("tracks")) or "[]"):
             for key, suffix in (("face_ref", "face.jpg"), ("ref", "subject.png")):
@@ -279,7 +280,7 @@ class Subjects(Stage[SubjectsConfig]):
         import cv2
 
         d = row.get(self.col("dir"))
-        path = Path(d) / "masks.json" if d else None
+        path = local(d, tree=True) / "masks.json" if d else None
         if path is None or not path.is_file():
             return
         doc = json.loads(path.read_text())
