@@ -535,6 +535,8 @@ class RayRunner:
 
 
 def make_runner(kind: str, address: str | None = None, num_cpus: float | None = None) -> Runner:
-    if kind == "local" and not address:
+    """`local` runs in-process whatever `ray.address` says: a stage rerun with `--runner local` on a run made on a
+    cluster must not try to join that cluster."""
+    if kind == "local":
         return LocalRunner()
     return RayRunner(address=address, num_cpus=num_cpus)

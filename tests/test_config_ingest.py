@@ -28,6 +28,17 @@ def test_overrides_win_over_the_file() -> None:
     assert cfg.stage_config("probe").min_fps == 1.0
 
 
+def test_runner_local_stays_local_on_a_cluster_config(tmp_path: Path) -> None:
+    """`--runner local` on a cluster config (or a run made on a cluster) runs in-process, not on `ray.address`."""
+    from curation.pipeline import Pipeline
+    from curation.runners import LocalRunner, RayRunner
+
+    cluster = load_config(REPO / "configs" / "cluster.yaml", ["runner=local"])
+    assert cluster.ray.address == "auto"
+    assert isinstance(Pipeline(cluster, tmp_path / "a").runner(), LocalRunner)
+    assert isinstance(Pipeline(load_config(REPO / "configs" / "cluster.yaml"), tmp_path / "b").runner(), RayRunner)
+
+
 @pytest.mark.parametrize(
     ("data", "needle"),
     [

@@ -348,6 +348,7 @@ def test_a_run_on_s3_across_nodes_shares_no_folder(s3: dict[str, str], tmp_path:
         "run", "configs/local.yaml", "--input", "s3://inputs/batch", "--out", "s3://runs/nodes", "--runner", "ray",
         "--no-progress", "--set", "subjects.track_frames=3", "--set", "package.shard_size=2",
         "--set", "stages=[probe, scenecut, motion, watermark, caption, subjects, identity, crops, package]",
+        "--set", "subjects.max_subjects=30",  # the crowd gate is not under test: a borderline count must not decide
     ]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", NODES_SCRIPT, str(staging), *args],
@@ -376,3 +377,15 @@ def test_a_run_on_s3_across_nodes_shares_no_folder(s3: dict[str, str], tmp_path:
     left = fs.find("runs/nodes/tmp", detail=True)  # SeaweedFS lists an emptied folder as an entry of its own
     assert not [k for k, v in left.items() if v["type"] == "file" and not k.endswith("/tmp")], left
     assert len(fs.find("runs/nodes/_commits")) <= 17  # a record a batch, folded at the end of the run
+    # one stage rerun from a machine that has none of it: the manifests and logs come down, the samples the stage
+    # reads are fetched on a miss, and the run's log keeps what the run wrote
+    again = {**s3, "CURATION_STAGING": str(tmp_path / "elsewhere")}
+    proc = _cli(again, "stage", "motion", "--run", "s3://runs/nodes", "--rerun", "all", "--runner", "local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with _env(s3):
+        m = Manifests("s3://runs/nodes")
+        assert {r["motion_status"] for r in m.rows("SELECT motion_status FROM motion")} <= {"ok", "reject"}
+        assert len(m.rows("SELECT * FROM stage_runs WHERE stage = 'motion'")) == 2
+    log = fs.cat_file("runs/nodes/logs/curation.log").decode()
+    assert "ingest: 3 new input video(s)" in log, log[-2000:]
+    assert "stage motion:" in log.split("ingest:")[-1]
