@@ -125,7 +125,7 @@ class SubjectsConfig(FilterConfig):
 
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
-    version = "8"  # 8: big GrabCut windows cut at a reduced size
+    version = "9"  # 8: big GrabCut windows cut at a reduced size; 9: one alignment per pair of tracked frames
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")
     default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
