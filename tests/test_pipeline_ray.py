@@ -139,3 +139,23 @@ def test_streamed_stages_leave_nothing_to_redo(ray_run: Path) -> None:
     assert modes == {n: "streaming" if n not in ("dedup", "identity") else "stage" for n in DEFAULT_STAGES}
     for name in DEFAULT_STAGES:
         assert pipe.inputs(name) == [], name  # a fingerprint that differed would make the row count as missing
+
+
+def test_a_chain_whose_later_stage_reads_an_earlier_ones_columns_runs_on_a_fresh_run(
+    tmp_path: Path, ray_cluster: None
+) -> None:
+    """Without dedup and identity in `stages`, every stage streams in one chain on a fresh run: crops reads caption's
+    and subjects' columns, which no manifest holds before the chain runs (this stopped the run with a config
+    error)."""
+    stages = ["probe", "scenecut", "caption", "subjects", "crops", "package"]
+    overrides = {"stages": stages, "subjects": {"track_frames": 3}}
+    cfg = build_config({"runner": "ray", "progress": False, "ray": {"streaming": True}, **overrides})
+    pipe = Pipeline(cfg, tmp_path / "run")
+    assert pipe.segments(pipe.runner()) == [stages]  # one chain: no grouped stage between them
+    reports = pipe.run(str(VIDEOS / "sam2_01_dog.mp4"))
+    assert [r.name for r in reports] == stages
+    m = Manifests(tmp_path / "run")
+    (crop,) = m.rows("SELECT crops_status, subjects_status FROM clips WHERE scenecut_status = 'ok'")
+    assert crop["subjects_status"] == "ok" and crop["crops_status"] in ("ok", "reject"), crop
+    modes = {r["stage"]: r["mode"] for r in m.rows("SELECT stage, mode FROM stage_runs")}
+    assert modes["crops"] == "streaming", modes
