@@ -101,9 +101,7 @@ class SimMasks(_SimGpu):
     default_resources = Resources(cpus=0.1, gpus=1.0, batch_size=4, pool_max=8)
 
 
-SIMULATED: dict[str, type[Stage[Any]]] = {
-    c.name: c for c in (SimProbe, SimCut, SimFilter, SimCaption, SimMasks)
-}
+SIMULATED: dict[str, type[Stage[Any]]] = {c.name: c for c in (SimProbe, SimCut, SimFilter, SimCaption, SimMasks)}
 
 
 def register() -> None:

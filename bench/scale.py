@@ -163,8 +163,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--videos-per-node", type=int, default=128, help="corpus size per node (5 clips a video): the corpus grows"
-        " with the cluster, as a long run's share of each node does (~38 min on 2 cores; 64 takes ~18)"
+        "--videos-per-node",
+        type=int,
+        default=128,
+        help="corpus size per node (5 clips a video): the corpus grows"
+        " with the cluster, as a long run's share of each node does (~38 min on 2 cores; 64 takes ~18)",
     )
     ap.add_argument("--time-scale", type=float, default=5.0, help="divide every calibrated duration by this")
     ap.add_argument("--rows", type=int, nargs=2, default=[10_000, 100_000])

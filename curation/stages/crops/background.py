@@ -23,6 +23,7 @@ class Plate:
     residual: float  # median over frames of the mean |frame - plate| on that frame's background, 8-bit levels
     usable: int  # frames that show enough background (5%) to measure the residual on; fewer than 3: inf
 
+
 MIN_FRAMES = 3  # with one or two frames the median is (nearly) the frame itself: no evidence the camera holds still
 
 
