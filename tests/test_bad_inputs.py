@@ -79,3 +79,30 @@ def test_huge_declared_resolution_is_rejected_without_decoding(
 def test_unicode_path_with_spaces_goes_all_the_way(corpus: dict[str, Path], videos: dict[str, dict]) -> None:
     row = videos[str(corpus["unicode"])]
     assert row["status"] == "ok" and row["n_clips_ok"] >= 3
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_a_corpus_whose_every_clip_is_rejected_early_runs_to_the_end(
+    tmp_path: Path, runner: str, request: pytest.FixtureRequest
+) -> None:
+    """A still grey picture (lavfi, 4 s): motion rejects its only clip, so no later stage ever writes a manifest.
+    The stages after it read columns of stages that never ran (watermark `ocr_boxes`, crops `caption_subjects`):
+    the run must still end with every row accounted for (it stopped with a DuckDB binder error)."""
+    import subprocess
+
+    if runner == "ray":
+        request.getfixturevalue("ray_cluster")
+    src = tmp_path / "in"
+    src.mkdir()
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "color=c=gray:s=320x240:d=4:r=25",
+         "-c:v", "libx264", "-pix_fmt", "yuv420p", str(src / "still.mp4")],
+        check=True,
+    )  # fmt: skip
+    pipe = Pipeline(build_config({"runner": runner, "progress": False}), tmp_path / "run")
+    reports = pipe.run(str(src))
+    assert reports[-1].name == "package"
+    (video,) = pipe.manifests.rows("SELECT status, reason FROM videos")
+    assert (video["status"], video["reason"]) == ("reject", "no_clip_kept")
+    (clip,) = pipe.manifests.rows("SELECT status, reason FROM clips")
+    assert (clip["status"], clip["reason"]) == ("reject", "motion:static")

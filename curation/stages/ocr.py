@@ -288,6 +288,7 @@ class Ocr(SampleFilter):
     gpu_backends: ClassVar[dict[str, float]] = {"reference": 0.5}
     backend_names: ClassVar[dict[str, str]] = {"embedded": "rapidocr-ppocr-onnx", "reference": "paddleocr"}
     score_column = "ocr_text_area"
+    columns: ClassVar[dict[str, str]] = {"ocr_boxes": "VARCHAR"}  # watermark reads them
 
     def setup(self, ctx: StageContext) -> None:
         ref = self.config.backend == "reference"

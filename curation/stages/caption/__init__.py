@@ -112,6 +112,7 @@ class Caption(Stage[CaptionConfig]):
     config_class = CaptionConfig
     default_resources = Resources(cpus=0.25, batch_size=16, pool_max=2)
     gpu_backends: ClassVar[dict[str, float]] = {"vllm": 1.0}  # one engine per GPU
+    columns: ClassVar[dict[str, str]] = {"caption_text": "VARCHAR", "caption_subjects": "VARCHAR"}  # crops reads them
 
     @property
     def backend(self) -> str:

@@ -132,7 +132,11 @@ class Subjects(Stage[SubjectsConfig]):
     gpu_backends: ClassVar[dict[str, float]] = {"reference": 1.0}
     score_column = "subjects_count"
     not_scores = ("tracks", "dropped_tracks", "frames", "dir")
-    columns: ClassVar[dict[str, str]] = {"subjects_count": "BIGINT", "subjects_dir": "VARCHAR"}
+    columns: ClassVar[dict[str, str]] = {
+        "subjects_count": "BIGINT",
+        "subjects_dir": "VARCHAR",
+        "subjects_tracks": "VARCHAR",  # identity and crops read them
+    }
 
     @property
     def backend(self) -> str:
