@@ -222,14 +222,9 @@ class _Maker(Stage[StageConfig]):
         return self.row(row, "ok", value="x")
 
 
-class _Taker(Stage[StageConfig]):
+class _Taker(_Needy):
     name = "taker"
-    version = "1"
-    kind = Kind.CLIP
     requires: ClassVar[tuple[str, ...]] = ("clip_samples_path", "maker_value")
-
-    def process(self, row: Row) -> Row:
-        return self.row(row, "ok")
 
 
 def test_a_column_from_an_earlier_stage_of_the_same_chain_counts_as_coming(tmp_path: Path, monkeypatch: Any) -> None:
