@@ -12,7 +12,6 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -198,18 +197,22 @@ class Pipeline:
             return f"{sql} ORDER BY video_id, {key}", params
         return f"SELECT * FROM ({base}) q WHERE {cond} ORDER BY {key}", params
 
-    def check_requires(self, name: str, streamed_before: Sequence[str] = ()) -> None:
+    def check_requires(self, name: str) -> None:
         """The columns the stage declares it reads must exist upstream; raises ConfigError naming the missing ones.
-        `streamed_before`: stages that run before it in the same streaming chain and have no manifest yet (a fresh
-        run): their `<stage>_` columns count as coming, since every column a stage writes carries its name."""
+        A stage that has not run yet (a fresh run, a streaming chain) shows the columns it declares in `columns`."""
         cls = registry()[name]
         if not cls.requires:
             return
         have = self._columns(name)
-        coming = tuple(f"{u}_" for u in streamed_before if not self.manifests.has(u))
-        missing = [c for c in cls.requires if c not in have and not c.startswith(coming)]
+        missing = [c for c in cls.requires if c not in have]
         if missing:
             ups = self._upstream(name)
+            unrun = [u for u in ups if any(c.startswith(f"{u}_") for c in missing) and not self.manifests.has(u)]
+            if unrun:
+                raise ConfigError(
+                    f"stage {name!r} reads column(s) {', '.join(missing)}, which {', '.join(unrun)} (not run yet) "
+                    "does not declare: list every column other stages read in that stage's `columns`"
+                )
             raise ConfigError(
                 f"stage {name!r} reads column(s) {', '.join(missing)} that no stage before it in `stages` "
                 f"({', '.join(ups) or 'none'}) writes; add the stage that produces them before {name!r}"
@@ -373,8 +376,8 @@ class Pipeline:
         stages may be complete), then let each stage pick up what the chain left (rows a killed run's earlier
         stages finished but later ones did not) and record it."""
         reg = registry()
-        for i, name in enumerate(names):
-            self.check_requires(name, names[:i])
+        for name in names:
+            self.check_requires(name)
         streamed: dict[str, StageReport] = {}
         fuse = self.fuses(runner)
         for start, first in enumerate(names):

