@@ -3,8 +3,8 @@
 
 The P/R table is printed (`pytest -s`) and kept in docs/benchmarks.md. Gates: burnt-in text (ocr) and near-static
 (motion) precision and recall >= 0.85 on every split; people found (subjects, media only) likewise; watermark
-precision >= 0.85 on every split but heldout2 and its recall held at what the embedded backend reaches (graphic marks
-with no letters on a still camera are beyond it: see docs).
+precision >= 0.85 on every split but heldout2, recall >= 0.85 on all cases together (graphic marks with no letters on
+a still camera are beyond the embedded backend: see docs).
 """
 
 from __future__ import annotations
@@ -83,11 +83,25 @@ def test_people_found_precision_and_recall(results: dict[tuple[str, str], dict[s
 def test_watermark_precision_and_recall(results: dict[tuple[str, str], dict[str, Any]]) -> None:
     for split in ("dev", "heldout", "media", "all"):  # heldout2: 0.83 (left-aligned subtitles read as a mark)
         assert results[(split, "logo")]["precision"] >= 0.85, results[(split, "logo")]
-    # Below the 0.85 target (docs/benchmarks.md): marks on a still camera are out of the embedded backend's reach by
-    # design, and half-transparent marks over busy texture on a moving camera are mostly missed. This holds the
-    # level reached (0.79 on all cases).
-    assert results[("all", "logo")]["recall"] >= 0.75, results[("all", "logo")]
+    # 0.86 on all cases since watermark v6's blend test (half-transparent marks on a moving camera); marks on a
+    # still camera stay out of the embedded backend's reach by design (docs/benchmarks.md).
+    assert results[("all", "logo")]["recall"] >= 0.85, results[("all", "logo")]
     assert results[("media", "logo")]["recall"] == 1.0
+
+
+def test_marks_on_pans_over_the_dev_photos(tmp_path: Path) -> None:
+    """Twenty pans with a half-transparent graphic mark in a corner (opacity 0.45-0.8) and twenty without, over the
+    five dev photos (`pan_mark_cases.csv`), through probe, scene cut and watermark. A dev set: the blend test and
+    its edge margin were built on it (20 of 20 found, none of the plain pans flagged; watermark v5 found 15)."""
+    cases = fc.load_cases(fc.PAN_MARKS)
+    fc.render_all(tmp_path / "pans", cases)
+    rows = fc.score_folder(tmp_path / "pans", tmp_path / "run", ("watermark",))
+    found = [c["case"] for c in cases if fc.flagged(rows[f"{c['case']}.mp4"], "logo")]
+    marked = [c["case"] for c in cases if c["logo"] == "1"]
+    print(f"\npans with a mark found: {len(set(found) & set(marked))} of {len(marked)}; plain pans flagged: "
+          f"{sorted(set(found) - set(marked))}")  # fmt: skip
+    assert set(found) <= set(marked)
+    assert len(found) >= 18
 
 
 # ------------------------------------------------------------------------------------------- the rules' parts
@@ -246,6 +260,49 @@ def test_an_opaque_mark_does_not_take_over_the_camera_tracking() -> None:
     assert pairs >= 20
     got = stay_score(share)
     assert got["stay_corner"] == "top_right" and got["stay_score"] > 0.05, got
+
+
+def _grey_mark(frames: np.ndarray, cx: int, cy: int, alpha: float = 0.5) -> np.ndarray:
+    """A half-transparent disc in the scene's own mean grey: it changes no level on average, so only the cut
+    contrast of the texture passing under it gives it away."""
+    import cv2
+
+    out = frames.copy()
+    grey = int(frames.mean())
+    for f in out:
+        layer = f.copy()
+        cv2.circle(layer, (cx, cy), 13, grey, -1)
+        f[:] = np.round(alpha * layer + (1 - alpha) * f).astype(np.uint8)
+    return out
+
+
+def test_a_half_transparent_mark_over_busy_texture_is_found_by_its_cut_contrast() -> None:
+    """The stay test misses it (the scene shows through, so the pixel does not stay put); the blend test finds it
+    where it is. Without the blend test (an opacity band no mark has) it is not found."""
+    plain = _panned(_scene(11, smooth=3), step=9)
+    marked = _grey_mark(plain, 38, 32)
+    got = stay_score(stay_evidence(marked)[0])
+    assert got["stay_corner"] == "top_left" and got["stay_score"] > 0.05, got
+    assert stay_score(stay_evidence(marked, opacity=(0.99, 1.0))[0])["stay_score"] <= 0.05
+    assert int((stay_evidence(plain)[0] >= 0.7).sum()) == 0  # the plain pan: slope 1 everywhere
+
+
+def test_lens_vignetting_and_texture_moving_on_its_own_are_not_marks() -> None:
+    """Vignetting darkens the scene towards the corners as a mark would (a slope under 1 that fits well), but it
+    reaches the frame's edge; a patch of water or leaves in a corner, half its own motion and half the scene's,
+    has a mark's slope but fits no line."""
+    scene = _scene(12, smooth=3)
+    plain = _panned(scene, step=9).astype(np.float32)
+    yy, xx = np.mgrid[0:180, 0:320]
+    r2 = ((xx - 160) / 160) ** 2 + ((yy - 90) / 90) ** 2
+    vignetted = np.clip(plain * (1 - 0.6 * (r2 / 2) ** 1.5), 0, 255).astype(np.uint8)
+    assert stay_score(stay_evidence(vignetted)[0])["stay_score"] <= 0.05
+    rng = np.random.default_rng(13)
+    water = plain.astype(np.uint8)
+    for f in water:
+        ripple = _scene(int(rng.integers(1000)), smooth=3)[:30, :35]
+        f[20:50, 240:275] = (f[20:50, 240:275] // 2 + ripple // 2).astype(np.uint8)
+    assert stay_score(stay_evidence(water)[0])["stay_score"] <= 0.05
 
 
 def test_the_tracked_camera_motion_chains_rotation_and_zoom() -> None:

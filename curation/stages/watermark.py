@@ -16,6 +16,11 @@
   moving on their own and poor camera fits show up all over). Groups of such pixels that reach the frame's edge or
   are bigger than a mark (a quarter of the frame) do not count: a subject the camera follows stays put too. A still
   camera gives no pairs and no evidence; subtitles (`caption` boxes of the `ocr` stage) are left to that stage.
+  A half-transparent mark over busy texture lets the scene show through, so it does not stay put; it shows the scene
+  passing under it with its contrast cut: over the same pairs, the pixel is a straight-line function of the aligned
+  other sample (the scene under it) with a slope of 1 - opacity. Pixels whose fitted slope says a mark of
+  `mark_opacity` and whose line explains them (correlation >= 0.9) count as staying too (the scene itself has
+  slope 1; water, leaves and people moving on their own fit no line).
 - Text marks, whatever the backend: when `ocr` ran before this stage, its `mark` boxes (a clock, a date, a
   copyright or address line, or a name anchored to a side edge of the top or bottom band in the same place in most
   samples) are marks too (`watermark_text_marks`), so a timestamp on a single shot or a fixed camera is found where
@@ -32,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from curation.errors import require, torch_device
 from curation.filters import FilterConfig, SampleFilter, pick
@@ -57,8 +62,19 @@ class WatermarkConfig(FilterConfig):
     )
     stay_level: float = Field(12.0, gt=0, description="grey levels a staying pixel must beat the aligned scene by")
     min_shift: float = Field(4.0, gt=0, description="camera motion (px at 320 wide) for a pair of samples to count")
+    mark_opacity: tuple[float, float] = Field(
+        (0.4, 0.85), description="embedded: opacities (low, high) of the half-transparent marks the blend test finds"
+    )
     video_frames: int | None = operational(None, description="deprecated (watermark v2), ignored")
     min_change: float | None = operational(None, description="deprecated (watermark v2), ignored")
+
+    @field_validator("mark_opacity")
+    @classmethod
+    def _opacity_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1] <= 1:
+            raise ValueError(f"watermark.mark_opacity must be two opacities with 0 < low < high <= 1, got {list(v)}")
+        return v
+
     reference_weights: ClassVar[tuple[tuple[str, str], ...]] = (
         ("watermark_model_v1.pt", "github.com/LAION-AI/LAION-5B-WatermarkDetection (release weights)"),
     )
@@ -200,13 +216,18 @@ def _pair_transforms(steps: list[np.ndarray | None]) -> Iterator[tuple[int, int,
 
 
 def stay_evidence(
-    greys: np.ndarray, level: float = 12.0, min_shift: float = 4.0, corner: float = 0.3
+    greys: np.ndarray,
+    level: float = 12.0,
+    min_shift: float = 4.0,
+    corner: float = 0.3,
+    opacity: tuple[float, float] = (0.4, 0.85),
 ) -> tuple[np.ndarray, int]:
     """Per pixel, the share of sample pairs (the camera moved >= `min_shift` px between them) in which the pixel
     stayed put while the scene moved on: its grey level differs from the other sample brought into line with it by
     `level` more than from the other sample as it is (and the same the other way round, by any amount). Pixels seen
     by fewer than 3 such pairs, and a 4 px frame border, get 0; so does everything when the camera does not travel
-    `min_shift` px over the samples (a still camera: no evidence)."""
+    `min_shift` px over the samples (a still camera: no evidence). Pixels the blend test (`_blend_fit`) calls a
+    half-transparent mark of `opacity` get 1."""
     import cv2
 
     n, h, w = greys.shape
@@ -218,10 +239,15 @@ def stay_evidence(
     if float(np.ptp(path, axis=0).max()) < min_shift:  # skips the tracking for a still camera
         return share, 0
     probe = np.float64([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1], [w / 2, h / 2, 1]]).T
-    blurred = np.stack([cv2.GaussianBlur(g, (3, 3), 0).astype(np.float32) for g in greys])
+    # 8-bit images: warps and differences cheaper than on floats, which pays for the blend sums below
+    blurred = np.stack([cv2.GaussianBlur(g, (3, 3), 0) for g in greys])
+    frame = np.full((h, w), 255, np.uint8)
+    corners = np.float64([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]])
+    kernel = np.ones((5, 5), np.uint8)
     steps = _camera_steps(greys, shifts, corner)
-    stayed = np.zeros((h, w), np.float32)
-    seen = np.zeros((h, w), np.float32)
+    stayed = np.zeros((h, w), np.uint16)
+    seen = np.zeros((h, w), np.uint16)
+    sums = np.zeros((6, h, w), np.float32)  # count, x, y, xx, yy, xy of (aligned other sample, pixel)
     pairs = 0
     for i, j, t in _pair_transforms(steps):
         if float(np.abs(t[:2] @ probe - probe[:2]).max()) < min_shift:
@@ -229,23 +255,53 @@ def stay_evidence(
         # A pixel of i stays when j brought onto i differs from it by `level` more than j as it is. Checked the
         # other way too (i brought onto j, at least no closer than i as it is), because the mark's own image carried
         # by the warp lands beside the mark (a ghost, clear on a flat scene) and differs from i one way only.
-        still = np.abs(blurred[i] - blurred[j])
-        valid = np.ones((h, w), bool)
+        still = cv2.absdiff(blurred[i], blurred[j]).astype(np.int16)
+        valid = frame
         stays = np.ones((h, w), bool)
         for a, other, m in ((i, j, t[:2]), (j, i, cv2.invertAffineTransform(t[:2]))):
-            aligned = cv2.warpAffine(blurred[other], m, (w, h), flags=cv2.INTER_LINEAR, borderValue=-1.0)
-            valid &= cv2.erode((aligned >= 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-            stays &= np.abs(blurred[a] - aligned) - still >= (level if a == i else 0.0)
-        stayed += stays & valid
-        seen += valid
+            aligned = cv2.warpAffine(blurred[other], m, (w, h), flags=cv2.INTER_LINEAR)
+            # where the other sample saw this pixel (its frame's outline carried over), 2 px in from the edge
+            outline = (corners @ m[:, :2].T + m[:, 2]) * 16
+            inside = cv2.erode(cv2.fillConvexPoly(np.zeros((h, w), np.uint8), outline.astype(np.int32), 255, 8, 4),
+                               kernel)  # fmt: skip
+            valid = cv2.bitwise_and(valid, inside)
+            stays &= cv2.absdiff(blurred[a], aligned).astype(np.int16) - still >= (level if a == i else 0.0)
+            cv2.accumulate(inside, sums[0], inside)
+            cv2.accumulate(aligned, sums[1], inside)
+            cv2.accumulate(blurred[a], sums[2], inside)
+            cv2.accumulateSquare(aligned, sums[3], inside)
+            cv2.accumulateSquare(blurred[a], sums[4], inside)
+            cv2.accumulateProduct(aligned, blurred[a], sums[5], inside)
+        stayed += stays & (valid > 0)
+        seen += valid > 0
         pairs += 1
+    sums[0] /= 255  # `inside` is 255 where seen
     share = np.where(seen >= 3, stayed / np.maximum(seen, 1), 0.0).astype(np.float32)
+    share = np.maximum(share, _blend_fit(sums, level, opacity).astype(np.float32))
     b = 4
     share[:b] = 0
     share[-b:] = 0
     share[:, :b] = 0
     share[:, -b:] = 0
     return share, pairs
+
+
+def _blend_fit(sums: np.ndarray, level: float, opacity: tuple[float, float], min_corr: float = 0.9) -> np.ndarray:
+    """Where the pixel (y) follows the scene under it (x, the other sample brought into line) as a mark of `opacity`
+    drawn over it makes it: y = o * mark + (1 - o) * x, a line of slope 1 - o. Over at least 6 (pixel, aligned
+    sample) observations where the scene under the pixel varied by `level` grey levels or more (a flat scene cannot
+    show a blend), the least-squares slope must say an opacity in the range and the line must explain the pixel
+    (correlation >= `min_corr`). The scene has slope 1; things that move on their own, and a still camera's
+    misalignment, fit no line; a mark too opaque to let the scene through is the stay test's."""
+    count, sx, sy, sxx, syy, sxy = sums
+    k = 1 / np.maximum(count, 1)
+    mx, my = sx * k, sy * k
+    vx, vy, cxy = sxx * k - mx * mx, syy * k - my * my, sxy * k - mx * my
+    low, high = 1 - opacity[1], 1 - opacity[0]
+    # slope = cxy / vx in [low, high], written without the division (vx > 0 where it counts)
+    in_range = (cxy >= low * vx) & (cxy <= high * vx)
+    fits = cxy * cxy >= min_corr**2 * vx * np.maximum(vy, 1e-6)
+    return (count >= 6) & (vx >= level**2) & in_range & fits
 
 
 def stay_score(
@@ -268,7 +324,7 @@ def stay_score(
     # grouped with their neighbours within a few px, so the pieces of one object are judged as the object
     _, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.dilate(strong, np.ones((7, 7), np.uint8)))
     x, y, bw, bh = stats[:, 0] + 3, stats[:, 1] + 3, stats[:, 2] - 6, stats[:, 3] - 6  # the group's own extent
-    m = 6  # px: the zeroed 4 px border and a little more
+    m = 5  # px: the zeroed 4 px border and the first px or two inside it
     drop = (x <= m) | (y <= m) | (x + bw >= w - m) | (y + bh >= h - m) | (bh > max_size * h) | (bw > max_size * w)
     drop[0] = True  # the background label
     strong[drop[labels]] = 0
@@ -343,7 +399,7 @@ class _LaionWatermark:
 
 class Watermark(SampleFilter):
     name = "watermark"
-    version = "5"
+    version = "6"
     config_class = WatermarkConfig
     requires = ("clip_samples_path",)
     optional_requires = ("ocr_boxes",)
@@ -372,7 +428,7 @@ class Watermark(SampleFilter):
 
     def _stay(self, row: Row, greys: np.ndarray) -> dict[str, Any]:
         c = self.config
-        share, pairs = stay_evidence(greys, c.stay_level, c.min_shift, c.corner)
+        share, pairs = stay_evidence(greys, c.stay_level, c.min_shift, c.corner, c.mark_opacity)
         captions = _caption_mask(row.get("ocr_boxes"), share.shape)
         if captions is not None:
             share[captions] = 0
