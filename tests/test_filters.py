@@ -198,6 +198,11 @@ def test_ocr_reads_drawn_text_and_ignores_blank(tmp_path: Path) -> None:
     stage = registry()["ocr"]()
     [row] = stage.run_batch([{"clip_id": "c", "clip_samples_path": str(tmp_path / "c.npz")}])
     assert row["ocr_texts"] == ["HELLO WORLD"] and row["ocr_frames_with_text"] == 1
+    # the manifest names the rapidocr release and the models it loaded (releases change them)
+    from importlib.metadata import version
+
+    assert row["ocr_backend"].startswith(f"embedded:rapidocr-{version('rapidocr')}:PP-OCR"), row["ocr_backend"]
+    assert row["ocr_backend"].endswith("-rec(onnx)") and "-det+" in row["ocr_backend"]
     assert 0.02 < row["ocr_text_area"] < 0.15 and row["ocr_text_area_mean"] == pytest.approx(row["ocr_text_area"] / 2)
     # one line, once, above the bottom band: nothing says it was drawn over the picture, and it covers < 25%
     assert (row["ocr_status"], row["ocr_mark_boxes"], row["ocr_caption_boxes"]) == ("ok", 0, 0)

@@ -130,6 +130,19 @@ def _threads(cfg: OcrConfig, ctx: StageContext) -> int:
     return ctx.threads or -1
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def _enum(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
 class _RapidOcr:
     def __init__(self, cfg: OcrConfig, ctx: StageContext) -> None:
         RapidOCR = require("rapidocr", "ocr backend embedded", "pip install rapidocr").RapidOCR
@@ -143,6 +156,12 @@ class _RapidOcr:
             }
         )
         self.cfg = cfg
+        # rapidocr's releases change the models they ship (3.10: PP-OCRv6 small): the manifest names them
+        det, rec = self.engine.cfg.Det, self.engine.cfg.Rec
+        self.name = (
+            f"rapidocr-{_version('rapidocr')}:{_enum(det.ocr_version)}-{_enum(det.model_type)}-det"
+            f"+{_enum(rec.ocr_version)}-{_enum(rec.model_type)}-rec(onnx)"
+        )
 
     def __call__(self, rgb: np.ndarray) -> list[tuple[Box, str, float]]:
         res = self.engine(rgb, use_cls=False, use_rec=self.cfg.recognise)
@@ -293,6 +312,16 @@ class Ocr(SampleFilter):
     def setup(self, ctx: StageContext) -> None:
         ref = self.config.backend == "reference"
         self._engine = _PaddleOcr(self.config, self.resources().gpus) if ref else _RapidOcr(self.config, ctx)
+
+    @property
+    def backend(self) -> str:
+        """The embedded backend names the rapidocr release and the models it loaded once set up."""
+        name = getattr(getattr(self, "_engine", None), "name", None)
+        return f"{self.config.backend}:{name}" if name else super().backend
+
+    def hash_extra(self) -> str:
+        # a rapidocr release that ships other models gives other boxes: `--rerun stale` redoes the clips
+        return f"rapidocr=={_version('rapidocr')}" if self.config.backend == "embedded" else ""
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         import cv2
