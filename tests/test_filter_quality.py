@@ -22,7 +22,7 @@ from curation.stages.motion import moving_area
 from curation.stages.ocr import classify_overlays, lift_bands
 from curation.stages.watermark import Watermark, stay_evidence, stay_score, text_marks
 from tests import filter_cases as fc
-from tests.conftest import REPO, VIDEOS, media
+from tests.conftest import MEDIA, REPO, VIDEOS, media
 
 pytestmark = pytest.mark.slow
 
@@ -288,9 +288,8 @@ def test_a_half_transparent_mark_over_busy_texture_is_found_by_its_cut_contrast(
 
 
 def test_lens_vignetting_and_texture_moving_on_its_own_are_not_marks() -> None:
-    """Vignetting darkens the scene towards the corners as a mark would (a slope under 1 that fits well), but it
-    reaches the frame's edge; a patch of water or leaves in a corner, half its own motion and half the scene's,
-    has a mark's slope but fits no line."""
+    """Vignetting darkens the scene towards the corners smoothly and out to the frame's edge: not a mark. A patch of
+    water or leaves in a corner, half its own motion and half the scene's, has a mark's slope but fits no line."""
     scene = _scene(12, smooth=3)
     plain = _panned(scene, step=9).astype(np.float32)
     yy, xx = np.mgrid[0:180, 0:320]
@@ -303,6 +302,40 @@ def test_lens_vignetting_and_texture_moving_on_its_own_are_not_marks() -> None:
         ripple = _scene(int(rng.integers(1000)), smooth=3)[:30, :35]
         f[20:50, 240:275] = (f[20:50, 240:275] // 2 + ripple // 2).astype(np.uint8)
     assert stay_score(stay_evidence(water)[0])["stay_score"] <= 0.05
+
+
+def _photo_pan(name: str, mirror: bool = False) -> np.ndarray:
+    import cv2
+
+    path = MEDIA / "photos" / name
+    assert path.is_file(), f"missing test media {path}"
+    grey = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2GRAY)
+    scene = cv2.resize(grey, (400, 200), interpolation=cv2.INTER_AREA)
+    return _panned(scene[:, ::-1].copy() if mirror else scene, step=9)
+
+
+def _exposed(frames: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    return np.clip(frames.astype(np.float32) * gains[:, None, None], 0, 255).astype(np.uint8)
+
+
+def test_an_exposure_ramp_during_a_pan_is_not_a_mark() -> None:
+    """Auto-exposure or a fade changes every sample's levels: compared as they are, the scene under every pixel
+    reads as contrast cut by a mark, and small groups of such pixels made corners score up to 0.42 on these mirrored
+    pans of shared photos (an independent review's find). The blend test matches each pair's levels first."""
+    for name, low in (("bald_guys.jpg", 0.6), ("two_people.jpg", 0.3)):
+        frames = _exposed(_photo_pan(name, mirror=True), np.linspace(1.0, low, 8))
+        assert stay_score(stay_evidence(frames)[0])["stay_score"] <= 0.05, name
+    # a mark drawn over the picture after the camera's exposure changed is still found
+    ramped = _exposed(_panned(_scene(11, smooth=3), step=9), np.linspace(1.0, 0.6, 8))
+    got = stay_score(stay_evidence(_grey_mark(ramped, 38, 32))[0])
+    assert got["stay_corner"] == "top_left" and got["stay_score"] > 0.05, got
+
+
+def test_a_mark_inset_a_few_px_from_the_bottom_edge_counts() -> None:
+    """The edge rule drops what reaches the frame's edge (a bonnet, a pillar, vignetting); a ring whose rim ends
+    7 px above the bottom (4% of the height) is a mark, not something reaching in."""
+    got = stay_score(stay_evidence(_ring(_panned(_scene(3), step=9), 24, 160, alpha=0.6))[0])
+    assert got["stay_corner"] == "bottom_left" and got["stay_score"] > 0.05, got
 
 
 def test_the_tracked_camera_motion_chains_rotation_and_zoom() -> None:

@@ -20,7 +20,8 @@
   passing under it with its contrast cut: over the same pairs, the pixel is a straight-line function of the aligned
   other sample (the scene under it) with a slope of 1 - opacity. Pixels whose fitted slope says a mark of
   `mark_opacity` and whose line explains them (correlation >= 0.9) count as staying too (the scene itself has
-  slope 1; water, leaves and people moving on their own fit no line).
+  slope 1; water, leaves and people moving on their own fit no line). Each pair's levels are matched first, so an
+  exposure change or a fade between samples is not a cut contrast.
 - Text marks, whatever the backend: when `ocr` ran before this stage, its `mark` boxes (a clock, a date, a
   copyright or address line, or a name anchored to a side edge of the top or bottom band in the same place in most
   samples) are marks too (`watermark_text_marks`), so a timestamp on a single shot or a fixed camera is found where
@@ -247,7 +248,8 @@ def stay_evidence(
     steps = _camera_steps(greys, shifts, corner)
     stayed = np.zeros((h, w), np.uint16)
     seen = np.zeros((h, w), np.uint16)
-    sums = np.zeros((6, h, w), np.float32)  # count, x, y, xx, yy, xy of (aligned other sample, pixel)
+    sums = np.zeros((6, h, w), np.float64)  # count, x, y, xx, yy, xy of (aligned other sample, pixel)
+    grey = blurred.astype(np.float32)
     pairs = 0
     for i, j, t in _pair_transforms(steps):
         if float(np.abs(t[:2] @ probe - probe[:2]).max()) < min_shift:
@@ -266,12 +268,18 @@ def stay_evidence(
                                kernel)  # fmt: skip
             valid = cv2.bitwise_and(valid, inside)
             stays &= cv2.absdiff(blurred[a], aligned).astype(np.int16) - still >= (level if a == i else 0.0)
+            # The blend test compares levels across samples: an exposure or fade between them would read as a cut
+            # contrast everywhere, so the other sample is brought to this one's mean and spread over what both see.
+            (mx,), (sx,) = cv2.meanStdDev(aligned, mask=inside)
+            (my,), (sy,) = cv2.meanStdDev(blurred[a], mask=inside)
+            gain = float(sy[0]) / max(float(sx[0]), 1e-3)
+            x = aligned.astype(np.float32) * gain + (float(my[0]) - gain * float(mx[0]))
             cv2.accumulate(inside, sums[0], inside)
-            cv2.accumulate(aligned, sums[1], inside)
-            cv2.accumulate(blurred[a], sums[2], inside)
-            cv2.accumulateSquare(aligned, sums[3], inside)
-            cv2.accumulateSquare(blurred[a], sums[4], inside)
-            cv2.accumulateProduct(aligned, blurred[a], sums[5], inside)
+            cv2.accumulate(x, sums[1], inside)
+            cv2.accumulate(grey[a], sums[2], inside)
+            cv2.accumulateSquare(x, sums[3], inside)
+            cv2.accumulateSquare(grey[a], sums[4], inside)
+            cv2.accumulateProduct(x, grey[a], sums[5], inside)
         stayed += stays & (valid > 0)
         seen += valid > 0
         pairs += 1
