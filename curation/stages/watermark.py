@@ -248,8 +248,10 @@ def stay_evidence(
     steps = _camera_steps(greys, shifts, corner)
     stayed = np.zeros((h, w), np.uint16)
     seen = np.zeros((h, w), np.uint16)
-    sums = np.zeros((6, h, w), np.float64)  # count, x, y, xx, yy, xy of (aligned other sample, pixel)
-    grey = blurred.astype(np.float32)
+    # count, x, y, xx, yy, xy of (aligned other sample, pixel); grey levels centred on 0 keep float32 sums exact
+    # enough (8 samples: 56 observations a pixel)
+    sums = np.zeros((6, h, w), np.float32)
+    grey = blurred.astype(np.float32) - 128.0
     pairs = 0
     for i, j, t in _pair_transforms(steps):
         if float(np.abs(t[:2] @ probe - probe[:2]).max()) < min_shift:
@@ -273,7 +275,8 @@ def stay_evidence(
             (mx,), (sx,) = cv2.meanStdDev(aligned, mask=inside)
             (my,), (sy,) = cv2.meanStdDev(blurred[a], mask=inside)
             gain = float(sy[0]) / max(float(sx[0]), 1e-3)
-            x = aligned.astype(np.float32) * gain + (float(my[0]) - gain * float(mx[0]))
+            shift = float(my[0]) - gain * float(mx[0]) - 128.0
+            x = cv2.addWeighted(aligned, gain, aligned, 0.0, shift, dtype=cv2.CV_32F)
             cv2.accumulate(inside, sums[0], inside)
             cv2.accumulate(x, sums[1], inside)
             cv2.accumulate(grey[a], sums[2], inside)
