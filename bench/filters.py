@@ -10,6 +10,9 @@
 Both are also reported without OCR, whose CPU model dominates scoring on a machine without a GPU.
 (c) `--baseline REV`: the same script as commit REV's code, run in this invocation on the same media; reported as
     fused cost per clip (scene-cut pass + the filters), wall and CPU, this code / REV's (<= 1: no dearer per clip).
+    `--repeat N` measures each side N times, alternating (REV, this, REV, this, ...; this code's further runs are
+    this script in a subprocess) and reports the ratio of the medians beside each pair's ratio: one pass of each
+    swings by +-10% on a 2-core VM (the scene-cut pass most), more than the differences being measured.
 CPU seconds of every part are recorded too: (scan + filters CPU) / cores is the least wall any scheduling of the
 fused work could reach on this machine (`cpu_bound_fused_vs_ffmpeg_floor`).
 """
@@ -105,7 +108,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "filters.json")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (ocr.threads=1)")
     ap.add_argument("--baseline", metavar="GIT_REV", help="also run this commit's code and report per-clip ratios")
+    ap.add_argument("--repeat", type=int, default=1, help="with --baseline: runs of each side, alternating (median)")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     logging.basicConfig(level=logging.ERROR)
     names = args.filters.split(",")
     videos = sorted(p for p in args.media.iterdir() if p.is_file() and "truncated" not in p.name and p.suffix != ".md")
@@ -207,29 +213,51 @@ def main() -> int:
     return 0 if not mismatches else 1
 
 
+def _per_clip(r: dict[str, Any], names: list[str]) -> tuple[float, float]:
+    """Fused wall and CPU seconds a clip: the scene-cut pass plus the filters."""
+    wall = r["scenecut_pass_s"] + sum(r["fused_filter_s"][n] for n in names)
+    cpu = r["cpu_s"]["scenecut_pass"] + sum(r["cpu_s"][n] for n in names)
+    return wall / r["clips"], cpu / r["clips"]
+
+
+def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return float(np.median([w for w, _ in runs])), float(np.median([c for _, c in runs]))
+
+
 def _against(args: argparse.Namespace, report: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The fused chain's cost per clip, this code vs commit `args.baseline`'s, same media, same invocation."""
+    """The fused chain's cost per clip, this code vs commit `args.baseline`'s, same media, same invocation; with
+    `--repeat N`, N runs of each side alternating, compared by their medians."""
     from _baseline import run_script_at
 
     extra = ["--media", str(args.media), "--filters", ",".join(names), *[x for s in args.set for x in ("--set", s)]]
+    this_runs, base_runs = [report], []
     with tempfile.TemporaryDirectory() as tmpd:
-        base = run_script_at(args.baseline, "filters.py", extra, Path(tmpd), check=False)
+        for k in range(args.repeat):
+            run_dir = Path(tmpd) / f"run{k}"
+            run_dir.mkdir()
+            base_runs.append(run_script_at(args.baseline, "filters.py", extra, run_dir, check=False))
+            if k + 1 < args.repeat:  # this code's first run is the report above
+                out = run_dir / "this.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), *extra, "--json", str(out)]
+                subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
+                this_runs.append(json.loads(out.read_text()))
 
-    def per_clip(r: dict[str, Any]) -> tuple[float, float]:
-        wall = r["scenecut_pass_s"] + sum(r["fused_filter_s"][n] for n in names)
-        cpu = r["cpu_s"]["scenecut_pass"] + sum(r["cpu_s"][n] for n in names)
-        return wall / r["clips"], cpu / r["clips"]
-
-    (w_new, c_new), (w_old, c_old) = per_clip(report), per_clip(base)
+    new = [_per_clip(r, names) for r in this_runs]
+    old = [_per_clip(r, names) for r in base_runs]
+    (w_new, c_new), (w_old, c_old) = _medians(new), _medians(old)
     return {
         "rev": args.baseline,
-        "clips": {"this": report["clips"], "baseline": base["clips"]},
+        "runs_each": args.repeat,
+        "clips": {"this": report["clips"], "baseline": base_runs[0]["clips"]},
         "fused_s_per_clip": {"this": round(w_new, 3), "baseline": round(w_old, 3)},
         "fused_cpu_s_per_clip": {"this": round(c_new, 3), "baseline": round(c_old, 3)},
         "parts_s": {
-            k: {"scenecut_pass": r["scenecut_pass_s"], **{n: r["fused_filter_s"][n] for n in names}}
-            for k, r in (("this", report), ("baseline", base))
+            k: [{"scenecut_pass": r["scenecut_pass_s"], **{n: r["fused_filter_s"][n] for n in names}} for r in rs]
+            for k, rs in (("this", this_runs), ("baseline", base_runs))
         },
+        "wall_ratio_each_run": [round(a[0] / b[0], 3) for a, b in zip(new, old, strict=True)],
+        "cpu_ratio_each_run": [round(a[1] / b[1], 3) for a, b in zip(new, old, strict=True)],
+        # medians: of per-clip seconds over the runs of each side
         "wall_ratio_this_vs_baseline": round(w_new / w_old, 3),
         "cpu_ratio_this_vs_baseline": round(c_new / c_old, 3),
     }
