@@ -54,8 +54,8 @@ def _flow_fn(method: str, preset: str = "fast") -> Callable[[np.ndarray, np.ndar
 
 
 def _mean_norm(x: np.ndarray, y: np.ndarray) -> float:
-    """numpy rather than cv2.magnitude / cv2.mean: OpenCV's (IPP) kernels round differently with the arrays'
-    alignment, so the same clip scored in two processes differed in the last digits."""
+    """numpy rather than cv2.magnitude / cv2.mean: with OpenCV's kernels the same planes gave different last digits
+    from call to call (where the arrays sat in memory, it seemed), so a clip scored twice did not score the same."""
     return float(np.sqrt(x * x + y * y).mean(dtype=np.float64))
 
 
