@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,25 @@ def test_motion_pan_is_camera_only_and_measured_exactly() -> None:
     assert obj["local"] > 0.8 * obj["score"] > 0 and obj["camera"] < 0.2 * obj["score"]
     with pytest.raises(ValueError, match="no frame pair"):
         motion_scores(pairs, np.zeros(4, bool), fps)
+
+
+def test_motion_of_an_ultra_wide_panorama_does_not_crash_the_worker() -> None:
+    """A 2048x240 video is 256x30 at detection size; OpenCV's DIS segfaults on such frames (the whole worker dies).
+    Run in a subprocess so that a regression fails this test instead of killing the test session."""
+    code = """
+import math, cv2, numpy as np
+from curation.stages.motion import motion_scores
+rng = np.random.default_rng(0)
+base = cv2.GaussianBlur(rng.integers(0, 256, (30, 300), dtype=np.uint8), (0, 0), 1.5)
+pairs = np.stack([np.stack([base[:, k * 3 : k * 3 + 256], base[:, k * 3 + 3 : k * 3 + 259]]) for k in range(4)])
+s = motion_scores(pairs, np.ones(4, bool), 25.0)
+print(s["farneback_pairs"], round(s["score"] / (3 * 25.0 / math.hypot(30, 256)), 2))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    farneback, measured_vs_true = res.stdout.split()
+    assert int(farneback) == 4
+    assert 0.5 < float(measured_vs_true) < 1.5  # a 3 px a frame pan, measured roughly
 
 
 def test_watermark_finds_what_stays_put_across_shots_not_a_fixed_camera() -> None:

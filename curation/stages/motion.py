@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -43,14 +42,15 @@ class MotionConfig(FilterConfig):
     reject_camera_only: bool = False
 
 
-def _flow_fn(method: str, preset: str = "fast") -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """One flow solver per clip (creating OpenCV's DIS object per pair costs as much as a small flow)."""
+def _flow(a: np.ndarray, b: np.ndarray, method: str, preset: str = "fast") -> np.ndarray:
+    """A fresh solver a pair: OpenCV's DIS lowers its own finest scale on a small frame and keeps it for the next.
+    DIS also crashes the process (segfault, OpenCV 4.14) on frames under 32 rows that are ~100 or more wide, which
+    an ultra-wide panorama gives at detection size (2048x240 -> 256x30): Farneback measures those."""
     import cv2
 
-    if method == "dis":
-        dis = cv2.DISOpticalFlow_create(getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{preset.upper()}"))
-        return lambda a, b: dis.calc(a, b, None)
-    return lambda a, b: cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    if method == "dis" and min(a.shape) >= 32:
+        return cv2.DISOpticalFlow_create(getattr(cv2, f"DISOPTICAL_FLOW_PRESET_{preset.upper()}")).calc(a, b, None)
+    return cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
 
 
 def _mean_norm(x: np.ndarray, y: np.ndarray) -> float:
@@ -69,14 +69,13 @@ def motion_scores(
     stacked float64 axis was most of the cost)."""
     import cv2
 
-    flow_of = _flow_fn(method, preset)
     totals, cameras, locals_ = [], [], []
     grid: tuple[np.ndarray, np.ndarray] | None = None
     for (a, b), ok in zip(pairs, valid, strict=True):
         if not ok:
             continue
         h, w = a.shape
-        flow = flow_of(a, b)
+        flow = _flow(a, b, method, preset)
         fx, fy = cv2.split(flow)
         per_sec = fps / math.hypot(h, w)
         step = max(1, min(h, w) // 24)
@@ -93,9 +92,9 @@ def motion_scores(
             gy, gx = np.indices((h, w), dtype=np.float32)
             grid = (gx, gy)
         gx, gy = grid
-        m = model.astype(np.float32)
-        cam_x = (m[0, 0] - 1) * gx + m[0, 1] * gy + m[0, 2]
-        cam_y = m[1, 0] * gx + (m[1, 1] - 1) * gy + m[1, 2]
+        d = (model - np.eye(2, 3)).astype(np.float32)  # the identity taken off in float64: scale is 1 +- 1e-5
+        cam_x = d[0, 0] * gx + d[0, 1] * gy + d[0, 2]
+        cam_y = d[1, 0] * gx + d[1, 1] * gy + d[1, 2]
         cameras.append(_mean_norm(cam_x, cam_y) * per_sec)
         locals_.append(_mean_norm(fx - cam_x, fy - cam_y) * per_sec)
     if not totals:
@@ -106,6 +105,8 @@ def motion_scores(
         "local": float(np.mean(locals_)),
         "max": float(np.max(totals)),
         "pairs": len(totals),
+        # DIS cannot take frames under 32 px on a side (see `_flow`): pairs measured with Farneback instead
+        "farneback_pairs": len(totals) if method == "dis" and min(pairs.shape[2:4]) < 32 else 0,
     }
 
 
@@ -137,7 +138,7 @@ class Motion(SampleFilter):
     """Flags near-static clips and camera-only motion (shake/pan with nothing moving in the scene)."""
 
     name = "motion"
-    version = "5"  # 5: the same scores from OpenCV kernels in float32 (differ from 4 by < 1e-4 relative)
+    version = "5"  # 5: norms over float32 planes (scores as 4 to < 1e-4 relative); Farneback where DIS cannot go
     config_class = MotionConfig
     requires = ("clip_samples_path", "clip_fps")
     default_resources = Resources(cpus=0.5, batch_size=8, pool_max=2)
