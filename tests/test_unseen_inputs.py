@@ -7,6 +7,7 @@ Synthetic cases made here with ffmpeg (labels are what the generator made, so th
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from curation.config import load_config
 from curation.manifest import Manifests
 from curation.pipeline import Pipeline
-from tests.conftest import VIDEOS
+from tests.conftest import REPO, VIDEOS
 
 
 def _ffmpeg(*args: str) -> None:
@@ -60,6 +61,30 @@ def test_every_file_of_a_folder_ends_as_one_row(odd_folder: Path, tmp_path: Path
     assert rows["clip.mp4"]["given_caption"] == "A test pattern."
     for name in ("notes.txt", "readme.md"):
         assert rows[name]["status"] == "error" and rows[name]["probe_reason"] == "unreadable", rows[name]
+
+
+@pytest.mark.slow
+def test_extreme_aspect_ratios_go_through_every_stage(tmp_path: Path) -> None:
+    """A 2048x240 panorama and a 240x2048 strip through the default job. OpenCV's DIS flow (motion) and HOG people
+    detector (subjects) segfaulted on the panorama's detection-size frames (256x30, 640x75), killing the run; in a
+    subprocess so that such a crash fails this test instead of the test session."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, size in (("pano.mp4", "2048x240"), ("strip.mp4", "240x2048")):
+        src = ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration=4"]
+        _ffmpeg(*src, "-vf", "scroll=h=0.003", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(d / name))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "curation.cli", "run", str(REPO / "configs" / "local.yaml"), "--input", str(d),
+           "--out", str(run), "--runner", "local", "--set", "progress=false"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, (res.returncode, res.stderr[-3000:])
+    assert "RapidOCR" not in res.stderr, res.stderr[-3000:]  # the console keeps progress and results
+    clips = Manifests(run).rows("SELECT * FROM clips")
+    assert {Path(c["uri"]).name for c in clips} == {"pano.mp4", "strip.mp4"}
+    for c in clips:
+        assert c["motion_status"] in ("ok", "reject") and c["subjects_status"] in ("ok", "reject"), c
+    pano = next(c for c in clips if c["uri"].endswith("pano.mp4"))
+    assert pano["motion_farneback_pairs"] == pano["motion_pairs"] > 0  # DIS cannot take its 30-row frames
 
 
 def test_a_30_s_single_shot_at_29_97_fps_gives_two_clips_within_the_limit(tmp_path: Path) -> None:

@@ -107,6 +107,11 @@ class EmbeddedDetector:
         ]
 
     def people(self, bgr: np.ndarray) -> list[tuple[Box, float]]:
+        win_w, win_h = self._hog.winSize
+        if bgr.shape[0] + 16 < win_h or bgr.shape[1] + 16 < win_w:
+            # no window fits (the scan only shrinks the image), and OpenCV 4.14 segfaults on some such images
+            # (a 2048x240 panorama is 640x75 at detection size): the whole worker would die
+            return []
         rects, weights = self._hog.detectMultiScale(bgr, winStride=(8, 8), padding=(8, 8), scale=1.05)
         cands = [
             ((float(x), float(y), float(x + w), float(y + h)), float(s))
