@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from curation.errors import ConfigError
+from curation.logs import tame_third_party
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,7 @@ class Stage(ABC, Generic[C]):
         if not self._ready:
             self.setup(self.ctx)
             self._ready = True
+            tame_third_party()  # libraries loaded in setup may have added console handlers
         t0 = time.perf_counter()
         try:
             out = self.process_batch(batch)

@@ -206,6 +206,27 @@ def test_watermark_finds_what_stays_put_across_shots_not_a_fixed_camera() -> Non
     assert overlay_score([shot(fixed)])["score"] == 0.0  # a single shot is no evidence either
 
 
+def test_rapidocr_logs_to_the_run_log_not_the_console(tmp_path: Path) -> None:
+    """rapidocr adds its own console handler when imported and logs INFO while loading and a WARNING for every frame
+    without text; with the CLI's console and log file set up, none of it may reach the console. In a fresh process,
+    since whether rapidocr was imported before decides what happens."""
+    code = f"""
+import logging, numpy as np
+from curation.logs import log_to_file, setup_console
+from curation.stage import StageContext
+from curation.stages.ocr import OcrConfig, _RapidOcr
+setup_console(logging.INFO)
+log_to_file({str(tmp_path)!r})
+engine = _RapidOcr(OcrConfig(), StageContext(threads=1))
+print(len(engine(np.zeros((96, 160, 3), np.uint8))))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["0"]
+    assert "RapidOCR" not in res.stderr, res.stderr[-2000:]
+    assert "RapidOCR" in (tmp_path / "logs" / "curation.log").read_text()
+
+
 def test_ocr_reads_drawn_text_and_ignores_blank(tmp_path: Path) -> None:
     img = np.full((288, 512, 3), 40, np.uint8)
     cv2.putText(img, "HELLO WORLD", (60, 250), cv2.FONT_HERSHEY_SIMPLEX, 1.5, (255, 255, 255), 3)

@@ -33,6 +33,7 @@ from pydantic import Field
 
 from curation.errors import require
 from curation.filters import FilterConfig, SampleFilter, pick
+from curation.logs import tame_third_party
 from curation.stage import Resources, Row, StageContext, operational
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ class _RapidOcr:
     def __init__(self, cfg: OcrConfig, ctx: StageContext) -> None:
         RapidOCR = require("rapidocr", "ocr backend embedded", "pip install rapidocr").RapidOCR
 
-        logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+        # rapidocr adds a console handler when imported and logs INFO while loading and a WARNING for every frame
+        # without text: its records go through the root logger (the run's log file) from here on
+        tame_third_party()
         self.engine = RapidOCR(
             params={
                 "Det.limit_type": "max",
