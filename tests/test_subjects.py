@@ -169,7 +169,7 @@ def test_a_big_grabcut_window_cut_smaller_gives_the_same_mask() -> None:
 
 
 def test_median_of_images_equals_numpys_median() -> None:
-    from curation.stages.subjects.embedded import median_of
+    from curation.samples import median_of
 
     rng = np.random.default_rng(3)
     for n in (1, 2, 5, 11, 12):

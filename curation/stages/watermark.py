@@ -42,7 +42,7 @@ from pydantic import Field, field_validator
 
 from curation.errors import require, torch_device
 from curation.filters import FilterConfig, SampleFilter, pick
-from curation.samples import SAMPLES_COLUMN, cut_sample_paths
+from curation.samples import SAMPLES_COLUMN, cut_sample_paths, median_of
 from curation.stage import Resources, Row, StageContext, operational
 
 WORK_WIDTH = 320
@@ -81,10 +81,13 @@ class WatermarkConfig(FilterConfig):
     )
 
 
-def _video_shots(row: Row, own: np.ndarray, shape: tuple[int, int], max_shots: int = 16) -> list[np.ndarray]:
+def _video_shots(
+    row: Row, own: np.ndarray, shape: tuple[int, int], max_shots: int = 16, greys: dict[str, np.ndarray] | None = None
+) -> list[np.ndarray]:
     """Grey samples of every clip of the video's current cut, one array per clip, at a common working size (this
     clip's, `own`, already made from frames of `shape`): the same shots whichever clip asks, so the score is a
-    property of the video."""
+    property of the video. Each other clip's greys go into `greys` (by samples path), so that clip's own score,
+    which usually comes next, does not grey and resize the same frames again."""
     path = row[SAMPLES_COLUMN]
     shots = []
     paths = cut_sample_paths(row)
@@ -95,7 +98,10 @@ def _video_shots(row: Row, own: np.ndarray, shape: tuple[int, int], max_shots: i
         with np.load(f, allow_pickle=False) as z:
             frames = z["frames"]
         if len(frames) and frames.shape[1:3] == shape:  # a shot at another resolution is left out
-            shots.append(_work_greys(frames, shape))
+            g = _work_greys(frames, shape)
+            if greys is not None:
+                greys[str(f)] = g
+            shots.append(g)
     return [g for g in shots if len(g)]
 
 
@@ -116,7 +122,7 @@ def overlay_score(
     import cv2
 
     usable = [g for g in shots if len(g) >= 3]  # persistence needs a few samples of the shot
-    medians = [np.median(g, axis=0) for g in usable]
+    medians = [median_of(list(g)) for g in usable]
     keep: list[int] = []
     for i, med in enumerate(medians):
         if all(float(np.abs(med - medians[j]).mean()) > distinct for j in keep):
@@ -425,6 +431,7 @@ class Watermark(SampleFilter):
     def setup(self, ctx: StageContext) -> None:
         self._ref = _LaionWatermark(self.config, self.resources().gpus) if self.config.backend == "reference" else None
         self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._greys: dict[str, np.ndarray] = {}  # other clips' greys made while gathering a video's shots
 
     def score(self, row: Row, samples: dict[str, np.ndarray]) -> dict[str, Any]:
         marks = text_marks(row.get("ocr_boxes"))
@@ -434,8 +441,17 @@ class Watermark(SampleFilter):
         if self._ref is not None:
             stay = {"stay_score": None, "stay_corner": None, "stay_pairs": None}
             return {**self._ref(frames), **stay, **found}
-        greys = _work_greys(frames, frames.shape[1:3])  # once, for both checks
+        greys = self._own_greys(row, samples["frames"])  # once, for both checks
         return {**self._visual(row, greys, frames.shape[1:3]), **self._stay(row, greys), **found}
+
+    def _own_greys(self, row: Row, frames: np.ndarray) -> np.ndarray:
+        """This clip's scored samples in grey at the working size: taken from what another clip of the video made
+        of the same file when it gathered the video's shots (greying is per frame, so the values are the same)."""
+        idx = pick(len(frames), self.config.max_frames)
+        done = self._greys.pop(str(row[SAMPLES_COLUMN]), None)
+        if done is not None and len(done) == len(frames):
+            return done[idx]
+        return _work_greys(frames[idx], frames.shape[1:3])
 
     def _stay(self, row: Row, greys: np.ndarray) -> dict[str, Any]:
         c = self.config
@@ -450,9 +466,11 @@ class Watermark(SampleFilter):
         key = tuple(str(p) for p in cut_sample_paths(row))
         if key not in self._cache:
             c = self.config
-            shots = _video_shots(row, greys, shape, c.max_shots)
+            shots = _video_shots(row, greys, shape, c.max_shots, self._greys)
             if len(self._cache) >= 32:  # inputs come in clip-id order, videos interleaved: keep several
                 self._cache.pop(next(iter(self._cache)))
+            while len(self._greys) > 64:  # a clip that never comes to this worker: bounded, oldest out
+                self._greys.pop(next(iter(self._greys)))
             self._cache[key] = overlay_score(shots, c.persistence, c.corner, c.distinct_shots)
         return dict(self._cache[key])
 

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from curation.masks import box_iou, mask_box, mask_iou
+from curation.samples import median_of
 from curation.stages.subjects.faces import Face, FaceDetector
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels of the grid they belong to
@@ -313,22 +314,6 @@ class EmbeddedDetector:
         for k, t in enumerate(kept):
             t.k = k
         return kept, size
-
-
-def median_of(images: list[np.ndarray]) -> np.ndarray:
-    """Per-pixel median of same-shape uint8 images (as np.median over the stack, float for an even count), by an
-    odd-even transposition sort of whole images: elementwise min/max on contiguous arrays is several times faster
-    than numpy's per-pixel partition of a stacked axis."""
-    s = [im.copy() for im in images]
-    n = len(s)
-    for r in range(n):
-        for a in range(r % 2, n - 1, 2):
-            lo = np.minimum(s[a], s[a + 1])
-            np.maximum(s[a], s[a + 1], out=s[a + 1])
-            s[a] = lo
-    if n % 2:
-        return s[n // 2].astype(np.float64)
-    return (s[n // 2 - 1].astype(np.float64) + s[n // 2]) / 2
 
 
 def _spread(items: list[int], n: int) -> list[int]:
