@@ -206,6 +206,37 @@ def test_watermark_finds_what_stays_put_across_shots_not_a_fixed_camera() -> Non
     assert overlay_score([shot(fixed)])["score"] == 0.0  # a single shot is no evidence either
 
 
+def test_watermark_scores_a_clip_the_same_whether_or_not_another_clip_made_its_greys(tmp_path: Path) -> None:
+    """The first clip of a video greys every clip's samples to gather the video's shots, and a later clip of that
+    video takes its own greys from there: each clip must score exactly as a worker that saw only that clip scores
+    it (on a video with a logo, so the shots and the within-shot check both have something to find)."""
+    from curation.samples import SAMPLES_COLUMN, load_samples
+    from tests.conftest import media
+
+    cfg = build_config({"runner": "local", "progress": False, "stages": ["probe", "scenecut"]})
+    pipe = Pipeline(cfg, tmp_path / "run")
+    pipe.run(media("face_recognition_short_hamilton_clip.mp4"))
+    rows = pipe.manifests.rows("SELECT * FROM clips WHERE scenecut_status = 'ok' ORDER BY clip_start_frame")
+    assert len(rows) >= 3
+
+    def stage() -> Any:
+        st = registry()["watermark"](cfg.stage_config("watermark"))
+        st.bind(tmp_path / "run")
+        st.setup(st.ctx)
+        return st
+
+    shared = stage()
+    together = []
+    for i, r in enumerate(rows):
+        together.append(shared.score(r, load_samples(r)))
+        if i == 0:  # the first clip gathered the other clips' greys
+            assert {str(x[SAMPLES_COLUMN]) for x in rows[1:]} <= set(shared._greys)
+    assert not {str(r[SAMPLES_COLUMN]) for r in rows} & set(shared._greys)  # each taken by its own clip
+    alone = [stage().score(r, load_samples(r)) for r in rows]
+    assert together == alone
+    assert any(s["score"] > 0 for s in alone) and any(s["stay_pairs"] for s in alone)
+
+
 def test_rapidocr_logs_to_the_run_log_not_the_console(tmp_path: Path) -> None:
     """rapidocr adds its own console handler when imported and logs INFO while loading and a WARNING for every frame
     without text; with the CLI's console and log file set up, none of it may reach the console. In a fresh process,
