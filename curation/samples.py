@@ -52,17 +52,43 @@ def cut_sample_paths(row: Row) -> list[Path]:
     return sorted(set(folder.glob("*.npz")) | {folder / path.name})
 
 
-def median_of(images: list[np.ndarray]) -> np.ndarray:
-    """Per-pixel median of same-shape uint8 images (as np.median over the stack, float for an even count), by an
-    odd-even transposition sort of whole images: elementwise min/max on contiguous arrays is several times faster
-    than numpy's per-pixel partition of a stacked axis."""
-    s = [im.copy() for im in images]
+def _transposition_sort(s: list[np.ndarray]) -> None:
+    """Sort same-shape arrays elementwise across the list, in place (odd-even transposition sort): elementwise
+    min/max on contiguous arrays is several times faster than numpy's per-pixel partition of a stacked axis."""
     n = len(s)
     for r in range(n):
         for a in range(r % 2, n - 1, 2):
             lo = np.minimum(s[a], s[a + 1])
             np.maximum(s[a], s[a + 1], out=s[a + 1])
             s[a] = lo
+
+
+def median_of(images: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel median of same-shape uint8 images (as np.median over the stack, float for an even count)."""
+    s = [im.copy() for im in images]
+    n = len(s)
+    _transposition_sort(s)
     if n % 2:
         return s[n // 2].astype(np.float64)
     return (s[n // 2 - 1].astype(np.float64) + s[n // 2]) / 2
+
+
+def masked_median_of(images: list[np.ndarray], valid: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel median of same-shape uint8 images over the images where `valid` (bool, the images' shape without
+    the channel axis) holds: float32, NaN where none does; as np.nanmedian with the invalid values NaN, but an
+    invalid value is 256 in uint16, so the same sort puts it last and each pixel's median is read at its own count."""
+    s = [
+        np.where(v[..., None] if im.ndim > v.ndim else v, im.astype(np.uint16), np.uint16(256))
+        for im, v in zip(images, valid, strict=True)
+    ]
+    _transposition_sort(s)
+    count = np.sum(np.stack(valid), axis=0)
+    if images[0].ndim > valid[0].ndim:
+        count = count[..., None]
+    stack = np.stack(s)
+    last = len(s) - 1
+    lo = np.take_along_axis(stack, np.minimum(np.maximum(count - 1, 0) // 2, last)[None], 0)[0]
+    hi = np.take_along_axis(stack, np.minimum(count // 2, last)[None], 0)[0]
+    out = (lo.astype(np.float32) + hi.astype(np.float32)) / 2
+    out[np.broadcast_to(count == 0, out.shape)] = np.nan
+    return out

@@ -177,6 +177,28 @@ def test_median_of_images_equals_numpys_median() -> None:
         assert np.array_equal(median_of(images), np.median(np.stack(images), axis=0)), n
 
 
+def test_masked_median_equals_numpys_nanmedian() -> None:
+    """The background plate's median over the frames where each pixel shows background: as np.nanmedian with the
+    subject pixels NaN, including pixels no frame shows (NaN) and pixels only one frame shows."""
+    import warnings
+
+    from curation.samples import masked_median_of
+
+    rng = np.random.default_rng(4)
+    for n in (1, 2, 3, 8, 11, 12):
+        images = [rng.integers(0, 256, (37, 53, 3), dtype=np.uint8) for _ in range(n)]
+        valid = [rng.random((37, 53)) < rng.random() for _ in range(n)]
+        for v in valid:
+            v[:3] = False  # a few rows no frame shows
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = np.nanmedian(np.where(np.stack(valid)[..., None], np.stack(images).astype(np.float32), np.nan), 0)
+        got = masked_median_of(images, valid)
+        assert np.isnan(got[:3]).all(), n
+        assert np.array_equal(np.isnan(got), np.isnan(want)), n
+        assert np.array_equal(np.nan_to_num(got), np.nan_to_num(want)), n
+
+
 def test_moving_pixels_on_a_panning_camera_are_the_moving_object() -> None:
     """Synthetic pan over a textured scene with a square crossing it: the background model warps each frame onto the
     others (one match per pair, the reverse direction inverted), so the square stands out and the scene does not.

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curation.samples import masked_median_of
+
 
 @dataclass(frozen=True)
 class Plate:
@@ -56,16 +58,8 @@ def median_plate(
     what no frame shows (the reference backend passes an inpainting model)."""
     import cv2
 
-    stack = np.stack(frames).astype(np.float32)  # (T, H, W, 3)
-    ok = np.stack(free)  # (T, H, W)
-    seen = ok.any(axis=0)
-    masked = np.where(ok[..., None], stack, np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels (never seen): filled below
-            med = np.nanmedian(masked, axis=0)
+    seen = np.logical_or.reduce(free)
+    med = masked_median_of(frames, free)  # NaN where no frame shows background: filled below
     med = np.nan_to_num(med, nan=0.0).clip(0, 255).astype(np.uint8)
     if not seen.all():
         hole = (~seen).astype(np.uint8) * 255
