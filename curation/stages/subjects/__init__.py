@@ -64,7 +64,10 @@ def sam2_checkpoint(config: str) -> str:
 class SubjectsConfig(FilterConfig):
     track_frames: int = Field(12, ge=2, le=128, description="evenly spaced clip frames that get masks")
     decode_long_side: int = Field(1280, ge=64, description="frames are decoded at most this large (crops)")
-    detect_long_side: int = Field(640, ge=64, description="face / person detection size")
+    detect_long_side: int = Field(640, ge=64, description="person detection size")
+    face_long_side: int = Field(
+        960, ge=64, le=960, description="faces are detected at most this large (never scaled up; YuNet degrades above)"
+    )
     mask_long_side: int = Field(320, ge=32, description="mask grid size (long side)")
     min_presence: float = Field(0.3, ge=0, le=1, description="a track must be seen in this share of the frames")
     min_face_px: int = Field(32, ge=1, description="gate: a face reference needs a face this tall (source pixels)")
@@ -125,7 +128,9 @@ class SubjectsConfig(FilterConfig):
 
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
-    version = "9"  # 8: big GrabCut windows cut at a reduced size; 9: one alignment per pair of tracked frames
+    # 8: big GrabCut windows cut at a reduced size; 9: one alignment per pair of tracked frames; 10: faces detected at
+    # up to 960 px, never scaled up
+    version = "10"
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")
     default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
@@ -148,7 +153,9 @@ class Subjects(Stage[SubjectsConfig]):
         from curation.stages.subjects.embedded import EmbeddedDetector
 
         c = self.config
-        self._det = EmbeddedDetector(c.detect_long_side, c.mask_long_side, min_face_px=16)
+        self._det = EmbeddedDetector(
+            c.detect_long_side, c.mask_long_side, min_face_px=16, face_long_side=c.face_long_side
+        )
         from curation.stages.subjects.faces import FaceEmbedder
 
         self._embedder = FaceEmbedder() if c.face_embeddings and c.backend == "embedded" else None

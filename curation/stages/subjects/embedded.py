@@ -85,6 +85,7 @@ class EmbeddedDetector:
         grabcut_iters: int = 2,
         background_frames: int = 11,
         grabcut_max_pixels: int = 16384,
+        face_long_side: int = 960,
     ) -> None:
         self.detect_long_side, self.mask_long_side = detect_long_side, mask_long_side
         self.min_face_px, self.face_cue_score, self.hog_min_weight = min_face_px, face_cue_score, hog_min_weight
@@ -92,15 +93,15 @@ class EmbeddedDetector:
         if grabcut_max_pixels < 64:
             raise ValueError(f"grabcut_max_pixels must be at least 64, got {grabcut_max_pixels}")
         self.background_frames, self.grabcut_max_pixels = background_frames, grabcut_max_pixels
-        self._faces = FaceDetector(detect_long_side, min_score=0.5)
+        self._faces = FaceDetector(face_long_side, min_score=0.5)
         self._hog = cv2.HOGDescriptor()
         self._hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
 
     # -- cues ------------------------------------------------------------------------------------------------
     def faces(self, bgr: np.ndarray) -> list[Face]:
         """Faces (decoded-frame pixels) that count as a person cue: confident, not cut off by the frame edge, and at
-        least `min_face_px` tall at detection size."""
-        s = self._faces.long_side / max(bgr.shape[:2])
+        least `min_face_px` tall at the people detection size (faces are found at their own, larger size)."""
+        s = self.detect_long_side / max(bgr.shape[:2])
         return [
             f
             for f in self._faces.detect(bgr)
