@@ -66,7 +66,11 @@ class SubjectsConfig(FilterConfig):
     decode_long_side: int = Field(1280, ge=64, description="frames are decoded at most this large (crops)")
     detect_long_side: int = Field(640, ge=64, description="person detection size")
     face_long_side: int = Field(
-        960, ge=64, le=960, description="faces are detected at most this large (never scaled up; YuNet degrades above)"
+        960,
+        ge=64,
+        le=960,
+        description="faces are detected at most this large (smaller frames: their own size, at "
+        "least 640; YuNet degrades above 960)",
     )
     mask_long_side: int = Field(320, ge=32, description="mask grid size (long side)")
     min_presence: float = Field(0.3, ge=0, le=1, description="a track must be seen in this share of the frames")
@@ -129,7 +133,7 @@ class SubjectsConfig(FilterConfig):
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
     # 8: big GrabCut windows cut at a reduced size; 9: one alignment per pair of tracked frames; 10: faces detected at
-    # up to 960 px, never scaled up
+    # up to 960 px (was 640)
     version = "10"
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")

@@ -98,12 +98,13 @@ def blur_score(crop: np.ndarray) -> float:
 
 
 class FaceDetector:
-    """YuNet on a frame scaled down to `long_side`, never up. Measured on the labelled identity frames (67 faces >= 40
-    px): scaling 360p up to 960 lost 5 faces that its own size finds (upscaling adds blur, and YuNet's smallest
-    anchors already cover the faces a reference can use), while 720p detected at 960 rather than 640 found 6 more
-    (faces of ~100 px at the side of a meeting table): 52 -> 59 found. At 1280 YuNet warns about the size; 56 found."""
+    """YuNet on a frame scaled into [`min_long_side`, `long_side`]: frames larger than `long_side` are scaled down,
+    smaller than `min_long_side` up, others stay as they are. Measured on the labelled identity frames (67 faces >= 40
+    px): 720p detected at 960 rather than 640 found 6 more (faces of ~100 px at the side of a meeting table), 52 -> 59
+    found; scaling 360p up to 960 lost 5 that its own size finds (upscaling adds blur); a 340x256 shot's profile face
+    is found only on the upscale to 640. At 1280 YuNet warns about the size; 56 found."""
 
-    def __init__(self, long_side: int = 960, min_score: float = 0.5) -> None:
+    def __init__(self, long_side: int = 960, min_score: float = 0.5, min_long_side: int = 640) -> None:
         try:
             import yuface
         except ImportError as exc:
@@ -112,11 +113,17 @@ class FaceDetector:
             ) from exc
         self._detect = yuface.detect
         self.long_side, self.min_score = min(long_side, 960), min_score
+        self.min_long_side = min(min_long_side, self.long_side)
 
     def detect(self, bgr: np.ndarray) -> list[Face]:
         h, w = bgr.shape[:2]
-        s = min(1.0, self.long_side / max(h, w))
-        img = bgr if s > 1 - 1e-3 else cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        target = min(max(max(h, w), self.min_long_side), self.long_side)
+        s = target / max(h, w)
+        img = (
+            bgr
+            if abs(s - 1) < 1e-3
+            else cv2.resize(bgr, None, fx=s, fy=s, interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        )
         s = 1.0 if img is bgr else s
         confs, boxes, lms = self._detect(np.ascontiguousarray(img), conf=self.min_score)
         out = []
