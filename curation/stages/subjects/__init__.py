@@ -69,8 +69,8 @@ class SubjectsConfig(FilterConfig):
         960,
         ge=64,
         le=960,
-        description="faces are detected at most this large (smaller frames: their own size, at "
-        "least 640; YuNet degrades above 960)",
+        description="faces are detected at most this large; frames under 640 (or this, if lower) are scaled up "
+        "to it, others kept at their own size (YuNet degrades above 960)",
     )
     mask_long_side: int = Field(320, ge=32, description="mask grid size (long side)")
     min_presence: float = Field(0.3, ge=0, le=1, description="a track must be seen in this share of the frames")

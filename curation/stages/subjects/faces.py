@@ -100,9 +100,9 @@ def blur_score(crop: np.ndarray) -> float:
 class FaceDetector:
     """YuNet on a frame scaled into [`min_long_side`, `long_side`]: frames larger than `long_side` are scaled down,
     smaller than `min_long_side` up, others stay as they are. Measured on the labelled identity frames (67 faces >= 40
-    px): 720p detected at 960 rather than 640 found 6 more (faces of ~100 px at the side of a meeting table), 52 -> 59
-    found; scaling 360p up to 960 lost 5 that its own size finds (upscaling adds blur); a 340x256 shot's profile face
-    is found only on the upscale to 640. At 1280 YuNet warns about the size; 56 found."""
+    px): every frame scaled to 640 found 52, this rule 58 (720p meeting faces of ~100 px that 640 missed); scaling
+    the 360p frames up to 960 as well found 52 (audience faces lost to the upscale's blur), while a 340x256 shot's
+    profile face is found only on its upscale to 640. Above ~1000 px YuNet warns about the size (1280: 56 found)."""
 
     def __init__(self, long_side: int = 960, min_score: float = 0.5, min_long_side: int = 640) -> None:
         try:
