@@ -46,10 +46,10 @@ def _frame(video: str, index: int) -> np.ndarray:
 # -- the detector on the labelled frames ----------------------------------------------------------------------
 def test_detector_finds_labelled_faces_and_few_known_non_faces_pass_the_crop_checks() -> None:
     """Every labelled face >= 40 px tall should be detected (0.87 of them are today, 0.78 when every frame was scaled
-    to 640 px; the misses are profiles and soft faces); detections on labelled
-    non-faces that pass both crop checks (confidence and landmark layout) are listed. One does today: clasped hands
-    in `mmaction2_demo` frame 218 (score 0.73), in a 0.75 s shot that the scene cut drops, so no crop is written
-    from it (the pipeline-level test below checks the crops actually written)."""
+    to 640 px; the misses are profiles and soft faces; the size bounds were chosen on these frames); detections on
+    labelled non-faces that pass both crop checks (confidence and landmark layout) are listed. One does today:
+    clasped hands in `mmaction2_demo` frame 218 (score 0.73), in a 0.75 s shot that the scene cut drops, so no crop
+    is written from it (the pipeline-level test below checks the crops actually written)."""
     det = FaceDetector(min_score=0.5)  # the size the subjects stage detects faces at
     found = total = 0
     missed = []
