@@ -45,11 +45,12 @@ def _frame(video: str, index: int) -> np.ndarray:
 
 # -- the detector on the labelled frames ----------------------------------------------------------------------
 def test_detector_finds_labelled_faces_and_few_known_non_faces_pass_the_crop_checks() -> None:
-    """Every labelled face >= 40 px tall should be detected (0.87 of them are today, 0.78 when every frame was scaled
+    """Every labelled face >= 40 px tall should be detected (0.88 of them are today, 0.78 when every frame was scaled
     to 640 px; the misses are profiles and soft faces; the size bounds were chosen on these frames); detections on
     labelled non-faces that pass both crop checks (confidence and landmark layout) are listed. One does today:
-    clasped hands in `mmaction2_demo` frame 218 (score 0.73), in a 0.75 s shot that the scene cut drops, so no crop
-    is written from it (the pipeline-level test below checks the crops actually written)."""
+    clasped hands in `mmaction2_demo` frame 198 (score 0.75; at frame 218 when small frames went up to 640), in a
+    0.84 s shot the scene cut rejects as too short, so no crop is written from it (the pipeline-level test below
+    checks the crops actually written)."""
     det = FaceDetector(min_score=0.5)  # the size the subjects stage detects faces at
     found = total = 0
     missed = []
@@ -74,7 +75,7 @@ def test_detector_finds_labelled_faces_and_few_known_non_faces_pass_the_crop_che
     recall = found / total
     print(f"labelled faces >= 40 px found: {found}/{total} = {recall:.2f}; missed: {missed}")
     assert total >= 50
-    assert recall >= 0.85, missed  # 0.87 (58 of 67) with faces detected at up to 960 px; the target is every face
+    assert recall >= 0.85, missed  # 0.88 (59 of 67) with faces detected at up to 960 px; the target is every face
     print(f"known non-faces passing both crop checks: {gated_nonfaces}")
     assert len(gated_nonfaces) <= 1, gated_nonfaces
 
@@ -152,8 +153,8 @@ def pairwise(items: list[tuple[str, str, Any]]) -> tuple[float, float, int]:
 def test_identity_pairwise_precision_and_recall(people_run: Pipeline) -> None:
     """Reported against the labelled table. Precision is gated at the 0.9 target (1.00 since subjects v7 drops the
     faces a track took from someone else and identity v2 lets a person's duplicate tracks merge); recall just under
-    what the embedded backend reaches (0.44; the target is 0.9: not met, see docs/benchmarks.md for where it is
-    lost)."""
+    what the embedded backend reaches (0.64 since subjects v11, where tracks follow faces; the target is 0.9: not
+    met, see docs/benchmarks.md for where it is lost)."""
     rows = people_run.manifests.rows("SELECT * FROM clips WHERE identity_status = 'ok'")
     items = _labelled_to_tracks(rows)
     p, r, positives = pairwise(items)
@@ -161,11 +162,11 @@ def test_identity_pairwise_precision_and_recall(people_run: Pipeline) -> None:
     print(f"identity pairwise precision {p:.2f} recall {r:.2f} over {positives} same-person pairs; "
           f"{matched} of {len(items)} labelled faces on a track")  # fmt: skip
     assert positives >= 40
-    # Precision cannot be bought by taking faces off tracks: as many labelled faces as when the gate was set (42 of
-    # 66; 47 before subjects v7 dropped faces a track took from someone else) must land on a track.
-    assert matched >= 40
+    # Precision cannot be bought by taking faces off tracks: nearly as many labelled faces as when the gate was set
+    # (49 of 66 at subjects v11; 42 at v10) must land on a track.
+    assert matched >= 47
     assert p >= 0.9
-    assert r >= 0.4
+    assert r >= 0.6
 
 
 @pytest.mark.slow

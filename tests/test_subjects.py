@@ -20,6 +20,7 @@ from curation.pipeline import Pipeline
 from curation.stage import Row
 from curation.stages.subjects import SubjectsConfig, _describe, link_subjects
 from curation.stages.subjects.embedded import Track
+from curation.stages.subjects.faces import Face
 from tests.conftest import MEDIA, REPO, caption_list
 
 BOXES = [r for r in csv.DictReader(x for x in (REPO / "tests/data/subject_boxes.csv").open() if not x.startswith("#"))]
@@ -166,6 +167,85 @@ def test_a_big_grabcut_window_cut_smaller_gives_the_same_mask() -> None:
     assert not small[:, :55].any() and not small[:35].any()  # nothing outside the box
     with pytest.raises(ValueError, match="grabcut_max_pixels"):
         EmbeddedDetector(grabcut_max_pixels=0)
+
+
+def _face(box: tuple[float, float, float, float]) -> Face:
+    return Face(box, 0.9, np.zeros((5, 2)))
+
+
+def test_a_face_that_continues_a_track_takes_it_before_a_larger_body_overlap() -> None:
+    """Two people seated close: a box that spans both holds A's face. Body overlap alone would give it to B's track
+    (it overlaps B's box more); the face continuing A's last face gives it to A first. A face that moved too far to
+    continue a track (a quick movement between samples) leaves the body overlap to decide, as without faces."""
+    from curation.stages.subjects.embedded import Candidate, _affinity, _body_affinity
+
+    a = Track(k=0, boxes={0: (0.0, 0.0, 30.0, 80.0)}, faces={0: (10.0, 10.0, 20.0, 22.0)})
+    b = Track(k=1, boxes={0: (20.0, 0.0, 60.0, 80.0)}, faces={0: (35.0, 10.0, 45.0, 22.0)})
+    face = (11.0, 11.0, 21.0, 23.0)  # A's face, moved a pixel
+    c = Candidate((18.0, 0.0, 60.0, 80.0), "person", faces=[(face, _face(face))])
+    assert _body_affinity(b.boxes[0], c.box) > _body_affinity(a.boxes[0], c.box)
+    assert _affinity(a, c, 1) > 2.0 > _affinity(b, c, 1) == _body_affinity(b.boxes[0], c.box) > 0
+    faceless = Candidate(c.box, "person")
+    assert _affinity(b, faceless, 1) > _affinity(a, faceless, 1)
+    far = (11.0, 40.0, 21.0, 52.0)  # A's face, 2.5 face sizes lower
+    jumped = Candidate(c.box, "person", faces=[(far, _face(far))])
+    assert _affinity(a, jumped, 1) == _body_affinity(a.boxes[0], c.box) < 2.0
+    assert _affinity(a, c, 0) == 0.0  # a track takes one candidate a frame
+
+
+def test_masks_are_cut_for_kept_tracks_only_and_a_failed_cut_leaves_its_track() -> None:
+    """`track` forms tracks on boxes, then cuts masks (GrabCut) only for the tracks seen in `min_presence` of the
+    frames; a frame whose cut fails leaves its track (box, face, person vote), and a track left too short goes. The
+    per-frame cues and the cut are scripted (a subclass of the real detector): what is tested is the bookkeeping."""
+    from curation.stages.subjects.embedded import Candidate, EmbeddedDetector
+
+    person, thing, blip = (10.0, 10.0, 60.0, 120.0), (200.0, 10.0, 250.0, 60.0), (100.0, 150.0, 130.0, 180.0)
+    fails = {(3, person), (2, thing), (3, thing), (4, thing), (5, thing)}
+
+    class Scripted(EmbeddedDetector):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cuts: list[tuple[int, tuple[float, ...]]] = []
+
+        def foreground(self, small: list[np.ndarray]) -> list[np.ndarray]:
+            return [np.zeros(f.shape[:2], np.uint8) for f in small]
+
+        def candidates(self, frame: np.ndarray, small: np.ndarray, fg: np.ndarray) -> list[Candidate]:
+            i = int(small[0, 0, 0])  # the frame's number, written into its pixels
+            face = (20.0, 15.0, 40.0, 40.0)
+            out = [Candidate(person, "person", faces=[(face, _face(face))]), Candidate(thing, "object")]
+            return out + ([Candidate(blip, "object")] if i == 0 else [])
+
+        def cut(self, small: np.ndarray, fg: np.ndarray, c: Candidate) -> bool:
+            i = int(small[0, 0, 0])
+            self.cuts.append((i, c.box))
+            c.mask = np.zeros(fg.shape, np.uint8)
+            if (i, c.box) in fails:
+                return False
+            c.mask[int(c.box[1]) : int(c.box[3]), int(c.box[0]) : int(c.box[2])] = 1
+            return True
+
+    det = Scripted()
+    frames = [np.full((240, 320, 3), i, np.uint8) for i in range(6)]
+    kept, grid = det.track(frames, min_presence=0.5)
+    assert grid == (320, 240)
+    assert not any(box == blip for _, box in det.cuts)  # a one-frame track is never cut
+    assert sorted(i for i, box in det.cuts if box == thing) == list(range(6))  # cut, then dropped: 2 of 6 left
+    (t,) = kept
+    assert sorted(t.masks) == sorted(t.boxes) == sorted(t.faces) == sorted(t.face_info) == [0, 1, 2, 4, 5]
+    assert t.person_votes == 5 and not t.cands and t.k == 0
+    assert all(int(t.masks[i].sum()) == 50 * 110 for i in t.masks)
+
+
+def test_face_detection_sizes_reach_the_detector_and_are_checked(tmp_path: Path) -> None:
+    from curation.stages.subjects import Subjects
+
+    with pytest.raises(ValueError, match="face_min_long_side"):
+        SubjectsConfig(face_min_long_side=800, face_long_side=640)
+    st = Subjects(SubjectsConfig(face_min_long_side=400, face_long_side=900))
+    st.bind(tmp_path)
+    st.setup(st.ctx)
+    assert (st._det._faces.min_long_side, st._det._faces.long_side) == (400, 900)
 
 
 def test_median_of_images_equals_numpys_median() -> None:

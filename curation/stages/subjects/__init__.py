@@ -66,11 +66,14 @@ class SubjectsConfig(FilterConfig):
     decode_long_side: int = Field(1280, ge=64, description="frames are decoded at most this large (crops)")
     detect_long_side: int = Field(640, ge=64, description="person detection size")
     face_long_side: int = Field(
-        960,
+        960, ge=64, le=960, description="faces are detected at most this large (YuNet degrades above 960)"
+    )
+    face_min_long_side: int = Field(
+        480,
         ge=64,
         le=960,
-        description="faces are detected at most this large; frames under 640 (or this, if lower) are scaled up "
-        "to it, others kept at their own size (YuNet degrades above 960)",
+        description="frames smaller than this are scaled up to it for face detection (YuNet misses faces in small "
+        "frames); frames between this and face_long_side are kept at their own size",
     )
     mask_long_side: int = Field(320, ge=32, description="mask grid size (long side)")
     min_presence: float = Field(0.3, ge=0, le=1, description="a track must be seen in this share of the frames")
@@ -82,8 +85,9 @@ class SubjectsConfig(FilterConfig):
     face_jump: float = Field(
         1.0,
         gt=0,
-        description="a track's face moving more than this many face sizes between tracked frames may be "
-        "someone else's: the face runs are compared by descriptor",
+        description="a candidate whose face moved at most this many face sizes from a track's latest face takes "
+        "that track before any body overlap; a track's faces moving more than this between tracked frames are cut "
+        "into runs compared by descriptor (someone else's?)",
     )
     same_face_distance: float = Field(
         0.5, gt=0, description="face runs of one track whose descriptors are closer than this are one person"
@@ -124,6 +128,10 @@ class SubjectsConfig(FilterConfig):
     def _sizes(self) -> SubjectsConfig:
         if self.min_subjects > self.max_subjects:
             raise ValueError(f"min_subjects ({self.min_subjects}) is above max_subjects ({self.max_subjects})")
+        if self.face_min_long_side > self.face_long_side:
+            raise ValueError(
+                f"face_min_long_side ({self.face_min_long_side}) is above face_long_side ({self.face_long_side})"
+            )
         if self.min_mask_area >= self.max_mask_area:
             raise ValueError("min_mask_area must be below max_mask_area")
         sam2_checkpoint(self.sam2_config)  # a config name it cannot pair with a checkpoint fails here
@@ -133,8 +141,9 @@ class SubjectsConfig(FilterConfig):
 class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
     # 8: big GrabCut windows cut at a reduced size; 9: one alignment per pair of tracked frames; 10: faces detected at
-    # up to 960 px (was 640)
-    version = "10"
+    # up to 960 px (was 640); 11: small frames scaled up to 480 for faces (was 640), tracks follow faces, masks cut
+    # for kept tracks only
+    version = "11"
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")
     default_resources = Resources(cpus=0.5, batch_size=1, pool_max=2)
@@ -158,7 +167,12 @@ class Subjects(Stage[SubjectsConfig]):
 
         c = self.config
         self._det = EmbeddedDetector(
-            c.detect_long_side, c.mask_long_side, min_face_px=16, face_long_side=c.face_long_side
+            c.detect_long_side,
+            c.mask_long_side,
+            min_face_px=16,
+            face_long_side=c.face_long_side,
+            face_min_long_side=c.face_min_long_side,
+            face_jump=c.face_jump,
         )
         from curation.stages.subjects.faces import FaceEmbedder
 
@@ -433,19 +447,17 @@ def _foreign_faces(
     most faces on the track's own mask, then the most faces) keeps the track, the other runs' faces are dropped from
     it. A run without a gated face has no descriptor and is dropped too when another person keeps the track: a wrong
     face box on a subject costs a trainer more than a missing one. `vecs` caches descriptors by frame."""
+    from curation.stages.subjects.embedded import _same_face
+
     order = sorted(i for i in t.faces if i in t.face_info)
     if len(order) < 2:
         return []
     runs = [[order[0]]]
     for a, b in itertools.pairwise(order):
-        fa, fb = t.faces[a], t.faces[b]
-        sa = float(np.sqrt(max(1e-6, (fa[2] - fa[0]) * (fa[3] - fa[1]))))
-        sb = float(np.sqrt(max(1e-6, (fb[2] - fb[0]) * (fb[3] - fb[1]))))
-        jump = float(np.hypot((fa[0] + fa[2] - fb[0] - fb[2]) / 2, (fa[1] + fa[3] - fb[1] - fb[3]) / 2))
-        if jump > c.face_jump * max(sa, sb) or max(sa, sb) > 1.8 * min(sa, sb):
-            runs.append([b])
-        else:
+        if _same_face(t.faces[a], t.faces[b], c.face_jump):
             runs[-1].append(b)
+        else:
+            runs.append([b])
     if len(runs) == 1:
         return []
     gated = [[i for i in r if info["faces"][str(positions[i])]["ok"]] for r in runs]

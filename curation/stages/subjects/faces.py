@@ -100,11 +100,12 @@ def blur_score(crop: np.ndarray) -> float:
 class FaceDetector:
     """YuNet on a frame scaled into [`min_long_side`, `long_side`]: frames larger than `long_side` are scaled down,
     smaller than `min_long_side` up, others stay as they are. Measured on the labelled identity frames (67 faces >= 40
-    px): every frame scaled to 640 found 52, this rule 58 (720p meeting faces of ~100 px that 640 missed); scaling
-    the 360p frames up to 960 as well found 52 (audience faces lost to the upscale's blur), while a 340x256 shot's
-    profile face is found only on its upscale to 640. Above ~1000 px YuNet warns about the size (1280: 56 found)."""
+    px): every frame scaled to 640 found 52, 960 down / 640 up 58 (720p meeting faces of ~100 px that 640 missed);
+    scaling the 360p frames up to 960 as well found 52 (audience faces lost to the upscale's blur). Small frames: the
+    same labelled frames shrunk to 320 px found 48 of 75 faces >= 12 px at their own size, 55 scaled up to 480 and 54
+    up to 640, at 0.6x the cost of 640, so small frames go up to 480. Above ~1000 px YuNet warns about the size."""
 
-    def __init__(self, long_side: int = 960, min_score: float = 0.5, min_long_side: int = 640) -> None:
+    def __init__(self, long_side: int = 960, min_score: float = 0.5, min_long_side: int = 480) -> None:
         try:
             import yuface
         except ImportError as exc:
