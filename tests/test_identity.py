@@ -153,7 +153,7 @@ def pairwise(items: list[tuple[str, str, Any]]) -> tuple[float, float, int]:
 def test_identity_pairwise_precision_and_recall(people_run: Pipeline) -> None:
     """Reported against the labelled table. Precision is gated at the 0.9 target (1.00 since subjects v7 drops the
     faces a track took from someone else and identity v2 lets a person's duplicate tracks merge); recall just under
-    what the embedded backend reaches (0.64 since subjects v11, where tracks follow faces; the target is 0.9: not
+    what the embedded backend reaches (0.66 since subjects v11, where tracks follow faces; the target is 0.9: not
     met, see docs/benchmarks.md for where it is lost)."""
     rows = people_run.manifests.rows("SELECT * FROM clips WHERE identity_status = 'ok'")
     items = _labelled_to_tracks(rows)
@@ -163,10 +163,10 @@ def test_identity_pairwise_precision_and_recall(people_run: Pipeline) -> None:
           f"{matched} of {len(items)} labelled faces on a track")  # fmt: skip
     assert positives >= 40
     # Precision cannot be bought by taking faces off tracks: nearly as many labelled faces as when the gate was set
-    # (49 of 66 at subjects v11; 42 at v10) must land on a track.
-    assert matched >= 47
+    # (51 of 66 at subjects v11; 42 at v10) must land on a track.
+    assert matched >= 49
     assert p >= 0.9
-    assert r >= 0.6
+    assert r >= 0.62
 
 
 @pytest.mark.slow
@@ -240,13 +240,13 @@ def test_references_come_from_another_clip_of_the_identity(people_run: Pipeline)
             assert track["face_ref_source"] == "other_clip" and track["identity_id"] == t["identity_id"]
 
 
-def _canvas(face: np.ndarray, x: int) -> np.ndarray:
-    """A 360x640 grey frame with the photo (scaled to 200 px tall) pasted at column x."""
+def _canvas(face: np.ndarray, x: int, height: int = 200) -> np.ndarray:
+    """A 360x640 grey frame with the photo (scaled to `height` px tall) pasted at column x."""
     import cv2
 
     img = np.full((360, 640, 3), 90, np.uint8)
-    s = 200 / face.shape[0]
-    f = cv2.resize(face, (max(1, round(face.shape[1] * s)), 200), interpolation=cv2.INTER_AREA)[:, :300]
+    s = height / face.shape[0]
+    f = cv2.resize(face, (max(1, round(face.shape[1] * s)), height), interpolation=cv2.INTER_AREA)[:, :300]
     img[80 : 80 + f.shape[0], x : x + f.shape[1]] = f
     return img
 
@@ -283,6 +283,45 @@ def test_a_track_that_hands_its_face_to_someone_else_keeps_one_person() -> None:
     t = track(moved)
     info = _describe(t, positions, (640, 360), 1.0, cfg, moved)
     assert _foreign_faces(emb, t, info, moved, positions, cfg, {}) == []
+
+
+def test_a_face_run_without_a_gated_face_stays_unless_something_speaks_against_it() -> None:
+    """A person walking in profile: her face moves several face sizes between samples (so it is cut into runs) and
+    fails the reference gates (so those runs have no descriptor to compare by). Such a run stays on the track unless
+    its faces are of another size than the keeper's, another track holds a face there, or dlib calls its confident
+    faces someone else. Here the later frames' gates are failed by hand (as a profile would fail the yaw gate): the
+    rule under test is what happens to runs without a gated face."""
+    import cv2
+
+    from curation.stages.subjects import SubjectsConfig, _describe, _foreign_faces
+    from curation.stages.subjects.embedded import Track
+    from curation.stages.subjects.faces import FaceEmbedder
+    from tests.conftest import MEDIA
+
+    a = cv2.imread(str(MEDIA / "photos" / "obama.jpg"))
+    b = cv2.imread(str(MEDIA / "photos" / "biden.jpg"))
+    det, emb, cfg = FaceDetector(640, min_score=0.5), FaceEmbedder(), SubjectsConfig()
+    positions = list(range(5))
+
+    def foreign(frames: list[np.ndarray], others: dict | None = None) -> list[int]:
+        t = Track(k=0)
+        for i, fr in enumerate(frames):
+            face = max(det.detect(fr), key=lambda f: f.height)
+            t.faces[i], t.face_info[i] = face.box, face
+            t.boxes[i], t.masks[i] = face.box, np.ones((360, 640), np.uint8)
+        info = _describe(t, positions, (640, 360), 1.0, cfg, frames)
+        assert all(info["faces"][str(i)]["ok"] for i in (0, 1, 2)), info["faces"]
+        for i in (3, 4):
+            info["faces"][str(i)]["ok"] = False
+        return _foreign_faces(emb, t, info, frames, positions, cfg, {}, others)
+
+    walked = [_canvas(a, 20)] * 3 + [_canvas(a, 380)] * 2
+    assert foreign(walked) == []
+    assert foreign([_canvas(a, 20)] * 3 + [_canvas(b, 380)] * 2) == [3, 4]  # dlib: someone else
+    # less than half the size (22 px: too small for a descriptor, so the size alone decides)
+    assert foreign([_canvas(a, 20)] * 3 + [_canvas(a, 380, 90)] * 2) == [3, 4]
+    held = foreign(walked, {3: [(400.0, 100.0, 500.0, 220.0)]})  # another track holds a face there at frame 3
+    assert held == [3, 4]
 
 
 def test_clustering_keeps_people_seen_together_apart() -> None:

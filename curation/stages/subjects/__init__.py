@@ -29,14 +29,14 @@ from pydantic import Field, model_validator
 
 from curation.filters import FilterConfig, pick
 from curation.manifest import atomic_write_bytes
-from curation.masks import mask_box, mask_iou, rle_decode, rle_encode
+from curation.masks import box_iou, mask_box, mask_iou, rle_decode, rle_encode
 from curation.runstore import attempt_dir, local
 from curation.stage import Resources, Row, Stage, StageContext
 from curation.stages.subjects.linking import link_subjects
 from curation.storage import local_file
 
 if TYPE_CHECKING:
-    from curation.stages.subjects.embedded import Track
+    from curation.stages.subjects.embedded import Box, Track
     from curation.stages.subjects.faces import FaceEmbedder
 
 # the models behind the embedded face columns (faces.py names them; not imported here: it loads OpenCV)
@@ -92,6 +92,12 @@ class SubjectsConfig(FilterConfig):
     same_face_distance: float = Field(
         0.5, gt=0, description="face runs of one track whose descriptors are closer than this are one person"
     )
+    other_face_distance: float = Field(
+        0.6,
+        gt=0,
+        description="a face run without a gated face stays on its track unless the descriptor of its confident "
+        "faces is this far from the track keeper's (dlib's published same-person threshold)",
+    )
     min_mask_area: float = Field(0.002, ge=0, le=1, description="gate: mean mask area (frame share) below: dropped")
     max_mask_area: float = Field(0.8, ge=0, le=1, description="gate: mean mask area above: dropped")
     min_track_iou: float = Field(0.15, ge=0, le=1, description="gate: mean consecutive mask IoU below: unstable")
@@ -142,7 +148,7 @@ class Subjects(Stage[SubjectsConfig]):
     name = "subjects"
     # 8: big GrabCut windows cut at a reduced size; 9: one alignment per pair of tracked frames; 10: faces detected at
     # up to 960 px (was 640); 11: small frames scaled up to 480 for faces (was 640), tracks follow faces, masks cut
-    # for kept tracks only
+    # for kept tracks only, a face run without a gated face stays unless something speaks against it
     version = "11"
     config_class = SubjectsConfig
     requires = ("uri", "clip_start_frame", "clip_num_frames")
@@ -211,11 +217,16 @@ class Subjects(Stage[SubjectsConfig]):
         if int(r.get("clip_rotation") or 0) % 180:
             src_scale = float(r.get("probe_height") or frames[0].shape[1]) / frames[0].shape[1]
         tracks, dropped = [], []
+        faces_at: dict[int, list[tuple[int, Box]]] = {}  # frame -> (track, face) before any face is taken off
+        for t in raw:
+            for i, b in t.faces.items():
+                faces_at.setdefault(i, []).append((t.k, b))
         for t in raw:
             info = _describe(t, positions, grid, scale * src_scale, c, frames)
             if self._embedder is not None:
                 vecs: dict[int, np.ndarray] = {}
-                foreign = _foreign_faces(self._embedder, t, info, frames, positions, c, vecs)
+                others = {i: [b for k, b in fs if k != t.k] for i, fs in faces_at.items()}
+                foreign = _foreign_faces(self._embedder, t, info, frames, positions, c, vecs, others)
                 if foreign:  # the box held two people: the other one's faces are not this track's
                     for i in foreign:
                         t.faces.pop(i, None)
@@ -415,6 +426,12 @@ def _face_ok(e: dict[str, Any], c: SubjectsConfig) -> bool:
     )
 
 
+def _face_confident(e: dict[str, Any], c: SubjectsConfig) -> bool:
+    """A face sure enough to describe though it may fail the reference gates (turned, soft): the detector's score
+    and size gates."""
+    return e["px"] >= c.min_face_px and e.get("score", 1.0) >= c.min_face_score
+
+
 def _face_rank(t: Track, i: int) -> float:
     """Best face first: largest x sharpest."""
     f = t.face_info[i]
@@ -439,15 +456,17 @@ def _foreign_faces(
     positions: list[int],
     c: SubjectsConfig,
     vecs: dict[int, np.ndarray],
+    others: dict[int, list[Box]] | None = None,
 ) -> list[int]:
     """Frames whose face is someone else's. A person box that spans two people sitting close hands its face from
     one to the other between tracked frames, and one descriptor averaged over both links the wrong people. So the
     track's faces are cut into runs wherever the face jumps (`face_jump` face sizes, or changes size by 1.8x); runs
     whose descriptors agree (`same_face_distance`) are one person; the person with the most gated faces (then the
     most faces on the track's own mask, then the most faces) keeps the track, the other runs' faces are dropped from
-    it. A run without a gated face has no descriptor and is dropped too when another person keeps the track: a wrong
-    face box on a subject costs a trainer more than a missing one. `vecs` caches descriptors by frame."""
-    from curation.stages.subjects.embedded import _same_face
+    it. A run without a gated face has no such descriptor: it stays only when nothing speaks against it (its faces'
+    size, another track's face at the place, dlib on its confident faces), as a wrong face box on a subject costs a
+    trainer more than a missing one. `others`: the other tracks' faces by frame; `vecs` caches descriptors by frame."""
+    from curation.stages.subjects.embedded import _same_face, _same_size
 
     order = sorted(i for i in t.faces if i in t.face_info)
     if len(order) < 2:
@@ -496,7 +515,34 @@ def _foreign_faces(
             sum(len(runs[k]) for k in g),
         ),
     )
-    return [i for k, r in enumerate(runs) if k not in keep for i in r]
+    kept = sorted(i for k in keep for i in runs[k])
+
+    def confident(idx: list[int]) -> np.ndarray | None:  # the mean descriptor of the best confident faces
+        sure = [i for i in idx if _face_confident(info["faces"][str(positions[i])], c)]
+        best = sorted(sure, key=lambda i: _face_rank(t, i))[: max(1, c.face_embeddings)]
+        return np.mean(_descriptors(embedder, t, frames, best, vecs), axis=0) if best else None
+
+    def undecided_stays(r: list[int]) -> bool:
+        """A run without a gated face (a person walking in profile, her face moving several face sizes between
+        samples) stays when nothing speaks against it: each face is the size of the keeper's face nearest in time
+        (within the 1.8x `_same_face` allows), no other track holds a face there, and dlib does not call the run's
+        confident faces someone else (`other_face_distance`, its published same-person threshold)."""
+        for i in r:
+            j = min(kept, key=lambda j: abs(j - i))
+            if not _same_size(t.faces[i], t.faces[j]):
+                return False
+            if any(box_iou(t.faces[i], o) > 0 for o in (others or {}).get(i, [])):
+                return False
+        d = confident(r)
+        if d is None:
+            return True
+        ref = [descs[k] for k in keep if descs[k] is not None] or [confident(kept)]
+        return (
+            all(x is None for x in ref)
+            or min(float(np.linalg.norm(d - x)) for x in ref if x is not None) < c.other_face_distance
+        )
+
+    return [i for k, r in enumerate(runs) if k not in keep and not (descs[k] is None and undecided_stays(r)) for i in r]
 
 
 def _embed(

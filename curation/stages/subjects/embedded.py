@@ -303,8 +303,11 @@ class EmbeddedDetector:
         return mask
 
     # -- per clip --------------------------------------------------------------------------------------------
-    def track(self, frames: list[np.ndarray], min_presence: float = 0.3) -> tuple[list[Track], tuple[int, int]]:
-        """Tracks over the frames (mask-grid coordinates) and the grid's (width, height)."""
+    def track(
+        self, frames: list[np.ndarray], min_presence: float = 0.3, masks: bool = True
+    ) -> tuple[list[Track], tuple[int, int]]:
+        """Tracks over the frames (mask-grid coordinates) and the grid's (width, height). `masks=False`: boxes and
+        faces only, no GrabCut (the reference backend prompts SAM2 with the boxes and takes its masks)."""
         h, w = frames[0].shape[:2]
         s = self.mask_long_side / max(h, w)
         size = (max(1, round(w * s)), max(1, round(h * s)))
@@ -345,7 +348,7 @@ class EmbeddedDetector:
         for t in tracks:
             if len(t.boxes) < need:
                 continue
-            for i in sorted(t.cands):
+            for i in sorted(t.cands) if masks else []:
                 if not self.cut(small[i], fgs[i], t.cands[i]):
                     _drop(t, i)
             if len(t.boxes) >= need:
@@ -404,10 +407,17 @@ def _same_face(a: Box, b: Box, face_jump: float) -> bool:
     """Two face boxes of one person in two tracked frames: the centre moved at most `face_jump` face sizes and the
     size changed by less than 1.8x (the rule `subjects._foreign_faces` cuts a track's face runs by). No limit on how
     many frames apart: a person's face that comes back where it was, after frames without it, continues the track."""
-    sa = float(np.sqrt(max(1e-6, (a[2] - a[0]) * (a[3] - a[1]))))
-    sb = float(np.sqrt(max(1e-6, (b[2] - b[0]) * (b[3] - b[1]))))
     jump = float(np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2))
-    return jump <= face_jump * max(sa, sb) and max(sa, sb) <= 1.8 * min(sa, sb)
+    return jump <= face_jump * max(_side(a), _side(b)) and _same_size(a, b)
+
+
+def _same_size(a: Box, b: Box) -> bool:
+    """Two face boxes one person's face can have a sample apart: sizes (sqrt of area) within 1.8x."""
+    return max(_side(a), _side(b)) <= 1.8 * min(_side(a), _side(b))
+
+
+def _side(b: Box) -> float:
+    return float(np.sqrt(max(1e-6, (b[2] - b[0]) * (b[3] - b[1]))))
 
 
 def _best_face(c: Candidate) -> tuple[Box, Face]:
