@@ -235,6 +235,10 @@ def test_masks_are_cut_for_kept_tracks_only_and_a_failed_cut_leaves_its_track() 
     assert sorted(t.masks) == sorted(t.boxes) == sorted(t.faces) == sorted(t.face_info) == [0, 1, 2, 4, 5]
     assert t.person_votes == 5 and not t.cands and t.k == 0
     assert all(int(t.masks[i].sum()) == 50 * 110 for i in t.masks)
+    det = Scripted()  # boxes only (the reference backend's seeds): nothing is cut, nothing leaves a track
+    kept, _ = det.track(frames, min_presence=0.5, masks=False)
+    assert not det.cuts and [sorted(t.boxes) for t in kept] == [list(range(6))] * 2
+    assert not any(t.masks or t.cands for t in kept)
 
 
 def test_face_detection_sizes_reach_the_detector_and_are_checked(tmp_path: Path) -> None:

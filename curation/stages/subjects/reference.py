@@ -142,7 +142,7 @@ class Reference:
 
         import cv2
 
-        seeds, grid = det.track(frames, c.min_presence)
+        seeds, grid = det.track(frames, c.min_presence, masks=False)  # SAM2 makes the masks
         gw, gh = grid
         fh, fw = frames[0].shape[:2]
         sx, sy = fw / gw, fh / gh
