@@ -288,13 +288,14 @@ def test_a_track_that_hands_its_face_to_someone_else_keeps_one_person() -> None:
 def test_a_face_run_without_a_gated_face_stays_unless_something_speaks_against_it() -> None:
     """A person walking in profile: her face moves several face sizes between samples (so it is cut into runs) and
     fails the reference gates (so those runs have no descriptor to compare by). Such a run stays on the track unless
-    its faces are of another size than the keeper's, another track holds a face there, or dlib calls its confident
-    faces someone else. Here the later frames' gates are failed by hand (as a profile would fail the yaw gate): the
-    rule under test is what happens to runs without a gated face."""
+    its faces are of another size than the keeper's, another track holds a face there or at that place one tracked
+    frame before or after, or dlib calls its confident faces someone else (too far from the keeper, or nearer a run
+    dropped as someone else's). Here the later frames' gates are failed by hand (as a profile would fail the yaw
+    gate): the rule under test is what happens to runs without a gated face."""
     import cv2
 
     from curation.stages.subjects import SubjectsConfig, _describe, _foreign_faces
-    from curation.stages.subjects.embedded import Track
+    from curation.stages.subjects.embedded import Box, Track
     from curation.stages.subjects.faces import FaceEmbedder
     from tests.conftest import MEDIA
 
@@ -303,7 +304,9 @@ def test_a_face_run_without_a_gated_face_stays_unless_something_speaks_against_i
     det, emb, cfg = FaceDetector(640, min_score=0.5), FaceEmbedder(), SubjectsConfig()
     positions = list(range(5))
 
-    def foreign(frames: list[np.ndarray], others: dict | None = None) -> list[int]:
+    def foreign(
+        frames: list[np.ndarray], others: dict[int, list[Box]] | None = None, ungated: tuple[int, ...] = (3, 4)
+    ) -> list[int]:
         t = Track(k=0)
         for i, fr in enumerate(frames):
             face = max(det.detect(fr), key=lambda f: f.height)
@@ -311,17 +314,25 @@ def test_a_face_run_without_a_gated_face_stays_unless_something_speaks_against_i
             t.boxes[i], t.masks[i] = face.box, np.ones((360, 640), np.uint8)
         info = _describe(t, positions, (640, 360), 1.0, cfg, frames)
         assert all(info["faces"][str(i)]["ok"] for i in (0, 1, 2)), info["faces"]
-        for i in (3, 4):
+        for i in ungated:
             info["faces"][str(i)]["ok"] = False
         return _foreign_faces(emb, t, info, frames, positions, cfg, {}, others)
 
     walked = [_canvas(a, 20)] * 3 + [_canvas(a, 380)] * 2
     assert foreign(walked) == []
-    assert foreign([_canvas(a, 20)] * 3 + [_canvas(b, 380)] * 2) == [3, 4]  # dlib: someone else
+    # dlib: someone else (Biden's face as large as Obama's, so the size check cannot decide)
+    assert foreign([_canvas(a, 20)] * 3 + [_canvas(b, 380, 280)] * 2) == [3, 4]
     # less than half the size (22 px: too small for a descriptor, so the size alone decides)
     assert foreign([_canvas(a, 20)] * 3 + [_canvas(a, 380, 90)] * 2) == [3, 4]
-    held = foreign(walked, {3: [(400.0, 100.0, 500.0, 220.0)]})  # another track holds a face there at frame 3
-    assert held == [3, 4]
+    here = max(det.detect(walked[3]), key=lambda f: f.height).box
+    assert foreign(walked, {3: [(here[0] + 5, here[1], here[2] + 5, here[3])]}) == [3, 4]  # another track's face there
+    # another track's face at the frame before, where this run's face is: that person's, handed over
+    assert foreign(walked, {2: [here]}) == [3, 4]
+    assert foreign(walked, {0: [here]}) == []  # two tracked frames before: no longer a neighbour
+    # nearer a run dropped as someone else's than the keeper: Biden (gated, dropped) then Biden where Obama was;
+    # the distance bound is lifted so that only the comparison with the dropped run can decide
+    cfg = SubjectsConfig(other_face_distance=100)
+    assert foreign([_canvas(a, 20)] * 3 + [_canvas(b, 380, 280), _canvas(b, 20, 280)], ungated=(4,)) == [3, 4]
 
 
 def test_clustering_keeps_people_seen_together_apart() -> None:

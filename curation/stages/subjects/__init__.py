@@ -463,9 +463,10 @@ def _foreign_faces(
     track's faces are cut into runs wherever the face jumps (`face_jump` face sizes, or changes size by 1.8x); runs
     whose descriptors agree (`same_face_distance`) are one person; the person with the most gated faces (then the
     most faces on the track's own mask, then the most faces) keeps the track, the other runs' faces are dropped from
-    it. A run without a gated face has no such descriptor: it stays only when nothing speaks against it (its faces'
-    size, another track's face at the place, dlib on its confident faces), as a wrong face box on a subject costs a
-    trainer more than a missing one. `others`: the other tracks' faces by frame; `vecs` caches descriptors by frame."""
+    it. A run without a gated face has no such descriptor: it stays when nothing speaks against it (its faces'
+    size, another track's face at or next to the place, dlib on its confident faces) and is dropped otherwise, as a
+    wrong face box on a subject costs a trainer more than a missing one. `others`: the other tracks' faces by frame;
+    `vecs` caches descriptors by frame."""
     from curation.stages.subjects.embedded import _same_face, _same_size
 
     order = sorted(i for i in t.faces if i in t.face_info)
@@ -525,22 +526,27 @@ def _foreign_faces(
     def undecided_stays(r: list[int]) -> bool:
         """A run without a gated face (a person walking in profile, her face moving several face sizes between
         samples) stays when nothing speaks against it: each face is the size of the keeper's face nearest in time
-        (within the 1.8x `_same_face` allows), no other track holds a face there, and dlib does not call the run's
-        confident faces someone else (`other_face_distance`, its published same-person threshold)."""
+        (within the 1.8x `_same_face` allows); no other track holds a face there or continues it from the tracked
+        frame before or after (someone else's face, handed to this track); and dlib puts the run's confident faces,
+        if any, within `other_face_distance` (its published same-person threshold) of the keeper and nearer the
+        keeper than any run dropped as someone else's."""
         for i in r:
             j = min(kept, key=lambda j: abs(j - i))
             if not _same_size(t.faces[i], t.faces[j]):
                 return False
             if any(box_iou(t.faces[i], o) > 0 for o in (others or {}).get(i, [])):
                 return False
+            if any(_same_face(o, t.faces[i], c.face_jump) for j in (i - 1, i + 1) for o in (others or {}).get(j, [])):
+                return False
         d = confident(r)
         if d is None:
             return True
-        ref = [descs[k] for k in keep if descs[k] is not None] or [confident(kept)]
-        return (
-            all(x is None for x in ref)
-            or min(float(np.linalg.norm(d - x)) for x in ref if x is not None) < c.other_face_distance
-        )
+        mine = [descs[k] for k in keep if descs[k] is not None] or [confident(kept)]
+        theirs = [descs[k] for g in groups if g is not keep for k in g if descs[k] is not None]
+        near = min((float(np.linalg.norm(d - x)) for x in mine if x is not None), default=None)
+        if near is None:
+            return True
+        return near < c.other_face_distance and all(near <= float(np.linalg.norm(d - x)) for x in theirs)
 
     return [i for k, r in enumerate(runs) if k not in keep and not (descs[k] is None and undecided_stays(r)) for i in r]
 

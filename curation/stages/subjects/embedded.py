@@ -354,7 +354,8 @@ class EmbeddedDetector:
             if len(t.boxes) >= need:
                 kept.append(t)
         for t in kept:
-            t.masks = {i: c.mask for i, c in t.cands.items() if c.mask is not None}  # all were cut; narrows the type
+            # every candidate was cut unless masks=False (then none was); the filter narrows the type
+            t.masks = {i: c.mask for i, c in t.cands.items() if c.mask is not None}
             t.cands = {}
         for k, t in enumerate(kept):
             t.k = k
